@@ -1,0 +1,135 @@
+"""Streaming parsing of delimited text files in bounded memory, with errors that name the line."""
+
+from __future__ import annotations
+
+import logging
+from typing import IO, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 16 << 20
+
+
+class SourceFormatError(ValueError):
+    """A raw data file could not be parsed; the message names the file and the line."""
+
+
+def iter_line_blocks(handle: IO[bytes], block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(first_line_number, block)`` with blocks of whole lines (1-based numbers)."""
+    leftover = b""
+    line_no = 1
+    while True:
+        chunk = handle.read(block_bytes)
+        if not chunk:
+            if leftover.strip():
+                yield line_no, leftover + b"\n"
+            return
+        data = leftover + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            leftover = data
+            continue
+        block, leftover = data[: cut + 1], data[cut + 1 :]
+        yield line_no, block
+        line_no += block.count(b"\n")
+
+
+def parse_delimited(
+    handle: IO[bytes],
+    *,
+    file_label: str,
+    column_names: list[str],
+    column_types: dict,
+    delimiter: str = "\t",
+    multi_char_delimiter: bytes | None = None,
+    skip_header: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    on_bad_row: Callable[[int, str], None] | None = None,
+) -> Iterator:
+    """Parse a delimited text file into pyarrow RecordBatches, one block of lines at a time.
+
+    Args:
+        handle: Binary file object (local or fsspec).
+        file_label: How to name the file in errors.
+        column_names: Names for the leading columns; extra columns are an error.
+        column_types: pyarrow types by column name.
+        delimiter: One-character delimiter.
+        multi_char_delimiter: A delimiter such as ``b"::"`` (MovieLens .dat), replaced by
+            ``delimiter`` before parsing.
+        skip_header: Skip the first line of the file.
+        block_bytes: Bytes per parsed block (bounds memory).
+        on_bad_row: Called with (line number, text) for rows with the wrong number of
+            fields; they are skipped. Without it such a row raises.
+
+    Raises:
+        SourceFormatError: naming the file and line of a value that does not parse.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    first = True
+    saw_rows = False
+    for line_no, block in iter_line_blocks(handle, block_bytes):
+        if first and skip_header:
+            newline = block.find(b"\n")
+            block = block[newline + 1 :]
+            line_no += 1
+        first = False
+        if multi_char_delimiter:
+            block = block.replace(multi_char_delimiter, delimiter.encode())
+        if not block.strip():
+            continue
+        bad_rows: list[tuple[int, str]] = []
+
+        def handler(row, _bad=bad_rows):
+            _bad.append((row.number, row.text))
+            return "skip"
+
+        try:
+            table = pacsv.read_csv(
+                pa.py_buffer(block),
+                read_options=pacsv.ReadOptions(column_names=column_names, use_threads=True),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=handler),
+                convert_options=pacsv.ConvertOptions(column_types=column_types, strings_can_be_null=False),
+            )
+        except pa.ArrowInvalid as exc:
+            bad_line, text = _find_bad_line(block, line_no, column_names, column_types, delimiter)
+            raise SourceFormatError(
+                f"{file_label}, line {bad_line}: cannot parse {text!r} as "
+                f"{', '.join(f'{n}:{column_types[n]}' for n in column_names if n in column_types)} ({exc})"
+            ) from None
+        for number, text in bad_rows:
+            absolute = line_no + (number - 1 if number is not None else 0)
+            if on_bad_row is None:
+                raise SourceFormatError(
+                    f"{file_label}, line {absolute}: expected {len(column_names)} fields, got {text!r}"
+                )
+            on_bad_row(absolute, text)
+        if table.num_rows:
+            saw_rows = True
+            yield from table.to_batches()
+    if not saw_rows:
+        raise SourceFormatError(f"{file_label}: no data rows (empty file?)")
+
+
+def _find_bad_line(block: bytes, first_line: int, names, types, delimiter) -> tuple[int, str]:
+    """Locate the first line whose values do not convert (slow path, errors only)."""
+    import pyarrow as pa
+
+    for offset, raw in enumerate(block.split(b"\n")):
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        if not text:
+            continue
+        fields = text.split(delimiter)
+        for name, value in zip(names, fields):
+            kind = types.get(name)
+            if kind is None:
+                continue
+            try:
+                if pa.types.is_integer(kind):
+                    int(value)
+                elif pa.types.is_floating(kind):
+                    float(value)
+            except ValueError:
+                return first_line + offset, text
+    return first_line, block[:80].decode("utf-8", "replace")

@@ -1,0 +1,221 @@
+"""The one place trainflow reads its configuration.
+
+Everything comes from environment variables with the ``TRAINFLOW_`` prefix, MLflow's own
+``MLFLOW_TRACKING_URI`` and the standard ``AWS_*`` variables. Defaults run on a laptop: a
+local object store and a SQLite MLflow store under the project's data folder, CPU.
+
+S3 credentials may instead come from an Airflow connection: the DAG side resolves it with
+the Amazon provider's hook and passes the plain values to :meth:`Settings.with_s3_credentials`,
+which keeps this module free of Airflow.
+
+Secrets never appear in ``repr()``, in logs or in :meth:`Settings.describe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+"""The checkout (or installed tree) that holds ``tasks/``."""
+
+
+def _default_data_dir() -> Path:
+    return PROJECT_DIR / "data"
+
+
+def _path_to_url(path: Path) -> str:
+    return Path(path).resolve().as_uri()
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Config:
+    """How to reach an S3-compatible store.
+
+    Attributes:
+        endpoint_url: Custom endpoint (MinIO, moto, Ceph...); ``None`` means AWS itself.
+        access_key_id: Access key, or ``None`` to let botocore find credentials itself.
+        secret_access_key: Secret key; never logged.
+        session_token: Optional session token; never logged.
+        region: Region name.
+        max_attempts: botocore retry attempts (with exponential backoff) for each call.
+        connect_timeout: Seconds to wait for a connection before a retry.
+        read_timeout: Seconds to wait for a response before a retry.
+    """
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = dataclasses.field(default=None, repr=False)
+    secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+    session_token: str | None = dataclasses.field(default=None, repr=False)
+    region: str | None = None
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``s3fs.S3FileSystem``; contains secrets, never log it."""
+        options: dict[str, Any] = {
+            "config_kwargs": {
+                "retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+                "connect_timeout": self.connect_timeout,
+                "read_timeout": self.read_timeout,
+            },
+        }
+        if self.access_key_id:
+            options["key"] = self.access_key_id
+        if self.secret_access_key:
+            options["secret"] = self.secret_access_key
+        if self.session_token:
+            options["token"] = self.session_token
+        client_kwargs: dict[str, Any] = {}
+        if self.endpoint_url:
+            client_kwargs["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client_kwargs["region_name"] = self.region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        return options
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS variables for a child process (torchrun, mlflow); contains secrets."""
+        env = {
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_SESSION_TOKEN": self.session_token,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+        return {key: value for key, value in env.items() if value}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """trainflow's settings, read once from the environment.
+
+    Attributes:
+        data_dir: Local folder for the default object store, MLflow database and caches.
+        storage_root: The ``{root}`` URL of every dataset and run (``file://`` or ``s3://``).
+        mlflow_tracking_uri: Where MLflow runs and the model registry live.
+        download_dir: Where downloaded raw datasets are cached (local folder).
+        shared_data_dir: Folder of real datasets used by tests and the demo when present.
+        s3: How to reach S3 when ``storage_root`` or a source URL is ``s3://``.
+    """
+
+    data_dir: Path
+    storage_root: str
+    mlflow_tracking_uri: str
+    download_dir: Path
+    shared_data_dir: Path
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default: ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        data_dir = Path(env.get("TRAINFLOW_DATA_DIR") or _default_data_dir()).expanduser()
+        storage_root = env.get("TRAINFLOW_STORAGE_ROOT") or _path_to_url(data_dir / "store")
+        tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(data_dir / 'mlflow.db').resolve()}"
+        download_dir = Path(env.get("TRAINFLOW_DOWNLOAD_DIR") or data_dir / "downloads").expanduser()
+        shared = Path(
+            env.get("TRAINFLOW_SHARED_DATA") or PROJECT_DIR.parent / "shared" / "data"
+        ).expanduser()
+        s3 = S3Config(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+            region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None,
+            max_attempts=_positive_int(env, "TRAINFLOW_S3_MAX_ATTEMPTS", 5),
+            connect_timeout=_positive_float(env, "TRAINFLOW_S3_CONNECT_TIMEOUT", 5.0),
+            read_timeout=_positive_float(env, "TRAINFLOW_S3_READ_TIMEOUT", 60.0),
+        )
+        return cls(
+            data_dir=data_dir,
+            storage_root=storage_root.rstrip("/"),
+            mlflow_tracking_uri=tracking,
+            download_dir=download_dir,
+            shared_data_dir=shared,
+            s3=s3,
+        )
+
+    def with_s3_credentials(
+        self,
+        *,
+        access_key_id: str | None,
+        secret_access_key: str | None,
+        session_token: str | None = None,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+    ) -> Settings:
+        """Settings with S3 credentials from elsewhere (an Airflow connection), others kept."""
+        s3 = dataclasses.replace(
+            self.s3,
+            access_key_id=access_key_id or self.s3.access_key_id,
+            secret_access_key=secret_access_key or self.s3.secret_access_key,
+            session_token=session_token or self.s3.session_token,
+            endpoint_url=endpoint_url or self.s3.endpoint_url,
+            region=region or self.s3.region,
+        )
+        return dataclasses.replace(self, s3=s3)
+
+    def storage_options(self, url: str) -> dict[str, Any]:
+        """fsspec options for ``url``: S3 settings for ``s3://``, nothing otherwise."""
+        if url.startswith(("s3://", "s3a://")):
+            return self.s3.storage_options()
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """A loggable summary: no keys, no secrets, no passwords in URIs."""
+        return {
+            "data_dir": str(self.data_dir),
+            "storage_root": redact_url(self.storage_root),
+            "mlflow_tracking_uri": redact_url(self.mlflow_tracking_uri),
+            "download_dir": str(self.download_dir),
+            "s3_endpoint_url": redact_url(self.s3.endpoint_url) if self.s3.endpoint_url else None,
+            "s3_credentials": "set" if self.s3.access_key_id else "default chain",
+        }
+
+
+def redact_url(url: str) -> str:
+    """Hide a password in ``scheme://user:password@host`` URLs."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, _, host = rest.rpartition("@")
+    if "/" in userinfo:  # the '@' is in the path, not in a userinfo part
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def get_settings() -> Settings:
+    """Settings from the current environment (read anew each call: tests change it)."""
+    return Settings.from_env()

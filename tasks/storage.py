@@ -1,0 +1,284 @@
+"""Object storage behind one module: the same operations on ``file://`` and ``s3://``.
+
+Every path handed to :class:`Storage` is relative to its root URL (``{root}`` in the design
+page) and is checked so that it can never escape it. fsspec is imported lazily, so importing
+this module costs nothing at DAG parse time.
+
+Semantics that hold for both backends:
+
+* ``write_bytes`` / ``commit_bytes`` create parent "folders" as needed.
+* ``commit_bytes`` is atomic: readers see the old object or the whole new one, never a part
+  (a local write goes to a temporary file and is renamed; an S3 PUT is atomic by itself).
+* ``list`` returns relative paths, sorted; a missing prefix lists as empty.
+* ``delete`` of a missing path is not an error.
+* Listings are never cached, so a file written by another process is seen at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+import uuid
+from typing import IO, TYPE_CHECKING, Any, Iterator
+
+from tasks.settings import Settings, get_settings, redact_url
+
+if TYPE_CHECKING:
+    import fsspec
+
+log = logging.getLogger(__name__)
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:+=@,-]*$")
+
+
+class StorageError(RuntimeError):
+    """An object-store operation failed; the message names the URL (without secrets)."""
+
+
+class StorageUnavailableError(StorageError):
+    """The object store could not be reached after the configured retries."""
+
+
+def safe_name(value: str, field: str = "name") -> str:
+    """Check that ``value`` is usable as one path component under the storage root.
+
+    Args:
+        value: A dataset name, version, DAG id or run id.
+        field: What the value is, for the error message.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ValueError: if the value is empty, absolute, contains a separator or ``..``, or
+            characters outside ``[A-Za-z0-9._:+=@,-]``.
+    """
+    if not isinstance(value, str) or not _SAFE_PART.match(value) or ".." in value:
+        raise ValueError(
+            f"{field} {value!r} is not a safe path component: use letters, digits and "
+            "'._:+=@,-', start with a letter, digit or '_', and no '..'"
+        )
+    return value
+
+
+def _clean_relpath(path: str) -> str:
+    if path in ("", "."):
+        return ""
+    if path.startswith("/") or "\\" in path or "://" in path:
+        raise ValueError(f"path {path!r} must be relative to the storage root")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ValueError(f"path {path!r} may not contain '..'")
+    return "/".join(parts)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """Split ``url`` into (protocol, path as fsspec wants it)."""
+    if "://" not in url:
+        return "file", os.path.abspath(os.path.expanduser(url))
+    protocol, rest = url.split("://", 1)
+    if protocol == "file":
+        return "file", "/" + rest.lstrip("/")
+    if protocol == "s3a":
+        protocol = "s3"
+    return protocol, rest.rstrip("/")
+
+
+def filesystem(url: str, settings: Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path inside it.
+
+    S3 gets the credentials, endpoint and retry policy of ``settings`` and no listings cache.
+    """
+    import fsspec
+
+    settings = settings or get_settings()
+    protocol, path = split_url(url)
+    options: dict[str, Any] = dict(settings.storage_options(url))
+    if protocol == "file":
+        options["auto_mkdir"] = True
+    elif protocol == "s3":
+        options["use_listings_cache"] = False
+    return fsspec.filesystem(protocol, **options), path
+
+
+class Storage:
+    """Files under one root URL.
+
+    Args:
+        root_url: ``file:///abs/path``, a plain local path, or ``s3://bucket/prefix``.
+        settings: Credentials and retry policy for S3 (default: from the environment).
+    """
+
+    def __init__(self, root_url: str, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.protocol, self._root = split_url(root_url)
+        self.fs, _ = filesystem(root_url, self.settings)
+        if self.protocol == "file":
+            self.root_url = "file://" + self._root
+        else:
+            self.root_url = f"{self.protocol}://{self._root}"
+
+    def __repr__(self) -> str:
+        return f"Storage({redact_url(self.root_url)!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Storage:
+        """The storage at ``settings.storage_root``."""
+        settings = settings or get_settings()
+        return cls(settings.storage_root, settings)
+
+    # paths -------------------------------------------------------------------------------
+    def _abs(self, path: str) -> str:
+        rel = _clean_relpath(path)
+        return f"{self._root}/{rel}" if rel else self._root
+
+    def url(self, path: str = "") -> str:
+        """The full URL of ``path`` (relative to the root)."""
+        rel = _clean_relpath(path)
+        return f"{self.root_url}/{rel}" if rel else self.root_url
+
+    def child(self, path: str) -> Storage:
+        """A Storage rooted at ``path`` below this one."""
+        return Storage(self.url(path), self.settings)
+
+    # operations --------------------------------------------------------------------------
+    def _call(self, what: str, path: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (ValueError, IsADirectoryError, NotADirectoryError):
+            raise
+        except Exception as exc:  # botocore, aiohttp, OSError...
+            message = f"{what} {redact_url(self.url(path))} failed: {type(exc).__name__}: {exc}"
+            if _is_connection_error(exc):
+                raise StorageUnavailableError(
+                    f"object store unreachable: {message} (after "
+                    f"{self.settings.s3.max_attempts} attempts with backoff)"
+                ) from exc
+            raise StorageError(message) from exc
+
+    def exists(self, path: str) -> bool:
+        """Whether a file or a non-empty folder exists at ``path``."""
+        return bool(self._call("exists", path, self.fs.exists, self._abs(path)))
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole content of the file at ``path``.
+
+        Raises:
+            FileNotFoundError: naming the URL, when it is missing.
+        """
+        try:
+            return self._call("read", path, self.fs.cat_file, self._abs(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {redact_url(self.url(path))}") from None
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` (parents created), replacing any file there."""
+        self._call("write", path, self.fs.pipe_file, self._abs(path), data)
+
+    def commit_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically: readers see all of it or the old state."""
+        if self.protocol != "file":
+            # One PUT: S3 (and S3-compatible stores) never expose a partial object.
+            self.write_bytes(path, data)
+            return
+        final = self._abs(path)
+        os.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def open(self, path: str, mode: str = "rb", **kwargs: Any) -> IO:
+        """A file object for ``path`` (``rb`` or ``wb``); writers create parents."""
+        try:
+            return self._call("open", path, self.fs.open, self._abs(path), mode, **kwargs)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {redact_url(self.url(path))}") from None
+
+    def size(self, path: str) -> int:
+        """Size in bytes of the file at ``path``."""
+        try:
+            return int(self._call("size", path, self.fs.size, self._abs(path)))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {redact_url(self.url(path))}") from None
+
+    def list(self, path: str = "", recursive: bool = False) -> list[str]:
+        """Files (and, non-recursively, folders) below ``path``, relative to the root, sorted."""
+        base = self._abs(path)
+        try:
+            if recursive:
+                found = self._call("list", path, self.fs.find, base)
+            else:
+                found = self._call("list", path, self.fs.ls, base, detail=False)
+        except FileNotFoundError:
+            return []
+        root = self._root.rstrip("/") + "/"
+        out = []
+        for item in found:
+            item = item.rstrip("/")
+            if self.protocol == "file":
+                item = os.path.abspath(item)
+            if item.startswith(root):
+                rel = item[len(root):]
+                if rel and not posixpath.basename(rel).startswith(".tmp-"):
+                    out.append(rel)
+        return sorted(set(out))
+
+    def walk_files(self, path: str = "") -> Iterator[str]:
+        """Every file below ``path``, relative to the root, sorted."""
+        yield from self.list(path, recursive=True)
+
+    def delete(self, path: str, recursive: bool = False) -> None:
+        """Remove the file (or, with ``recursive``, the folder) at ``path``; missing is fine."""
+        if not _clean_relpath(path) and recursive:
+            raise ValueError("refusing to delete the whole storage root")
+        try:
+            self._call("delete", path, self.fs.rm, self._abs(path), recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def put_file(self, local_path: str, path: str) -> None:
+        """Upload a local file to ``path``."""
+        self._call("upload", path, self.fs.put_file, local_path, self._abs(path))
+
+    def get_file(self, path: str, local_path: str) -> None:
+        """Download ``path`` to a local file."""
+        try:
+            self._call("download", path, self.fs.get_file, self._abs(path), local_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {redact_url(self.url(path))}") from None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    return bool(
+        names
+        & {
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ConnectionClosedError",
+            "ReadTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ConnectionRefusedError",
+            "ConnectionError",
+        }
+    )
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
