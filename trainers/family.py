@@ -1,0 +1,72 @@
+"""The contract between the generic train loop and a model family (recommendation, driving).
+
+The loop (``trainers.loop``) owns distribution (DDP/FSDP wrapping), the optimizer, gradient
+accumulation, mixed precision, checkpoints, progress lines and MLflow logging. A family owns
+what is specific to its data and model: how to build the model, how this rank's training
+batches are made from the dataset manifest, the loss, evaluation and the exported model.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.manifest import Manifest
+    from trainers.distributed import World
+
+
+class ModelFamily(abc.ABC):
+    """One model family; the loop calls these in order: build_model, then per epoch
+    train_batches / loss, then evaluate, then export.
+
+    Args:
+        config: The family's config dataclass (validated in its ``__post_init__``).
+        manifest: The committed dataset version to train on.
+        world: This process's rank information.
+    """
+
+    name: str = "family"
+
+    def __init__(self, config: Any, manifest: Manifest, world: World) -> None:
+        self.config = config
+        self.manifest = manifest
+        self.world = world
+
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A fresh, deterministically initialised model (same on every rank)."""
+
+    def fsdp_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Sub-modules to shard separately under FSDP (e.g. embedding tables); default none."""
+        return []
+
+    @abc.abstractmethod
+    def num_train_samples(self, epoch: int) -> int:
+        """Training samples in ``epoch`` across the whole world (for progress and ETA)."""
+
+    @abc.abstractmethod
+    def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's batches for ``epoch``, deterministic in (seed, epoch, rank).
+
+        Every rank must yield the same number of batches (collectives stay in step); the
+        samples of an epoch are covered once across ranks. ``skip_batches`` resumes mid-epoch.
+        """
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss of ``batch`` (a scalar tensor)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        """Metrics on ``split`` (``valid`` or ``eval``), the same on every rank."""
+
+    def selection_metric(self) -> tuple[str, str]:
+        """(metric key, ``max``/``min``) used to pick the best epoch on ``valid``."""
+        return "loss", "min"
+
+    def export_config(self) -> dict[str, Any]:
+        """What, besides the state dict, rebuilds the model without training code."""
+        return {}
