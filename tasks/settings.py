@@ -166,6 +166,9 @@ class Settings:
             return self.s3.storage_options()
         return {}
 
+    def __repr__(self) -> str:
+        return f"Settings({self.describe()!r})"
+
     def describe(self) -> dict[str, Any]:
         """A loggable summary: no keys, no secrets, no passwords in URIs."""
         return {

@@ -55,7 +55,7 @@ def safe_name(value: str, field: str = "name") -> str:
         ValueError: if the value is empty, absolute, contains a separator or ``..``, or
             characters outside ``[A-Za-z0-9._:+=@,-]``.
     """
-    if not isinstance(value, str) or not _SAFE_PART.match(value) or ".." in value:
+    if not isinstance(value, str) or not _SAFE_PART.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{field} {value!r} is not a safe path component: use letters, digits and "
             "'._:+=@,-', start with a letter, digit or '_', and no '..'"

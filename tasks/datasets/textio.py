@@ -98,8 +98,15 @@ def parse_delimited(
                 f"{file_label}, line {bad_line}: cannot parse {text!r} as "
                 f"{', '.join(f'{n}:{column_types[n]}' for n in column_names if n in column_types)} ({exc})"
             ) from None
+        lines = block.decode("utf-8", "replace").split("\n") if bad_rows else []
+        searched = 0
         for number, text in bad_rows:
-            absolute = line_no + (number - 1 if number is not None else 0)
+            if number is None:  # threaded parsing does not know row numbers: find the line
+                while searched < len(lines) and lines[searched].rstrip("\r") != text:
+                    searched += 1
+                number = searched + 1
+                searched += 1
+            absolute = line_no + number - 1
             if on_bad_row is None:
                 raise SourceFormatError(
                     f"{file_label}, line {absolute}: expected {len(column_names)} fields, got {text!r}"

@@ -1,0 +1,210 @@
+"""Readers and generators: formats, errors that name the line, downloads, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import threading
+import zipfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.datasets import movielens, synthetic
+from tasks.datasets.sources import SourceNotFoundError, resolve_source
+from tasks.datasets.textio import SourceFormatError
+
+
+def _read(text: str, name: str, **kwargs) -> pa.Table:
+    batches = list(movielens.read_ratings(io.BytesIO(text.encode()), name, **kwargs))
+    return pa.Table.from_batches(batches)
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("u.data", "1\t10\t5\t881250949\n2\t20\t3\t891717742\n"),
+        ("ratings.dat", "1::10::5::881250949\n2::20::3::891717742\n"),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,5.0,881250949\n2,20,3.0,891717742\n"),
+        ("ml-1m.train.rating", "1\t10\t5\t881250949\r\n2\t20\t3\t891717742\r\n"),
+    ],
+)
+def test_movielens_formats(name, text):
+    table = _read(text, name)
+    assert table.column("user_id").to_pylist() == [1, 2]
+    assert table.column("item_id").to_pylist() == [10, 20]
+    assert table.column("rating").to_pylist() == [5.0, 3.0]
+    assert table.column("timestamp").to_pylist() == [881250949, 891717742]
+
+
+def test_unparsable_value_names_file_and_line():
+    text = "1\t10\t5\t881250949\n2\t20\t3\t891717742\n3\tabc\t4\t1\n"
+    with pytest.raises(SourceFormatError, match=r"u\.data, line 3: cannot parse '3\\tabc\\t4\\t1'"):
+        _read(text, "u.data")
+
+
+def test_wrong_field_count_raises_or_is_counted():
+    text = "1\t10\t5\t881250949\n2\t20\n3\t30\t4\t1\n"
+    with pytest.raises(SourceFormatError, match=r"line 2: expected 4 fields"):
+        _read(text, "u.data")
+    bad = []
+    table = _read(text, "u.data", on_bad_row=lambda line, row: bad.append((line, row)))
+    assert table.num_rows == 2 and bad == [(2, "2\t20")]
+
+
+def test_empty_file_is_an_error():
+    with pytest.raises(SourceFormatError, match="no data rows"):
+        _read("", "u.data")
+
+
+def test_small_blocks_keep_line_numbers():
+    rows = "".join(f"{u}\t{u + 1}\t3\t{1000 + u}\n" for u in range(500)) + "x\t1\t1\t1\n"
+    handle = io.BytesIO(rows.encode())
+    with pytest.raises(SourceFormatError, match="line 501"):
+        list(
+            movielens.parse_delimited(
+                handle,
+                file_label="f",
+                column_names=["user_id", "item_id", "rating", "timestamp"],
+                column_types={"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()},
+                block_bytes=256,
+            )
+        )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**40), st.integers(0, 2**40), st.sampled_from([0.5, 1.0, 3.5, 5.0]), st.integers(0, 2**33)
+        ),
+        min_size=1,
+        max_size=200,
+    ),
+    st.sampled_from(["u.data", "ratings.dat", "ratings.csv"]),
+)
+def test_reader_round_trips_any_valid_rows(rows, name):
+    sep = {"u.data": "\t", "ratings.dat": "::", "ratings.csv": ","}[name]
+    header = "userId,movieId,rating,timestamp\n" if name.endswith(".csv") else ""
+    text = header + "".join(sep.join(map(str, r)) + "\n" for r in rows)
+    table = _read(text, name)
+    assert list(zip(*(table.column(c).to_pylist() for c in ("user_id", "item_id", "rating", "timestamp")))) == rows
+
+
+def test_ncf_negative_file_errors_name_the_line():
+    good = b"(0,5)\t1\t2\t3\n(1,6)\t4\t5\t6\n"
+    assert list(movielens.read_ncf_negatives(io.BytesIO(good), file_label="n")) == [(0, 5, [1, 2, 3]), (1, 6, [4, 5, 6])]
+    with pytest.raises(SourceFormatError, match=r"n, line 2"):
+        list(movielens.read_ncf_negatives(io.BytesIO(b"(0,5)\t1\n0,5\t2\n"), file_label="n"))
+
+
+@pytest.fixture
+def grouplens_mirror(tmp_path, monkeypatch):
+    """A local HTTP server serving an ml-100k.zip, with the release's pins pointing at it."""
+    u_data = "".join(f"{u}\t{i}\t4\t{880000000 + u * 10 + i}\n" for u in range(1, 30) for i in range(1, 8)).encode()
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("ml-100k/u.data", u_data)
+        zf.writestr("ml-100k/README", "test copy")
+    (folder / "ml-100k.zip").write_bytes(buffer.getvalue())
+    monkeypatch.setitem(
+        movielens.RELEASES,
+        "movielens-100k",
+        movielens.Release(
+            "ml-100k.zip",
+            hashlib.md5(buffer.getvalue()).hexdigest(),
+            "ml-100k/u.data",
+            hashlib.sha256(u_data).hexdigest(),
+        ),
+    )
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("TRAINFLOW_MOVIELENS_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    yield folder, u_data
+    server.shutdown()
+
+
+def test_release_download_verifies_extracts_and_caches(tf_env, grouplens_mirror):
+    folder, u_data = grouplens_mirror
+    source = resolve_source("movielens-100k", "recommendation")
+    assert source.default_name == "movielens-100k"
+    table = pa.Table.from_batches(list(source.open_interactions()))
+    assert table.num_rows == len(u_data.splitlines())
+    (folder / "ml-100k.zip").unlink()  # a second resolve must not download again
+    again = resolve_source("movielens-100k", "recommendation")
+    assert again.fingerprint == source.fingerprint
+
+
+def test_release_download_with_wrong_checksum_is_refused(tf_env, grouplens_mirror, monkeypatch):
+    monkeypatch.setitem(
+        movielens.RELEASES, "movielens-100k", movielens.Release("ml-100k.zip", "0" * 32, "ml-100k/u.data")
+    )
+    with pytest.raises(ValueError, match="MD5 .* does not match the pinned 0000"):
+        resolve_source("movielens-100k", "recommendation")
+    assert not list((tf_env / "downloads" / "movielens-100k").glob("*.zip"))
+
+
+@pytest.mark.parametrize(
+    "url,kind,error,match",
+    [
+        ("movielens-7m", "recommendation", SourceNotFoundError, "known dataset name"),
+        ("/nonexistent/folder", "recommendation", SourceNotFoundError, "nothing there"),
+        ("synthetic://driving?num_sequences=5", "recommendation", ValueError, "generates driving data"),
+        ("synthetic://recommendation?bogus=1", "recommendation", ValueError, "unknown parameter 'bogus'"),
+        ("synthetic://recommendation?num_interactions=abc", "recommendation", ValueError, "not a number"),
+        ("synthetic://weather", "driving", ValueError, "unknown synthetic generator"),
+        ("", "driving", ValueError, "non-empty"),
+    ],
+)
+def test_bad_source_urls_are_rejected_clearly(tf_env, url, kind, error, match):
+    with pytest.raises(error, match=match):
+        resolve_source(url, kind)
+
+
+def test_folder_without_data_is_rejected(tf_env, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceNotFoundError, match="no MovieLens ratings file"):
+        resolve_source(str(tmp_path / "empty"), "recommendation")
+    with pytest.raises(SourceNotFoundError, match=r"no \.csv files"):
+        resolve_source(str(tmp_path / "empty"), "driving")
+
+
+def test_synthetic_recommendation_is_deterministic_and_structured():
+    config = synthetic.SyntheticRecommendationConfig(num_interactions=20_000, num_users=100, num_items=500, seed=5)
+    a = pa.Table.from_batches(list(synthetic.SyntheticRecommendation(config).iter_batches())).to_pandas()
+    b = pa.Table.from_batches(list(synthetic.SyntheticRecommendation(config).iter_batches())).to_pandas()
+    assert a.equals(b)
+    assert abs(len(a) - 20_000) < 1_000
+    assert a.user_id.between(1, 100).all() and a.item_id.between(1, 500).all()
+    # Popularity skew: the top 10% of items take far more than 10% of interactions.
+    counts = np.sort(a.item_id.value_counts().values)[::-1]
+    assert counts[: len(counts) // 10].sum() > 0.3 * counts.sum()
+    # Timestamps increase within each user.
+    assert a.groupby("user_id").timestamp.apply(lambda s: s.is_monotonic_increasing).all()
+
+
+def test_synthetic_driving_is_plausible():
+    gen = synthetic.SyntheticDriving(synthetic.SyntheticDrivingConfig(num_sequences=20, seed=2))
+    records = list(gen.iter_records())
+    assert [r["seq_id"] for r in records] == [r["seq_id"] for r in gen.iter_records()]
+    for record in records:
+        agent = record["tracks_xy"][0]
+        assert np.isfinite(agent).all()
+        speed = np.linalg.norm(np.diff(agent, axis=0), axis=1) / 0.1
+        assert speed.max() < 45  # m/s
+        assert record["track_types"][0] == 0

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+from tasks.settings import Settings, redact_url
+
+
+def test_defaults_run_locally(tmp_path):
+    settings = Settings.from_env({"TRAINFLOW_DATA_DIR": str(tmp_path)})
+    assert settings.storage_root == (tmp_path / "store").resolve().as_uri()
+    assert settings.mlflow_tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    assert settings.storage_options(settings.storage_root) == {}
+
+
+def test_s3_settings_from_standard_variables():
+    env = {
+        "TRAINFLOW_STORAGE_ROOT": "s3://bucket/prefix/",
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "very-secret-value",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    settings = Settings.from_env(env)
+    assert settings.storage_root == "s3://bucket/prefix"
+    options = settings.storage_options("s3://bucket/x")
+    assert options["key"] == "AKIDEXAMPLE"
+    assert options["secret"] == "very-secret-value"
+    assert options["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"}
+    assert options["config_kwargs"]["retries"]["max_attempts"] == 5
+
+
+def test_secrets_never_appear_in_repr_or_describe():
+    settings = Settings.from_env(
+        {
+            "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+            "AWS_SECRET_ACCESS_KEY": "very-secret-value",
+            "AWS_SESSION_TOKEN": "token-value",
+            "MLFLOW_TRACKING_URI": "postgresql://mlflow:db-password@127.0.0.1/mlflow",
+        }
+    )
+    shown = repr(settings) + str(settings.describe())
+    for secret in ("very-secret-value", "token-value", "db-password", "AKIDEXAMPLE"):
+        assert secret not in shown
+    assert settings.describe()["mlflow_tracking_uri"] == "postgresql://mlflow:***@127.0.0.1/mlflow"
+
+
+def test_connection_credentials_override_environment():
+    settings = Settings.from_env({"AWS_ACCESS_KEY_ID": "env-key"}).with_s3_credentials(
+        access_key_id="conn-key", secret_access_key="conn-secret", endpoint_url="http://minio:9000"
+    )
+    assert settings.s3.access_key_id == "conn-key"
+    assert settings.s3.endpoint_url == "http://minio:9000"
+    assert settings.s3.environment()["AWS_SECRET_ACCESS_KEY"] == "conn-secret"
+
+
+@pytest.mark.parametrize("name,value", [("TRAINFLOW_S3_MAX_ATTEMPTS", "0"), ("TRAINFLOW_S3_MAX_ATTEMPTS", "x")])
+def test_bad_numbers_name_the_variable(name, value):
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_redact_url_leaves_plain_urls():
+    assert redact_url("s3://bucket/a@b") == "s3://bucket/a@b"
+    assert redact_url("http://u:p@h:1/x") == "http://u:***@h:1/x"

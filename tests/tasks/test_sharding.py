@@ -1,0 +1,226 @@
+"""The dataset contract: versions, cache hits, commit marker, verification, NCF protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.manifest import MANIFEST_NAME, ManifestError, ShardVerificationError, load_manifest
+from tasks.settings import get_settings
+from tasks.sharding import ShardingConfig, ShardWriter, shard_dataset, split_of
+from tasks.storage import Storage
+from tests.conftest import shared_dataset
+
+SYN_REC = "synthetic://recommendation?num_interactions=6000&num_users=60&num_items=400&seed=3"
+SYN_DRV = "synthetic://driving?num_sequences=60&seed=1"
+SMALL = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500)
+
+
+def _all_rows(manifest, split):
+    return manifest.read_table(split).to_pandas()
+
+
+def test_recommendation_ncf_protocol(tf_env):
+    summary = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    manifest = load_manifest(summary["manifest_uri"])
+    assert summary["cache_hit"] is False
+    train, valid, test = (_all_rows(manifest, s) for s in ("train", "valid", "eval"))
+    stats = manifest.stats
+    assert len(test) == stats["num_users"] == 60
+    assert len(train) + len(test) == stats["num_interactions"]
+    assert len(manifest.shards("train")) > 1  # sized by bytes: several shards
+    # Source data, regenerated: each user's held-out item is the latest by (timestamp, item id).
+    from tasks.datasets.synthetic import SyntheticRecommendation, SyntheticRecommendationConfig
+
+    gen = SyntheticRecommendation(SyntheticRecommendationConfig(6000, 60, 400, seed=3))
+    import pyarrow as pa
+
+    raw = pa.Table.from_batches(list(gen.iter_batches())).to_pandas()
+    latest = raw.sort_values(["user_id", "timestamp", "item_id"]).groupby("user_id").tail(1)
+    expected = dict(zip(latest.user_id, latest.item_id))
+    assert dict(zip(test.user_id, test.item_id)) == expected
+    # Negatives: 99 per user, distinct, never an item the user interacted with.
+    interacted = raw.groupby("user_id").item_id.agg(set).to_dict()
+    for frame in (test, valid):
+        for user, negs in zip(frame.user_id, frame.neg_item_id):
+            assert len(negs) == 99 and len(set(negs)) == 99
+            assert not (set(negs) & interacted[user])
+    # Valid positives are the second-latest interactions, kept in train and flagged.
+    assert train.is_valid.sum() == len(valid)
+    flagged = train[train.is_valid]
+    assert set(zip(flagged.user_id, flagged.item_id)) == set(zip(valid.user_id, valid.item_id))
+    # Dense indices match the vocabularies.
+    users = manifest.read_file_table("users").column("user_id").to_numpy()
+    items = manifest.read_file_table("items")
+    assert (users[train.user_idx] == train.user_id).all()
+    assert (items.column("item_id").to_numpy()[train.item_idx] == train.item_id).all()
+    counts = items.column("num_train_interactions").to_numpy()
+    assert counts.sum() == len(train)
+
+
+def test_same_inputs_are_a_cache_hit_and_nothing_is_rewritten(tf_env, caplog):
+    first = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    store = Storage(first["manifest_uri"].rsplit("/", 1)[0])
+    before = {p: store.read_bytes(p) for p in store.list(recursive=True)}
+    caplog.set_level("INFO")
+    second = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    assert second["cache_hit"] is True
+    assert second["version"] == first["version"]
+    assert "cache hit" in caplog.text
+    assert {p: store.read_bytes(p) for p in store.list(recursive=True)} == before
+
+
+def test_version_changes_with_config_and_source(tf_env):
+    base = shard_dataset(SYN_REC, "recommendation", config=SMALL)["version"]
+    other_seed = shard_dataset(SYN_REC, "recommendation", config=ShardingConfig(20_000, 500, seed=1))["version"]
+    other_source = shard_dataset(SYN_REC.replace("seed=3", "seed=4"), "recommendation", config=SMALL)["version"]
+    assert len({base, other_seed, other_source}) == 3
+
+
+def test_sharding_is_deterministic_across_stores(tmp_path, monkeypatch):
+    digests = []
+    for n in range(2):
+        monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(tmp_path / f"d{n}"))
+        manifest = load_manifest(shard_dataset(SYN_REC, "recommendation", config=SMALL)["manifest_uri"])
+        digests.append([s.sha256 for split in manifest.splits for s in manifest.shards(split)])
+    assert digests[0] == digests[1]
+
+
+def test_interrupted_run_leaves_no_manifest_and_next_run_completes_it(tf_env, monkeypatch):
+    reference = load_manifest(shard_dataset(SYN_REC, "recommendation", config=SMALL, name="ref")["manifest_uri"])
+    closes = {"n": 0}
+    original = ShardWriter._close_shard
+
+    def crash_after_two_shards(self):
+        if self._writer is not None:
+            closes["n"] += 1
+            if closes["n"] == 3:
+                raise KeyboardInterrupt("killed between shards")
+        return original(self)
+
+    monkeypatch.setattr(ShardWriter, "_close_shard", crash_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        shard_dataset(SYN_REC, "recommendation", config=SMALL, name="victim")
+    root = Storage.from_settings(get_settings())
+    version_dir = f"datasets/victim/{reference.version}"
+    assert root.list(version_dir, recursive=True), "partial shards should exist"
+    assert not root.exists(f"{version_dir}/{MANIFEST_NAME}")
+    with pytest.raises(ManifestError, match="never finished"):
+        load_manifest(root.url(version_dir))
+    monkeypatch.setattr(ShardWriter, "_close_shard", original)
+    resumed = shard_dataset(SYN_REC, "recommendation", config=SMALL, name="victim")
+    assert resumed["cache_hit"] is False
+    manifest = load_manifest(resumed["manifest_uri"])
+    for split in reference.splits:
+        assert [s.sha256 for s in manifest.shards(split)] == [s.sha256 for s in reference.shards(split)]
+
+
+def test_corrupt_or_missing_shard_fails_with_its_name(tf_env):
+    manifest = load_manifest(shard_dataset(SYN_REC, "recommendation", config=SMALL)["manifest_uri"])
+    shard = manifest.shards("train")[1]
+    data = bytearray(manifest.storage.read_bytes(shard.path))
+    data[len(data) // 2] ^= 0xFF
+    manifest.storage.write_bytes(shard.path, bytes(data))
+    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet.*sha256.*corrupt"):
+        manifest.read_table("train")
+    manifest.storage.write_bytes(shard.path, bytes(data[:-10]))
+    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet.*size"):
+        list(manifest.iter_batches("train"))
+    manifest.storage.delete(shard.path)
+    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet.*missing"):
+        manifest.read_table("train")
+    # Intact shards still read.
+    assert manifest.open_shard(manifest.shards("train")[0]).metadata.num_rows > 0
+
+
+def test_sharding_to_s3_and_local_give_the_same_shards(storage_root, tmp_path):
+    import dataclasses
+
+    summary = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    assert summary["manifest_uri"].startswith(storage_root)
+    manifest = load_manifest(summary["manifest_uri"])
+    assert manifest.read_table("eval").num_rows == 60
+    local_settings = dataclasses.replace(get_settings(), storage_root=(tmp_path / "other").as_uri())
+    local = load_manifest(
+        shard_dataset(SYN_REC, "recommendation", config=SMALL, settings=local_settings)["manifest_uri"],
+        local_settings,
+    )
+    assert local.version == manifest.version
+    assert [s.sha256 for s in local.shards("train")] == [s.sha256 for s in manifest.shards("train")]
+    assert shard_dataset(SYN_REC, "recommendation", config=SMALL)["cache_hit"] is True
+
+
+def test_driving_split_by_sequence(tf_env):
+    summary = shard_dataset(SYN_DRV, "driving", config=ShardingConfig(target_shard_bytes=50_000, row_group_rows=16))
+    manifest = load_manifest(summary["manifest_uri"])
+    ids = {split: set(_all_rows(manifest, split).seq_id) for split in ("train", "valid", "eval")}
+    assert sum(map(len, ids.values())) == 60
+    assert not (ids["train"] & ids["eval"]) and not (ids["train"] & ids["valid"])
+    for split, members in ids.items():
+        assert all(split_of(s, ShardingConfig()) == split for s in members)
+    rows = manifest.read_table("eval").slice(0, 1).to_pylist()[0]
+    xy = np.asarray(rows["tracks_xy"], dtype=np.float32).reshape(rows["num_tracks"], 50, 2)
+    assert rows["track_types"][0] == 0 and np.isfinite(xy[0]).all()
+
+
+def _write_argoverse(folder: Path, seq: str, agent_frames: int = 50, nan_agent: bool = False) -> None:
+    lines = ["TIMESTAMP,TRACK_ID,OBJECT_TYPE,X,Y,CITY_NAME"]
+    for t in range(agent_frames):
+        x = "nan" if nan_agent and t == 3 else f"{t * 1.0:.2f}"
+        lines.append(f"{100 + t * 0.1:.1f},agent-{seq},AGENT,{x},{t * 0.5:.2f},PIT")
+        lines.append(f"{100 + t * 0.1:.1f},00000000-0000-0000-0000-000000000000,AV,{t * 0.9:.2f},3.0,PIT")
+        if t % 2 == 0:
+            lines.append(f"{100 + t * 0.1:.1f},other-{seq},OTHERS,5.0,{t * 0.2:.2f},PIT")
+    (folder / f"{seq}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_argoverse_folder_rejects_unusable_scenarios_with_counts(tf_env, tmp_path):
+    folder = tmp_path / "argo" / "data"
+    folder.mkdir(parents=True)
+    for n in range(1, 9):
+        _write_argoverse(folder, str(n))
+    _write_argoverse(folder, "100", agent_frames=49)
+    _write_argoverse(folder, "101", nan_agent=True)
+    summary = shard_dataset(str(tmp_path / "argo"), "driving")
+    manifest = load_manifest(summary["manifest_uri"])
+    assert manifest.stats["num_sequences"] == 8
+    assert manifest.data["cleaning"]["rejected_sequences"] == {"agent_frames": 1, "non_finite": 1}
+    row = manifest.read_table("train").to_pylist()[0]
+    xy = np.asarray(row["tracks_xy"]).reshape(row["num_tracks"], 50, 2)
+    assert row["track_types"] == [0, 1, 2]
+    assert np.isnan(xy[2, 1::2]).all() and np.isfinite(xy[2, ::2]).all()  # partial OTHERS track
+
+
+def test_real_movielens_split_matches_the_shared_ncf_files(tf_env):
+    raw = shared_dataset("movielens_100k_raw")
+    ncf = shared_dataset("ncf_movielens_100k")
+    ours = load_manifest(shard_dataset(str(raw), "recommendation")["manifest_uri"])
+    given = load_manifest(shard_dataset(str(ncf), "recommendation")["manifest_uri"])
+    assert ours.stats["num_users"] == given.stats["num_users"] == 943
+    assert ours.num_rows("train") == given.num_rows("train") == 99_057
+    a, b = ours.read_table("eval").to_pandas(), given.read_table("eval").to_pandas()
+    assert (a.item_idx.values == b.item_idx.values).all()
+    assert given.stats["split_protocol"] == "given NCF split"
+    lines = (ncf / "ml-100k.test.negative").read_text().splitlines()
+    first_negs = [int(v) for v in lines[0].split("\t")[1:]]
+    assert b.neg_item_idx[0].tolist() == first_negs
+
+
+def test_real_argoverse_subset(tf_env):
+    folder = shared_dataset("argoverse1_forecasting_subset")
+    summary = shard_dataset(str(folder), "driving")
+    assert summary["stats"]["num_sequences"] == 1955
+    assert sum(summary["splits"].values()) == 1955
+    assert summary["stats"]["cities"] == {"MIA": 1052, "PIT": 903}
+    manifest = load_manifest(summary["manifest_uri"])
+    assert json.loads(manifest.storage.read_bytes(MANIFEST_NAME))["source"]["reader"] == "argoverse.csv"
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="num_negatives"):
+        ShardingConfig(num_negatives=0)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        ShardingConfig(eval_fraction=1.5)

@@ -1,0 +1,129 @@
+"""The storage module behaves the same on a local folder and on S3 (moto's server)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tasks.settings import get_settings
+from tasks.storage import Storage, StorageUnavailableError, safe_name
+
+
+@pytest.fixture
+def store(storage_root):
+    return Storage(storage_root, get_settings())
+
+
+def test_write_read_exists_size(store):
+    assert not store.exists("a/b.bin")
+    store.write_bytes("a/b.bin", b"hello")
+    assert store.exists("a/b.bin")
+    assert store.exists("a")
+    assert store.read_bytes("a/b.bin") == b"hello"
+    assert store.size("a/b.bin") == 5
+    store.write_bytes("a/b.bin", b"replaced")
+    assert store.read_bytes("a/b.bin") == b"replaced"
+
+
+def test_missing_file_names_the_url(store):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        store.read_bytes("x/nope.txt")
+
+
+def test_list_is_relative_sorted_and_empty_when_missing(store):
+    for name in ("d/2.txt", "d/1.txt", "d/sub/3.txt"):
+        store.write_bytes(name, name.encode())
+    assert store.list("d") == ["d/1.txt", "d/2.txt", "d/sub"]
+    assert store.list("d", recursive=True) == ["d/1.txt", "d/2.txt", "d/sub/3.txt"]
+    assert store.list("missing") == []
+
+
+def test_commit_is_atomic_and_visible(store):
+    payload = json.dumps({"n": list(range(1000))}).encode()
+    store.commit_bytes("v/_manifest.json", payload)
+    assert store.read_bytes("v/_manifest.json") == payload
+    # No temporary file is left behind or listed.
+    assert store.list("v", recursive=True) == ["v/_manifest.json"]
+
+
+def test_commit_readers_never_see_partial_content(store):
+    old, new = b"A" * 200_000, b"B" * 300_000
+    store.commit_bytes("m.json", old)
+    seen = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            seen.append(store.read_bytes("m.json"))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for _ in range(5):
+        store.commit_bytes("m.json", new)
+        store.commit_bytes("m.json", old)
+    stop.set()
+    thread.join()
+    assert seen and all(data in (old, new) for data in seen)
+
+
+def test_delete_file_and_folder(store):
+    store.write_bytes("x/1", b"1")
+    store.write_bytes("x/y/2", b"2")
+    store.delete("x/1")
+    assert not store.exists("x/1")
+    store.delete("x/1")  # missing is fine
+    store.delete("x", recursive=True)
+    assert store.list("x", recursive=True) == []
+    with pytest.raises(ValueError, match="whole storage root"):
+        store.delete("", recursive=True)
+
+
+def test_put_get_file_and_child(store, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"\x00\x01" * 1000)
+    store.put_file(str(src), "files/blob.bin")
+    child = store.child("files")
+    assert child.read_bytes("blob.bin") == src.read_bytes()
+    dst = tmp_path / "dst.bin"
+    child.get_file("blob.bin", str(dst))
+    assert dst.read_bytes() == src.read_bytes()
+    assert child.url("blob.bin") == store.url("files/blob.bin")
+
+
+def test_open_streams(store):
+    with store.open("s/f.txt", "wb") as handle:
+        handle.write(b"line1\nline2\n")
+    with store.open("s/f.txt", "rb") as handle:
+        assert handle.read().splitlines() == [b"line1", b"line2"]
+
+
+@pytest.mark.parametrize("bad", ["../etc", "/abs", "a/../../b", "a\\b", "s3://x/y"])
+def test_paths_never_escape_the_root(store, bad):
+    with pytest.raises(ValueError):
+        store.write_bytes(bad, b"x")
+
+
+@pytest.mark.parametrize("bad", ["", "..", "a/b", "../x", ".hidden", "a b", "x\n"])
+def test_safe_name_rejects(bad):
+    with pytest.raises(ValueError, match="not a safe path component"):
+        safe_name(bad)
+
+
+@pytest.mark.parametrize("good", ["ml-100k", "manual__2026-11-25T15:48:00.123+00:00", "scheduled__2026_1", "v1.2"])
+def test_safe_name_accepts_airflow_run_ids(good):
+    assert safe_name(good) == good
+
+
+def test_unreachable_s3_fails_clearly_after_bounded_retries(tf_env, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("TRAINFLOW_S3_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("TRAINFLOW_S3_CONNECT_TIMEOUT", "1")
+    store = Storage("s3://nowhere-bucket/root", get_settings())
+    with pytest.raises(StorageUnavailableError, match="unreachable.*2 attempts"):
+        store.write_bytes("a.txt", b"x")
