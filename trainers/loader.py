@@ -1,0 +1,456 @@
+"""The shard loader: a split of a dataset manifest as batches of column tensors.
+
+How an epoch is laid out (deterministic in ``(seed, epoch)``, independent of the world size):
+
+1. *Order.* Shards are shuffled, then the row groups inside each shard, giving a sequence of
+   row groups. Consecutive row groups form *windows* of ``window_row_groups``; the rows of a
+   window are shuffled together. Reading the rows in this order gives the epoch's *sequence*
+   of ``N`` rows (``shuffle=False`` keeps the manifest's order).
+2. *Global batches.* The sequence is cut into global batches of ``world_size * batch_size``
+   rows; global batch ``b`` gives rank ``r`` the rows ``[b*G + r*B, b*G + (r+1)*B)``. Every
+   sample is therefore seen exactly once per epoch across the world, every rank yields the
+   same number of batches, and the union of the ranks' ``b``-th batches does not depend on
+   the number of ranks (1 process with batch 64 sees what 2 processes with batch 32 see).
+3. *Remainder.* ``remainder="drop"`` (default) yields ``N // G`` batches per rank: the last
+   ``N % G`` rows of the sequence are left out of this epoch (a different set every epoch).
+   ``remainder="pad"`` yields ``ceil(N / G)`` batches; the missing rows are repeated from
+   the start of the sequence and flagged ``False`` in a ``sample_mask`` column, so a loss
+   that weights by the mask still counts each sample exactly once.
+4. *Workers.* With ``num_workers`` DataLoader workers, the rank's batch ``b`` is made by
+   worker ``(b - start) % num_workers``, which is the order in which ``DataLoader`` takes
+   batches from its workers; resuming at batch ``start`` keeps that mapping.
+
+Each worker reads through fsspec (:meth:`tasks.manifest.Manifest.open_shard`, which verifies
+size and sha256) with a background thread decoding the next windows ahead
+(``prefetch_windows``) while batches are being consumed.
+
+A batch is a dict of tensors, one per column: numbers and booleans as 1-D tensors, lists of
+one length as 2-D tensors, lists of varying length as a flat ``name`` tensor plus
+``name_offsets`` (int64, ``len+1``), strings as a Python list of ``str``. ``with_row_index``
+adds ``row_index`` (int64, the row's position in the split in manifest order).
+
+A family hook ``transform(batch, info)`` runs where the batch is made (inside the worker) and
+gets a :class:`BatchInfo` with a ``torch.Generator`` seeded by (seed, epoch, rank, batch), so
+per-batch randomness (negative sampling) is reproducible across resumes and worker counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from tasks.manifest import Manifest
+    from trainers.distributed import World
+
+log = logging.getLogger(__name__)
+
+_REMAINDERS = ("drop", "pad")
+STATE_FORMAT = "trainflow.loader/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """Where a batch sits, handed to ``transform``.
+
+    Attributes:
+        epoch: The epoch.
+        batch_index: Index of the batch among this rank's batches of the epoch.
+        rank: Global rank.
+        world_size: Ranks in the job.
+        generator: A CPU generator seeded by (seed, epoch, rank, batch_index).
+    """
+
+    epoch: int
+    batch_index: int
+    rank: int
+    world_size: int
+    generator: torch.Generator
+
+
+Transform = Callable[[dict[str, Any], BatchInfo], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    shard: int
+    row_group: int
+    num_rows: int
+    first_row: int  # index of the unit's first row in the split, manifest order
+
+
+class ShardLoader(IterableDataset):
+    """Batches of ``split`` for one rank; see the module docstring for the layout.
+
+    Iterating the loader directly (in the training process) yields this rank's batches of
+    the current epoch, running ``num_workers`` DataLoader workers itself when asked, and
+    counts what it handed out so :meth:`state_dict` can resume mid-epoch. It is also a plain
+    ``IterableDataset``: ``DataLoader(loader, batch_size=None, num_workers=loader.num_workers)``
+    works, but then pass the number of consumed batches to :meth:`state_dict`.
+
+    Args:
+        manifest: The committed dataset version.
+        split: ``train``, ``valid`` or ``eval``.
+        batch_size: Rows per batch on this rank (the per-rank micro batch).
+        world: Rank and world size (default: a world of one).
+        columns: Columns to read (default: all).
+        seed: Shuffle seed.
+        shuffle: Shuffle row groups and rows within windows.
+        window_row_groups: Row groups whose rows are shuffled together.
+        num_workers: DataLoader worker processes (0: make batches in this process).
+        prefetch_windows: Windows decoded ahead by the background thread.
+        remainder: ``drop`` or ``pad`` (see the module docstring).
+        transform: Optional ``transform(batch, info) -> batch``, run where batches are made.
+        with_row_index: Add the ``row_index`` column.
+
+    Raises:
+        ValueError: a bad argument (named in the message).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        batch_size: int,
+        *,
+        world: World | None = None,
+        columns: list[str] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        window_row_groups: int = 4,
+        num_workers: int = 0,
+        prefetch_windows: int = 2,
+        remainder: str = "drop",
+        transform: Transform | None = None,
+        with_row_index: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if window_row_groups < 1:
+            raise ValueError(f"window_row_groups must be at least 1, got {window_row_groups}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0, got {num_workers}")
+        if prefetch_windows < 1:
+            raise ValueError(f"prefetch_windows must be at least 1, got {prefetch_windows}")
+        if remainder not in _REMAINDERS:
+            raise ValueError(f"remainder must be one of {_REMAINDERS}, got {remainder!r}")
+        self.manifest = manifest
+        self.split = split
+        self.batch_size = batch_size
+        self.rank = world.rank if world is not None else 0
+        self.world_size = world.world_size if world is not None else 1
+        self.columns = list(columns) if columns is not None else None
+        self.seed = seed
+        self.shuffle = shuffle
+        self.window_row_groups = window_row_groups
+        self.num_workers = num_workers
+        self.prefetch_windows = prefetch_windows
+        self.remainder = remainder
+        self.transform = transform
+        self.with_row_index = with_row_index
+        self._shards = manifest.shards(split)
+        units = []
+        first = 0
+        for s, shard in enumerate(self._shards):
+            for g, rows in enumerate(shard.row_groups):
+                if rows:
+                    units.append(_Unit(s, g, rows, first))
+                first += rows
+        self._units = units
+        self.num_rows = first
+        if self.columns is not None:
+            known = {f["name"] for f in manifest.schema(split)}
+            unknown = [c for c in self.columns if c not in known]
+            if unknown:
+                raise ValueError(f"columns {unknown} are not in split {split!r} (have: {sorted(known)})")
+        self.epoch = 0
+        self.position = 0  # batches of this epoch already handed out
+
+    # sizes --------------------------------------------------------------------------------
+    @property
+    def global_batch_rows(self) -> int:
+        return self.batch_size * self.world_size
+
+    def num_batches(self) -> int:
+        """Batches each rank yields per epoch."""
+        g = self.global_batch_rows
+        if self.remainder == "drop":
+            return self.num_rows // g
+        return -(-self.num_rows // g) if self.num_rows else 0
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    # state --------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` (from its start, unless it is the epoch being resumed)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+
+    def state_dict(self, num_consumed: int | None = None) -> dict[str, Any]:
+        """Where to resume: the epoch and the batches of it already consumed.
+
+        Args:
+            num_consumed: Batches consumed in this epoch when the caller iterated through its
+                own DataLoader; default: what this loader handed out.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch,
+            "position": self.position if num_consumed is None else int(num_consumed),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_rows": self.num_rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: the state was made with another seed, global batch or dataset size,
+                which would break the exactly-once guarantee.
+        """
+        for key, mine in (("seed", self.seed), ("num_rows", self.num_rows)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"loader state has {key}={state[key]}, this loader has {mine}")
+        theirs = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))
+        if theirs != self.global_batch_rows:
+            raise ValueError(
+                f"loader state has a global batch of {theirs} rows, this loader {self.global_batch_rows}"
+            )
+        position = int(state["position"])
+        if not 0 <= position <= self.num_batches():
+            raise ValueError(f"loader state position {position} is outside [0, {self.num_batches()}]")
+        self.epoch = int(state["epoch"])
+        self.position = position
+
+    # iteration ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None:  # inside a DataLoader worker: make this worker's batches
+            yield from self._produce(self.position, info.id, info.num_workers)
+            return
+        start = self.position
+        if self.num_workers == 0:
+            source: Iterator[dict[str, Any]] = self._produce(start, 0, 1)
+        else:
+            source = iter(
+                DataLoader(
+                    self,
+                    batch_size=None,
+                    num_workers=min(self.num_workers, max(1, self.num_batches() - start)),
+                    prefetch_factor=2,
+                    persistent_workers=False,
+                )
+            )
+        for batch in source:
+            self.position += 1
+            yield batch
+        if self.position >= self.num_batches():
+            self.epoch += 1
+            self.position = 0
+
+    def _produce(self, start: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """Batches ``start + worker``, ``+ num_workers``, ... of the current epoch."""
+        epoch = self.epoch
+        indices = range(start + worker, self.num_batches(), num_workers)
+        if not indices:
+            return
+        units = self._epoch_units(epoch)
+        windows = [units[i : i + self.window_row_groups] for i in range(0, len(units), self.window_row_groups)]
+        window_starts = np.cumsum([0] + [sum(u.num_rows for u in w) for w in windows])
+        g, b_rows = self.global_batch_rows, self.batch_size
+        # Each batch is one or more (window, lo, hi, valid) pieces of the epoch's sequence.
+        plans = []
+        for b in indices:
+            lo = b * g + self.rank * b_rows
+            plans.append((b, self._pieces(lo, lo + b_rows, window_starts)))
+        needed: list[int] = []  # windows in the order they are used (a padded tail wraps to 0)
+        for _, pieces in plans:
+            for w, _, _, _ in pieces:
+                if not needed or needed[-1] != w:
+                    needed.append(w)
+        reader = _WindowReader(self, epoch, windows, needed)
+        try:
+            for b, pieces in plans:
+                parts = []
+                valid = []
+                for w, lo, hi, ok in pieces:
+                    table = reader.get(w)
+                    parts.append(table.slice(lo, hi - lo))
+                    valid.append(np.full(hi - lo, ok))
+                yield self._to_batch(parts, valid, epoch, b)
+        finally:
+            reader.close()
+
+    def _pieces(self, lo: int, hi: int, window_starts: np.ndarray) -> list[tuple[int, int, int, bool]]:
+        n = self.num_rows
+        pieces = []
+        pos = lo
+        while pos < hi:
+            valid = pos < n
+            p = pos % n
+            w = int(np.searchsorted(window_starts, p, side="right") - 1)
+            w_end = int(window_starts[w + 1])
+            take = min(hi - pos, w_end - p)
+            pieces.append((w, p - int(window_starts[w]), p - int(window_starts[w]) + take, valid))
+            pos += take
+        return pieces
+
+    def _epoch_units(self, epoch: int) -> list[_Unit]:
+        if not self.shuffle:
+            return list(self._units)
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        by_shard: dict[int, list[_Unit]] = collections.defaultdict(list)
+        for u in self._units:
+            by_shard[u.shard].append(u)
+        order = []
+        for s in rng.permutation(sorted(by_shard)):
+            group = by_shard[int(s)]
+            order.extend(group[i] for i in rng.permutation(len(group)))
+        return order
+
+    def _window_permutation(self, epoch: int, window: int, num_rows: int) -> np.ndarray | None:
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, epoch, 1, window]).permutation(num_rows)
+
+    def _to_batch(self, parts: list[pa.Table], valid: list[np.ndarray], epoch: int, b: int) -> dict[str, Any]:
+        import pyarrow as pa
+
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        batch = {name: _column_to_tensor(table.column(name)) for name in table.column_names}
+        for name in [k for k in batch if isinstance(batch[k], tuple)]:
+            values, offsets = batch.pop(name)
+            batch[name] = values
+            batch[f"{name}_offsets"] = offsets
+        if self.remainder == "pad":
+            batch["sample_mask"] = torch.from_numpy(np.concatenate(valid))
+        if self.transform is not None:
+            gen = torch.Generator()
+            gen.manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank, b]).generate_state(1)[0]))
+            batch = self.transform(batch, BatchInfo(epoch, b, self.rank, self.world_size, gen))
+        return batch
+
+    # reading ------------------------------------------------------------------------------
+    def _read_window(self, epoch: int, w: int, units: list[_Unit], files: _ShardCache) -> pa.Table:
+        import pyarrow as pa
+
+        tables = []
+        for u in units:
+            table = files.get(u.shard).read_row_group(u.row_group, columns=self.columns)
+            if self.with_row_index:
+                table = table.append_column(
+                    "row_index", pa.array(np.arange(u.first_row, u.first_row + u.num_rows, dtype=np.int64))
+                )
+            tables.append(table)
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        perm = self._window_permutation(epoch, w, table.num_rows)
+        if perm is not None:
+            table = table.take(pa.array(perm))
+        return table.combine_chunks()
+
+
+class _ShardCache:
+    """The last few verified shards of one reader (the epoch order is shard by shard)."""
+
+    def __init__(self, loader: ShardLoader, capacity: int = 2) -> None:
+        self.loader = loader
+        self.capacity = capacity
+        self.files: collections.OrderedDict[int, Any] = collections.OrderedDict()
+
+    def get(self, shard: int):
+        if shard in self.files:
+            self.files.move_to_end(shard)
+            return self.files[shard]
+        pf = self.loader.manifest.open_shard(self.loader._shards[shard])
+        self.files[shard] = pf
+        while len(self.files) > self.capacity:
+            self.files.popitem(last=False)
+        return pf
+
+
+class _WindowReader:
+    """Decodes the needed windows in order on a background thread, ``prefetch`` ahead."""
+
+    _DONE = object()
+
+    def __init__(self, loader: ShardLoader, epoch: int, windows: list[list[_Unit]], needed: list[int]) -> None:
+        self.loader = loader
+        self.windows = windows
+        self.queue: queue.Queue = queue.Queue(maxsize=loader.prefetch_windows)
+        self.stop = threading.Event()
+        self.current: tuple[int, Any] | None = None
+        self.thread = threading.Thread(target=self._run, args=(epoch, needed), name="shard-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self, epoch: int, needed: list[int]) -> None:
+        files = _ShardCache(self.loader)
+        try:
+            for w in needed:
+                if self.stop.is_set():
+                    return
+                item = (w, self.loader._read_window(epoch, w, self.windows[w], files))
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self.queue.put((-1, exc))
+
+    def get(self, w: int):
+        if self.current is None or self.current[0] != w:
+            got = self.queue.get()
+            if got[0] == -1:
+                raise got[1]
+            if got[0] != w:  # the plan and the prefetch order are the same list
+                raise RuntimeError(f"prefetcher out of step: wanted window {w}, got {got[0]}")
+            self.current = got
+        return self.current[1]
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+
+
+def _column_to_tensor(column) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    typ = arr.type
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        values = _numbers(arr.flatten())
+        if len(lengths) and (lengths == lengths[0]).all():
+            return values.reshape(len(lengths), int(lengths[0]))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return values, torch.from_numpy(offsets)
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ):
+        return arr.to_pylist()
+    return _numbers(arr)
+
+
+def _numbers(arr) -> torch.Tensor:
+    return torch.from_numpy(arr.to_numpy(zero_copy_only=False, writable=True))
