@@ -1,0 +1,60 @@
+"""Configuration of the driving (motion forecasting) family."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DrivingConfig:
+    """What the driving family needs beyond the generic loop's settings (epochs, lr, batch size).
+
+    Attributes:
+        seed: Seed of the model's initialisation, the epoch shuffles and the augmentations.
+        hidden_dim: Width of the decoder MLP.
+        num_layers: Hidden layers of the decoder MLP.
+        context_dim: Width of the encoder of surrounding tracks; 0 trains a history-only model.
+        max_neighbours: Surrounding tracks per sample (the nearest ones seen at the last
+            observed frame; their first 20 frames only).
+        dropout: Dropout in the MLPs while training.
+        train_on_all_tracks: Train on every track observed at all 50 frames of a training
+            scenario (AGENT, AV and OTHERS); ``False`` trains on the AGENT tracks alone.
+        focal_weight: Loss weight of an AGENT sample relative to another track's (what is
+            evaluated is the AGENT; the other tracks are extra data).
+        fde_weight: Weight of the final displacement error added to the mean one in the loss.
+        mirror_probability: Chance that a training sample is mirrored (y → -y, with its context).
+        context_dropout: Chance that a training sample's context is removed, so that the model
+            also forecasts well from the history alone (the served contract gives no context).
+        eval_batch_size: Samples per forward pass in :meth:`DrivingFamily.evaluate`.
+    """
+
+    seed: int = 0
+    hidden_dim: int = 256
+    num_layers: int = 3
+    context_dim: int = 64
+    max_neighbours: int = 16
+    dropout: float = 0.0
+    train_on_all_tracks: bool = True
+    focal_weight: float = 3.0
+    fde_weight: float = 0.0
+    mirror_probability: float = 0.5
+    context_dropout: float = 0.1
+    eval_batch_size: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_dim", "num_layers", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("context_dim", "max_neighbours"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.context_dim > 0 and self.max_neighbours == 0:
+            raise ValueError("max_neighbours must be at least 1 when context_dim > 0 (or set context_dim=0)")
+        for name in ("dropout", "mirror_probability", "context_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0 and not (name != "dropout" and value == 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if self.focal_weight <= 0:
+            raise ValueError(f"focal_weight must be positive, got {self.focal_weight}")
+        if self.fde_weight < 0:
+            raise ValueError(f"fde_weight must be >= 0, got {self.fde_weight}")

@@ -1,0 +1,128 @@
+"""Forecasting samples cut from driving scenarios (the ``tracks_xy`` rows of a manifest).
+
+A sample is one track: its 20 observed positions, its 30 future positions and the first 20
+frames of its nearest surrounding tracks (context; never their futures). Coordinates are
+shifted so that the sample's last observed position is the origin, computed in float64 before
+the cast to float32 so that city-frame coordinates (thousands of metres) lose no precision;
+the model is translation invariant, so this changes nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from trainers.driving.geometry import FUTURE_FRAMES, HISTORY_FRAMES
+
+if TYPE_CHECKING:
+    from tasks.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+TRACK_AGENT = 0
+_COLUMNS = ["num_tracks", "tracks_xy", "track_types"]
+
+
+@dataclasses.dataclass
+class ForecastSamples:
+    """Samples as aligned arrays (row i of each is sample i).
+
+    Attributes:
+        history: (n, 20, 2) float32 observed positions.
+        future: (n, 30, 2) float32 true future positions.
+        neighbours: (n, K, 20, 2) float32 histories of the K nearest other tracks (NaN where not
+            observed, all-NaN rows where the scenario has fewer than K).
+        is_agent: (n,) bool, the sample is the scenario's focal AGENT.
+        scenario: (n,) int64 index of the scenario within the split (row order).
+    """
+
+    history: np.ndarray
+    future: np.ndarray
+    neighbours: np.ndarray
+    is_agent: np.ndarray
+    scenario: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.history.shape[0])
+
+    def subset(self, index: np.ndarray) -> ForecastSamples:
+        return ForecastSamples(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+def scenario_samples(
+    tracks: np.ndarray,
+    track_types: np.ndarray,
+    *,
+    focal_only: bool,
+    max_neighbours: int,
+) -> dict[str, np.ndarray]:
+    """The samples of one scenario.
+
+    Args:
+        tracks: (num_tracks, 50, 2) positions, NaN where unobserved; track 0 is the AGENT.
+        track_types: (num_tracks,) 0 AGENT, 1 AV, 2 OTHERS.
+        focal_only: Only the AGENT (evaluation); otherwise every track observed at all 50
+            frames (training).
+        max_neighbours: Context tracks per sample (the nearest observed at the last history frame).
+
+    Returns:
+        Arrays ``history``, ``future``, ``neighbours``, ``is_agent`` (see :class:`ForecastSamples`).
+    """
+    tracks = np.asarray(tracks, dtype=np.float64)
+    num_frames = HISTORY_FRAMES + FUTURE_FRAMES
+    if tracks.ndim != 3 or tracks.shape[1] != num_frames or tracks.shape[2] != 2:
+        raise ValueError(f"tracks must have shape (num_tracks, {num_frames}, 2), got {tracks.shape}")
+    if focal_only:
+        targets = np.array([0])
+    else:
+        targets = np.flatnonzero(np.isfinite(tracks).all(axis=(1, 2)))
+    last = HISTORY_FRAMES - 1
+    origin = tracks[targets, last]  # (m, 2)
+    shifted = tracks[targets] - origin[:, None, :]
+    # Context: other tracks seen at the last observed frame, nearest first.
+    seen = np.isfinite(tracks[:, last]).all(axis=-1)
+    distance = np.linalg.norm(tracks[None, :, last] - origin[:, None, :], axis=-1)  # (m, T)
+    distance[:, ~seen] = np.inf
+    distance[np.arange(len(targets)), targets] = np.inf
+    order = np.argsort(distance, axis=1, kind="stable")[:, :max_neighbours]
+    neighbours = np.full((len(targets), max_neighbours, HISTORY_FRAMES, 2), np.nan)
+    if order.shape[1]:
+        picked = tracks[order, :HISTORY_FRAMES] - origin[:, None, None, :]  # (m, k, 20, 2)
+        valid = np.isfinite(np.take_along_axis(distance, order, axis=1))
+        picked[~valid] = np.nan
+        neighbours[:, : order.shape[1]] = picked
+    return {
+        "history": shifted[:, :HISTORY_FRAMES].astype(np.float32),
+        "future": shifted[:, HISTORY_FRAMES:].astype(np.float32),
+        "neighbours": neighbours.astype(np.float32),
+        "is_agent": np.asarray(track_types)[targets] == TRACK_AGENT,
+    }
+
+
+def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighbours: int) -> ForecastSamples:
+    """Every sample of ``split`` (verified shard reads, in manifest row order).
+
+    Raises:
+        ValueError: the split holds no usable sample.
+    """
+    from tasks.datasets.argoverse import batch_tracks
+
+    parts: list[dict[str, np.ndarray]] = []
+    scenario = 0
+    for batch in manifest.iter_batches(split, columns=_COLUMNS, batch_size=256):
+        types = batch.column("track_types").to_pylist()
+        for tracks, track_types in zip(batch_tracks(batch), types, strict=True):
+            part = scenario_samples(tracks, np.asarray(track_types), focal_only=focal_only, max_neighbours=max_neighbours)
+            part["scenario"] = np.full(len(part["history"]), scenario, dtype=np.int64)
+            parts.append(part)
+            scenario += 1
+    if not parts or sum(len(p["history"]) for p in parts) == 0:
+        raise ValueError(f"{manifest.uri}: split {split!r} has no forecasting sample")
+    samples = ForecastSamples(
+        **{f.name: np.concatenate([p[f.name] for p in parts]) for f in dataclasses.fields(ForecastSamples)}
+    )
+    log.info("%s: %d samples from %d scenarios (%d focal)", split, len(samples), scenario, int(samples.is_agent.sum()))
+    return samples

@@ -1,0 +1,187 @@
+"""The forecasting network: history (+ optional surrounding tracks) → 3 s of future positions.
+
+:class:`ForecastModel` takes positions in *any* fixed frame and returns forecasts in that
+frame; the agent-frame transform (origin at the last observed position, x along the
+estimated heading) happens inside, so the exported module alone serves
+``(n, 20, 2) float32 → (n, 30, 2)`` without training code. The network predicts a
+correction to the constant-velocity extrapolation in the agent frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainers.driving.geometry import (
+    FUTURE_FRAMES,
+    HISTORY_FRAMES,
+    agent_frame,
+    from_agent_frame,
+    to_agent_frame,
+)
+
+# Feature scales: metres, m/s, m/s² to roughly unit range.
+_POSITION_SCALE = 10.0
+_VELOCITY_SCALE = 10.0
+_ACCELERATION_SCALE = 20.0
+_CONTEXT_POSITION_SCALE = 20.0
+
+
+def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def history_features(local: torch.Tensor, frame_rate_hz: float = 10.0) -> torch.Tensor:
+    """Positions, velocities and accelerations of agent-frame histories, flattened and scaled.
+
+    Args:
+        local: (n, T, 2) positions in the agent frame.
+
+    Returns:
+        (n, 2T + 2(T-1) + 2(T-2)) features.
+    """
+    velocity = torch.diff(local, dim=1) * frame_rate_hz
+    acceleration = torch.diff(velocity, dim=1) * frame_rate_hz
+    n = local.shape[0]
+    return torch.cat(
+        [
+            (local / _POSITION_SCALE).reshape(n, -1),
+            (velocity / _VELOCITY_SCALE).reshape(n, -1),
+            (acceleration / _ACCELERATION_SCALE).reshape(n, -1),
+        ],
+        dim=1,
+    )
+
+
+class ContextEncoder(nn.Module):
+    """Surrounding tracks' histories (agent frame) → one vector, by a shared MLP and max-pooling."""
+
+    def __init__(self, history_frames: int, context_dim: int, dropout: float) -> None:
+        super().__init__()
+        in_dim = history_frames * 2 + history_frames + (history_frames - 1) * 2
+        self.mlp = _mlp([in_dim, context_dim, context_dim], dropout)
+        self.context_dim = context_dim
+
+    def forward(self, local: torch.Tensor, frame_rate_hz: float = 10.0) -> torch.Tensor:
+        # local: (n, K, T, 2) with NaN where unobserved.
+        observed = torch.isfinite(local).all(dim=-1)  # (n, K, T)
+        positions = torch.where(observed[..., None], local, torch.zeros_like(local))
+        both = observed[..., 1:] & observed[..., :-1]
+        velocity = torch.diff(positions, dim=2) * frame_rate_hz * both[..., None]
+        n, k = local.shape[:2]
+        features = torch.cat(
+            [
+                (positions / _CONTEXT_POSITION_SCALE).reshape(n, k, -1),
+                observed.to(local.dtype),
+                (velocity / _VELOCITY_SCALE).reshape(n, k, -1),
+            ],
+            dim=-1,
+        )
+        encoded = self.mlp(features)  # (n, K, D)
+        present = observed[..., -1]  # neighbours are chosen among tracks seen at the last frame
+        encoded = encoded.masked_fill(~present[..., None], float("-inf"))
+        pooled = encoded.max(dim=1).values
+        return torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
+
+
+class ForecastModel(nn.Module):
+    """History (and optionally neighbours' histories) in any frame → future positions in that frame.
+
+    Args:
+        history_frames: Observed frames (20 at 10 Hz).
+        future_frames: Forecast frames (30 at 10 Hz).
+        hidden_dim: Width of the decoder MLP.
+        num_layers: Hidden layers of the decoder MLP.
+        context_dim: Width of the context encoder; 0 builds a history-only model.
+        dropout: Dropout in the MLPs while training.
+    """
+
+    def __init__(
+        self,
+        history_frames: int = HISTORY_FRAMES,
+        future_frames: int = FUTURE_FRAMES,
+        hidden_dim: int = 256,
+        num_layers: int = 3,
+        context_dim: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.history_frames = history_frames
+        self.future_frames = future_frames
+        self.context = ContextEncoder(history_frames, context_dim, dropout) if context_dim > 0 else None
+        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + max(context_dim, 0)
+        self.decoder = _mlp([in_dim] + [hidden_dim] * num_layers + [future_frames * 2], dropout)
+        steps = torch.arange(1, future_frames + 1, dtype=torch.float32)
+        self.register_buffer("steps", steps, persistent=False)
+
+    def forward(self, history: torch.Tensor, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecast.
+
+        Args:
+            history: (n, history_frames, 2) finite positions in any fixed frame.
+            neighbours: Optional (n, K, history_frames, 2) positions of surrounding tracks in the
+                same frame, NaN where unobserved; ``None`` (the served contract) means no context.
+
+        Returns:
+            (n, future_frames, 2) forecast positions in the input frame.
+        """
+        origin, cos, sin = agent_frame(history)
+        local = to_agent_frame(history, origin, cos, sin)
+        features = [history_features(local)]
+        if self.context is not None:
+            if neighbours is None or neighbours.shape[1] == 0:
+                features.append(local.new_zeros(local.shape[0], self.context.context_dim))
+            else:
+                features.append(self.context(to_agent_frame(neighbours, origin, cos, sin)))
+        velocity = (local[:, -1] - local[:, 0]) / (self.history_frames - 1)
+        constant_velocity = self.steps[None, :, None] * velocity[:, None, :]
+        correction = self.decoder(torch.cat(features, dim=1)).reshape(-1, self.future_frames, 2)
+        return from_agent_frame(constant_velocity + correction, origin, cos, sin)
+
+
+def build_forecaster(export_config: dict[str, Any]) -> ForecastModel:
+    """An untrained :class:`ForecastModel` shaped as ``export_config["model"]`` says (load the state dict next)."""
+    return ForecastModel(**export_config["model"])
+
+
+@torch.no_grad()
+def forecast(model: nn.Module, history: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """The served contract: float32 (n, 20, 2) histories in any fixed frame → (n, 30, 2) forecasts.
+
+    Each history is shifted to its last position in float64 before the float32 model runs, so
+    large city-frame coordinates keep centimetre precision.
+
+    Raises:
+        ValueError: wrong shape or non-finite positions.
+    """
+    history = np.asarray(history, dtype=np.float64)
+    frames = getattr(model, "history_frames", HISTORY_FRAMES)
+    if history.ndim != 3 or history.shape[1:] != (frames, 2):
+        raise ValueError(f"history must have shape (n, {frames}, 2), got {history.shape}")
+    if not np.isfinite(history).all():
+        raise ValueError("history has NaN or infinite positions")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    try:
+        for start in range(0, len(history), batch_size):
+            chunk = history[start : start + batch_size]
+            origin = chunk[:, -1:, :]
+            local = torch.as_tensor((chunk - origin).astype(np.float32), device=device)
+            outputs.append(model(local).double().cpu().numpy() + origin)
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return np.zeros((0, getattr(model, "future_frames", 30), 2), dtype=np.float32)
+    return np.concatenate(outputs).astype(np.float32)
