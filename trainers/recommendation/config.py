@@ -1,0 +1,99 @@
+"""Configuration of the recommendation family (NCF models and SASRec)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+MODELS = ("gmf", "mlp", "neumf", "sasrec")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecommendationConfig:
+    """What the recommendation family builds and how it samples, trains and evaluates.
+
+    The optimizer, learning rate, batch size and number of epochs belong to the generic loop's
+    config; this holds what is specific to the recommender.
+    """
+
+    model: str = "sasrec"
+    """``gmf``, ``mlp``, ``neumf`` (He et al. 2017) or ``sasrec`` (Kang & McAuley 2018)."""
+
+    gmf_factors: int = 32
+    """Embedding size of the GMF path (``gmf`` and ``neumf``)."""
+
+    mlp_layers: tuple[int, ...] = (64, 32, 16, 8)
+    """Widths of the MLP tower (``mlp`` and ``neumf``); the first is the concatenated
+    user+item embedding, so each embedding has ``mlp_layers[0] // 2`` factors (as in NCF)."""
+
+    num_negatives: int = 4
+    """Negatives sampled per positive (NCF: per interaction; SASRec: per sequence position),
+    uniformly among the items the user has no training positive with, resampled every epoch."""
+
+    max_seq_len: int = 200
+    """SASRec: longest history the model attends to; longer histories are cut into windows
+    so that every training positive is still seen once per epoch."""
+
+    hidden_size: int = 64
+    """SASRec: item/position embedding and transformer width."""
+
+    num_blocks: int = 2
+    """SASRec: self-attention blocks."""
+
+    num_heads: int = 1
+    """SASRec: attention heads (must divide ``hidden_size``)."""
+
+    dropout: float = 0.2
+    """Dropout rate (SASRec embeddings/attention/FFN; NCF MLP tower)."""
+
+    train_on_valid: bool = False
+    """Use the ``is_valid`` train rows as training positives. Keep ``False`` while choosing
+    hyper-parameters or epochs on ``valid`` (they are its targets); ``True`` refits on
+    train+valid for a fixed, already chosen number of epochs (``valid`` metrics then leak)."""
+
+    pretrained_gmf: str | None = None
+    """NeuMF only: path of a saved GMF ``state_dict`` to initialise the GMF path (NCF §3.4.1)."""
+
+    pretrained_mlp: str | None = None
+    """NeuMF only: path of a saved MLP ``state_dict`` to initialise the MLP path."""
+
+    pretrain_alpha: float = 0.5
+    """NeuMF with pre-training: weight of the GMF head in the combined output layer."""
+
+    eval_k: int = 10
+    """Cut-off K of HR@K and NDCG@K (metric keys ``hr_at_K``, ``ndcg_at_K``)."""
+
+    eval_batch_size: int = 512
+    """Users scored per forward pass during evaluation."""
+
+    seed: int = 0
+    """Seed of model initialisation, epoch shuffles and negative sampling."""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        object.__setattr__(self, "mlp_layers", tuple(int(v) for v in self.mlp_layers))
+        for name in ("gmf_factors", "max_seq_len", "hidden_size", "num_blocks", "num_heads", "eval_k", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}")
+        if len(self.mlp_layers) < 1 or any(v < 1 for v in self.mlp_layers):
+            raise ValueError(f"mlp_layers must be positive widths, got {self.mlp_layers}")
+        if self.mlp_layers[0] % 2:
+            raise ValueError(f"mlp_layers[0] must be even (user and item halves), got {self.mlp_layers[0]}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.pretrain_alpha <= 1.0:
+            raise ValueError(f"pretrain_alpha must be in [0, 1], got {self.pretrain_alpha}")
+        if (self.pretrained_gmf or self.pretrained_mlp) and self.model != "neumf":
+            raise ValueError(f"pretrained_gmf/pretrained_mlp apply to model='neumf' only, got model={self.model!r}")
+        if bool(self.pretrained_gmf) != bool(self.pretrained_mlp):
+            raise ValueError("pretrained_gmf and pretrained_mlp must be given together")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mlp_layers"] = list(self.mlp_layers)
+        return data
