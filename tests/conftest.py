@@ -14,6 +14,17 @@ import pytest
 
 from tasks.settings import PROJECT_DIR
 
+
+def pytest_configure(config):
+    """Airflow for tests: a private AIRFLOW_HOME (SQLite), this project's DAGs, no examples."""
+    import tempfile
+
+    home = os.environ.get("TRAINFLOW_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="trainflow-airflow-")
+    os.environ["AIRFLOW_HOME"] = home
+    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(PROJECT_DIR / "dags")
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+
 SHARED_DATA = Path(os.environ.get("TRAINFLOW_SHARED_DATA") or PROJECT_DIR.parent / "shared" / "data")
 
 

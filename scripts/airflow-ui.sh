@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Opens the Airflow UI on this project's embedded Airflow (the one the main job used).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/bootstrap.sh"
+source "$ROOT/scripts/airflow-env.sh"
+echo "Airflow UI on http://127.0.0.1:8080 ; the admin password is printed below and saved in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
+exec "$VENV/bin/airflow" standalone

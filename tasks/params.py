@@ -1,0 +1,195 @@
+"""Pipeline parameters: one definition for the Airflow trigger form and the first task's checks.
+
+:func:`param_specs` returns, per parameter, its default and a JSON-schema fragment (type,
+range, enum, description) that the DAG files turn into ``airflow.sdk.Param``; the UI renders
+a typed form from it and the REST API rejects a ``conf`` that violates it. What a schema
+cannot say (checks across fields, what this machine can run, whether the data URL exists) is
+checked by :func:`validate_params` in the first task, before any work, with the field named.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+PARALLELISM = ("ddp", "fsdp", "none")
+DEVICES = ("cpu", "cuda")
+
+RECOMMENDATION_MODELS = ("neumf", "gmf", "mlp", "sasrec")
+DRIVING_MODELS = ("mlp", "context")
+
+
+class ParamError(ValueError):
+    """A parameter value is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"param {field!r}: {message}")
+        self.field = field
+
+
+def _spec(default: Any, schema: dict[str, Any], description: str, title: str | None = None) -> dict[str, Any]:
+    return {"default": default, "schema": schema, "description": description, "title": title}
+
+
+def param_specs(kind: str) -> dict[str, dict[str, Any]]:
+    """Parameters of the ``kind`` pipeline (``recommendation`` or ``driving``), in form order."""
+    if kind == "recommendation":
+        source = "synthetic://recommendation?num_interactions=100000"
+        source_help = (
+            "Raw interactions: a MovieLens release name (movielens-100k, movielens-1m, movielens-20m, "
+            "movielens-25m, movielens-32m), an fsspec URL of a ratings file / folder / NCF split "
+            "(file://, s3://), or synthetic://recommendation?num_interactions=N."
+        )
+        models, model_default = RECOMMENDATION_MODELS, "neumf"
+        model_help = "Model family: NCF (neumf, gmf, mlp) or the sequence-aware sasrec."
+        epochs, batch, lr = 20, 256, 0.001
+        registered, metric = "trainflow-recommendation", "ndcg_at_10"
+        metrics = ["ndcg_at_10", "hr_at_10"]
+    elif kind == "driving":
+        source = "synthetic://driving?num_sequences=2000"
+        source_help = (
+            "Raw scenarios: an fsspec URL of a folder of Argoverse-1 forecasting CSV files (file://, s3://) "
+            "or synthetic://driving?num_sequences=N."
+        )
+        models, model_default = DRIVING_MODELS, "context"
+        model_help = "Forecaster: mlp (history only) or context (history + surrounding vehicles)."
+        epochs, batch, lr = 30, 128, 0.001
+        registered, metric = "trainflow-driving", "ade"
+        metrics = ["ade", "fde", "miss_rate"]
+    else:
+        raise ValueError(f"kind must be 'recommendation' or 'driving', got {kind!r}")
+    return {
+        "source_url": _spec(source, {"type": "string", "minLength": 1}, source_help, "Data source"),
+        "dataset_name": _spec(
+            None,
+            {"type": ["null", "string"], "pattern": r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]*$", "maxLength": 128},
+            "Name of the dataset under {root}/datasets/; empty: derived from the source.",
+            "Dataset name",
+        ),
+        "model": _spec(model_default, {"type": "string", "enum": list(models)}, model_help, "Model"),
+        "model_size": _spec(
+            64, {"type": "integer", "minimum": 4, "maximum": 4096}, "Embedding / hidden size of the model.", "Model size"
+        ),
+        "epochs": _spec(epochs, {"type": "integer", "minimum": 1, "maximum": 1000}, "Training epochs.", "Epochs"),
+        "batch_size": _spec(
+            batch, {"type": "integer", "minimum": 1, "maximum": 1_048_576}, "Global batch size (all ranks).", "Batch size"
+        ),
+        "learning_rate": _spec(
+            lr, {"type": "number", "exclusiveMinimum": 0, "maximum": 10}, "Adam learning rate.", "Learning rate"
+        ),
+        "nnodes": _spec(
+            1, {"type": "integer", "minimum": 1, "maximum": 1024}, "Machines (torchrun nodes) to train on.", "Nodes"
+        ),
+        "nproc_per_node": _spec(
+            2,
+            {"type": "integer", "minimum": 1, "maximum": 64},
+            "Training processes per node (one per GPU with device=cuda; at most the CPU count with cpu).",
+            "Processes per node",
+        ),
+        "parallelism": _spec(
+            "ddp",
+            {"type": "string", "enum": list(PARALLELISM)},
+            "ddp: replicated model; fsdp: sharded parameters (FSDP2); none: a single process.",
+            "Parallelism",
+        ),
+        "device": _spec("cpu", {"type": "string", "enum": list(DEVICES)}, "cpu (gloo) or cuda (nccl).", "Device"),
+        "registered_model_name": _spec(
+            registered,
+            {"type": "string", "minLength": 1, "maxLength": 256},
+            "MLflow registered model to add the new version to.",
+            "Registered model",
+        ),
+        "promotion_metric": _spec(
+            metric, {"type": "string", "enum": metrics}, "Metric the champion/challenger gate compares.", "Promotion metric"
+        ),
+        "promotion_margin": _spec(
+            0.0,
+            {"type": "number", "minimum": 0, "maximum": 1},
+            "How much better (absolute) the challenger must be than the champion to be promoted.",
+            "Promotion margin",
+        ),
+        "seed": _spec(0, {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "Seed of sampling and training.", "Seed"),
+    }
+
+
+def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = None, cuda_devices: int | None = None) -> dict[str, Any]:
+    """Check the values and the combinations a JSON schema cannot express.
+
+    Args:
+        params: The DAG run's params (defaults filled in by Airflow).
+        kind: ``recommendation`` or ``driving``.
+        cpu_count: CPUs usable here (default: this machine's).
+        cuda_devices: CUDA devices here (default: none unless torch says otherwise; pass it in
+            to avoid importing torch).
+
+    Returns:
+        The params with every known key, defaults filled in.
+
+    Raises:
+        ParamError: naming the first bad field.
+    """
+    specs = param_specs(kind)
+    unknown = sorted(set(params) - set(specs) - {"require_approval"})
+    if unknown:
+        raise ParamError(unknown[0], f"unknown parameter (known: {', '.join(specs)})")
+    values = {key: params.get(key, spec["default"]) for key, spec in specs.items()}
+    for key, spec in specs.items():
+        _check_schema(key, values[key], spec["schema"])
+    if cpu_count is None:
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if values["device"] == "cpu" and values["nproc_per_node"] > cpu_count:
+        raise ParamError(
+            "nproc_per_node",
+            f"{values['nproc_per_node']} processes per node but this machine has {cpu_count} CPUs",
+        )
+    if values["device"] == "cuda":
+        devices = cuda_devices or 0
+        if values["nproc_per_node"] > devices:
+            raise ParamError(
+                "nproc_per_node" if devices else "device",
+                f"{values['nproc_per_node']} processes need as many CUDA devices, this machine has {devices}",
+            )
+    world = values["nnodes"] * values["nproc_per_node"]
+    if values["parallelism"] == "none" and world > 1:
+        raise ParamError("parallelism", f"'none' runs one process, but nnodes × nproc_per_node = {world}")
+    if values["batch_size"] < world:
+        raise ParamError("batch_size", f"{values['batch_size']} is smaller than the world size {world}")
+    source = values["source_url"].strip()
+    if not source:
+        raise ParamError("source_url", "must not be empty")
+    values["source_url"] = source
+    return values
+
+
+def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    py = {
+        "string": (str,),
+        "integer": (int,),
+        "number": (int, float),
+        "null": (type(None),),
+        "boolean": (bool,),
+    }
+    if isinstance(value, bool) and "boolean" not in types:
+        raise ParamError(key, f"expected {' or '.join(types)}, got a boolean")
+    if not any(isinstance(value, py[t]) for t in types):
+        raise ParamError(key, f"expected {' or '.join(types)}, got {type(value).__name__} {value!r}")
+    if value is None:
+        return
+    if "enum" in schema and value not in schema["enum"]:
+        raise ParamError(key, f"{value!r} is not one of {schema['enum']}")
+    if "minimum" in schema and value < schema["minimum"]:
+        raise ParamError(key, f"{value} is below the minimum {schema['minimum']}")
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        raise ParamError(key, f"{value} must be greater than {schema['exclusiveMinimum']}")
+    if "maximum" in schema and value > schema["maximum"]:
+        raise ParamError(key, f"{value} is above the maximum {schema['maximum']}")
+    if "minLength" in schema and len(value) < schema["minLength"]:
+        raise ParamError(key, "must not be empty")
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        raise ParamError(key, f"longer than {schema['maxLength']} characters")
+    if "pattern" in schema:
+        import re
+
+        if not re.fullmatch(schema["pattern"], value):
+            raise ParamError(key, f"{value!r} does not match {schema['pattern']}")

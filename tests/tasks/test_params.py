@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+
+from tasks.params import ParamError, param_specs, validate_params
+
+
+@pytest.mark.parametrize("kind", ["recommendation", "driving"])
+def test_defaults_are_valid(kind):
+    values = validate_params({}, kind, cpu_count=2)
+    assert values == {k: s["default"] for k, s in param_specs(kind).items()}
+
+
+@pytest.mark.parametrize(
+    "params,field,match",
+    [
+        ({"epochs": 0}, "epochs", "below the minimum"),
+        ({"epochs": 2.5}, "epochs", "expected integer"),
+        ({"epochs": True}, "epochs", "boolean"),
+        ({"parallelism": "zero3"}, "parallelism", "not one of"),
+        ({"learning_rate": 0}, "learning_rate", "greater than 0"),
+        ({"source_url": ""}, "source_url", "empty"),
+        ({"dataset_name": "a/../b"}, "dataset_name", "does not match"),
+        ({"nproc_per_node": 3}, "nproc_per_node", "has 2 CPUs"),
+        ({"device": "cuda", "nproc_per_node": 1}, "device", "0"),
+        ({"parallelism": "none"}, "parallelism", "one process"),
+        ({"batch_size": 1}, "batch_size", "world size 2"),
+        ({"epochz": 3}, "epochz", "unknown parameter"),
+    ],
+)
+def test_bad_values_name_the_field(params, field, match):
+    with pytest.raises(ParamError, match=match) as info:
+        validate_params(params, "recommendation", cpu_count=2)
+    assert info.value.field == field
+    assert f"param {field!r}" in str(info.value)
+
+
+def test_cuda_with_enough_devices_passes():
+    values = validate_params({"device": "cuda", "nproc_per_node": 2}, "recommendation", cpu_count=2, cuda_devices=2)
+    assert values["device"] == "cuda"
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        param_specs("weather")

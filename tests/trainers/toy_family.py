@@ -1,0 +1,113 @@
+"""A tiny ModelFamily for the trainer tests: rating regression with two embedding tables.
+
+Runnable as a script under torchrun (``python -m torch.distributed.run ... toy_family.py
+--config cfg.json``), like a real family's ``python -m trainers.<family>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from collections.abc import Iterator
+
+import torch
+
+from trainers.family import ModelFamily
+from trainers.loader import ShardLoader
+from trainers.loop import main
+
+COLUMNS = ["user_idx", "item_idx", "rating"]
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    """Toy family settings.
+
+    Attributes:
+        embedding_dim: Width of the user and item tables.
+        num_workers: DataLoader workers of the train loader.
+        eval_rows: Train rows used as the 'valid' (first half) and 'eval' (second half) sets.
+        die_at_batch: Test hook: rank ``die_rank`` SIGKILLs itself at this batch of epoch 0,
+            once (a marker file in ``die_marker_dir`` says it already happened).
+        die_rank: The rank that dies.
+        die_marker_dir: Folder of the "already died" marker.
+    """
+
+    embedding_dim: int = 4
+    num_workers: int = 0
+    eval_rows: int = 400
+    die_at_batch: int = -1
+    die_rank: int = 1
+    die_marker_dir: str = ""
+
+
+class ToyModel(torch.nn.Module):
+    def __init__(self, num_users: int, num_items: int, dim: int) -> None:
+        super().__init__()
+        self.user = torch.nn.Embedding(num_users, dim)
+        self.item = torch.nn.Embedding(num_items, dim)
+        self.head = torch.nn.Linear(2 * dim, 1)
+
+    def forward(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.user(user_idx.long()), self.item(item_idx.long())], dim=-1)
+        return self.head(x).squeeze(-1) + 3.0
+
+
+class ToyFamily(ModelFamily):
+    name = "toy"
+
+    def build_model(self) -> torch.nn.Module:
+        stats = self.manifest.stats
+        return ToyModel(int(stats["num_users"]), int(stats["num_items"]), self.config.embedding_dim)
+
+    def fsdp_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return [model.user, model.item]
+
+    def num_train_samples(self, epoch: int) -> int:
+        return self.manifest.num_rows("train")
+
+    def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        loader = ShardLoader(self.manifest, "train", batch_size, world=self.world, columns=COLUMNS,
+                             seed=7, num_workers=self.config.num_workers, window_row_groups=2)
+        loader.load_state_dict({"epoch": epoch, "position": skip_batches})
+        for batch in loader:
+            self._maybe_die(epoch, loader.position - 1)
+            yield batch
+
+    def _maybe_die(self, epoch: int, batch_index: int) -> None:
+        cfg = self.config
+        if epoch != 0 or batch_index != cfg.die_at_batch or self.world.rank != cfg.die_rank:
+            return
+        marker = os.path.join(cfg.die_marker_dir, "died")
+        if os.path.exists(marker):
+            return
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pred = model(batch["user_idx"], batch["item_idx"])
+        return torch.nn.functional.mse_loss(pred, batch["rating"])
+
+    def _rows(self, split: str) -> dict[str, torch.Tensor]:
+        table = self.manifest.read_table("train", columns=COLUMNS)
+        half = self.config.eval_rows // 2
+        table = table.slice(0, half) if split == "valid" else table.slice(half, half)
+        return {c: torch.from_numpy(table.column(c).to_numpy()) for c in COLUMNS}
+
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        rows = self._rows(split)
+        pred = model(rows["user_idx"], rows["item_idx"])
+        return {"mse": float(torch.nn.functional.mse_loss(pred, rows["rating"]))}
+
+    def selection_metric(self) -> tuple[str, str]:
+        return "mse", "min"
+
+    def export_config(self) -> dict:
+        return {"num_users": int(self.manifest.stats["num_users"]), "num_items": int(self.manifest.stats["num_items"]),
+                "embedding_dim": self.config.embedding_dim}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(ToyFamily, ToyConfig)
