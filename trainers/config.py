@@ -1,0 +1,168 @@
+"""The generic train loop's configuration (one dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tasks.storage import safe_name
+
+PARALLELISMS = ("none", "ddp", "fsdp")
+DEVICES = ("cpu", "cuda")
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train: data, run directory, optimisation, distribution, logging.
+
+    Every field is logged to MLflow as a parameter; an invalid value raises ``ValueError``
+    naming the field.
+    """
+
+    manifest_uri: str
+    """URL of the dataset version's ``_manifest.json`` (or its folder)."""
+
+    run_dir: str | None = None
+    """URL of the run directory; default ``{root}/runs/{dag_id}/{run_id}``."""
+
+    dag_id: str = "manual"
+    """DAG id keying the run directory (a safe path component)."""
+
+    run_id: str = "local"
+    """DAG run id keying the run directory: retries and restarts of one run resume there."""
+
+    epochs: int = 1
+    """Passes over the train split."""
+
+    batch_size: int = 1024
+    """Global batch: samples per optimizer step across all ranks and accumulation steps."""
+
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (Adam)."""
+
+    optimizer: str = "adamw"
+    """``adamw`` or ``adam``."""
+
+    lr_schedule: str = "constant"
+    """``constant``, ``cosine`` (to 10 % of the peak) or ``linear`` (to 0), after warmup."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to the peak learning rate."""
+
+    grad_accum_steps: int = 1
+    """Micro batches per optimizer step on each rank."""
+
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this value; ``None`` disables clipping."""
+
+    parallelism: str = "ddp"
+    """``ddp`` (replicated), ``fsdp`` (FSDP2 ``fully_shard``) or ``none`` (one process only)."""
+
+    device: str = "cpu"
+    """``cpu`` or ``cuda`` (each rank takes ``cuda:LOCAL_RANK``; bf16 autocast)."""
+
+    seed: int = 0
+    """Seed of model init, data order and per-batch randomness."""
+
+    checkpoint_every_steps: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end of each epoch)."""
+
+    keep_checkpoints: int = 2
+    """Committed checkpoints kept in the run directory."""
+
+    log_every_steps: int = 50
+    """Progress line and MLflow step metrics every N optimizer steps."""
+
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI; default ``MLFLOW_TRACKING_URI`` or the local SQLite store."""
+
+    mlflow_experiment: str = "trainflow"
+    """MLflow experiment of a new run."""
+
+    mlflow_run_id: str | None = None
+    """Attach to this existing MLflow run instead of starting one."""
+
+    log_to_mlflow: bool = True
+    """Log params, metrics and system metrics to MLflow (rank 0 only)."""
+
+    system_metrics: bool = True
+    """Let MLflow sample CPU/memory/GPU while training."""
+
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+
+    num_workers: int = 0
+    """DataLoader worker processes per rank for the train loader."""
+
+    keep_best: bool = True
+    """Export the weights of the best ``valid`` epoch (``False``: the last epoch's)."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (smoke tests); ``None``: all epochs."""
+
+    def __post_init__(self) -> None:
+        if not self.manifest_uri:
+            raise ValueError("manifest_uri is required")
+        safe_name(self.dag_id, "dag_id")
+        safe_name(self.run_id, "run_id")
+        _positive(self, "epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps")
+        _non_negative(self, "checkpoint_every_steps", "warmup_steps", "num_workers", "weight_decay")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 or None, got {self.max_steps}")
+        for name, allowed in (
+            ("parallelism", PARALLELISMS),
+            ("device", DEVICES),
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Samples per micro batch on each rank.
+
+        Raises:
+            ValueError: ``batch_size`` is not a multiple of ``world_size * grad_accum_steps``.
+        """
+        parts = world_size * self.grad_accum_steps
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of world_size ({world_size}) x "
+                f"grad_accum_steps ({self.grad_accum_steps})"
+            )
+        return self.batch_size // parts
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def _positive(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+def _non_negative(config: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value!r}")

@@ -1,0 +1,540 @@
+"""The generic train loop over a :class:`trainers.family.ModelFamily`.
+
+One code path runs alone and under torchrun (a family's ``__main__`` calls :func:`main`)::
+
+    python -m trainers.recommendation --config run.json --train.epochs=2
+    torchrun --standalone --nproc-per-node 2 -m trainers.recommendation --config run.json
+
+What the loop does, in order: join the process group (:mod:`trainers.distributed`), seed,
+load the manifest, build the family's model and wrap it (DDP, or FSDP2 ``fully_shard`` on the
+family's ``fsdp_modules()`` then the root), build AdamW/Adam and the LR schedule, resume from
+the run directory's last committed checkpoint, then per epoch: micro batches from
+``family.train_batches`` with gradient accumulation (bf16 autocast on CUDA), a progress line
+every ``log_every_steps`` optimizer steps, checkpoints every ``checkpoint_every_steps`` and at
+the end of the epoch, and an evaluation on ``valid`` that keeps the best epoch by
+``family.selection_metric()``. At the end: metrics on ``eval``, the exported model
+(``model/model.pt`` + ``model/config.json``, loadable with plain torch) and
+``result.json``, all written by rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.manifest import load_manifest
+from tasks.settings import Settings, get_settings, redact_url
+from tasks.storage import Storage
+from trainers.checkpoint import Checkpointer, run_dir_url
+from trainers.config import TrainConfig
+from trainers.distributed import (
+    NullLogger,
+    World,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+    world_from_env,
+)
+from trainers.family import ModelFamily
+
+log = logging.getLogger(__name__)
+
+RESULT_NAME = "result.json"
+MODEL_DIR = "model"
+RESULT_FORMAT = "trainflow.result/1"
+
+
+def run_training(
+    family_cls: type[ModelFamily],
+    family_config: Any,
+    train_config: TrainConfig,
+    *,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Train ``family_cls`` as ``train_config`` says; the same call on every rank.
+
+    Returns:
+        The result (also written to ``{run_dir}/result.json`` by rank 0).
+    """
+    world = world_from_env(train_config.device)
+    init_distributed(world)
+    try:
+        return Trainer(family_cls, family_config, train_config, world, settings).run()
+    finally:
+        shutdown_distributed()
+
+
+class MlflowLogger:
+    """Rank 0's MLflow run: params once, step metrics, system metrics, final metrics.
+
+    The MLflow run id is kept in the run directory, so a restart or an Airflow retry of the
+    same DAG run keeps logging to the same MLflow run.
+    """
+
+    def __init__(self, config: TrainConfig, run_storage: Storage, settings: Settings) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(config.mlflow_tracking_uri or settings.mlflow_tracking_uri)
+        run_id = config.mlflow_run_id
+        if run_id is None and run_storage.exists("mlflow_run_id"):
+            run_id = run_storage.read_bytes("mlflow_run_id").decode().strip()
+        if run_id:
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=config.system_metrics)
+        else:
+            mlflow.set_experiment(config.mlflow_experiment)
+            self.run = mlflow.start_run(
+                run_name=f"{config.dag_id}/{config.run_id}", log_system_metrics=config.system_metrics
+            )
+            run_storage.commit_bytes("mlflow_run_id", self.run.info.run_id.encode())
+        self.run_id = self.run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = {k: (json.dumps(v) if isinstance(v, dict | list) else str(v))[:6000] for k, v in _flatten(params).items()}
+        try:
+            self.mlflow.log_params(flat)
+        except Exception as exc:  # a resumed run logs them again; MLflow refuses changed values
+            log.warning("MLflow params not (re)logged: %s", exc)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+class Trainer:
+    """One training run on this rank (see the module docstring); use :func:`run_training`."""
+
+    def __init__(
+        self,
+        family_cls: type[ModelFamily],
+        family_config: Any,
+        config: TrainConfig,
+        world: World,
+        settings: Settings | None = None,
+    ) -> None:
+        self.family_cls = family_cls
+        self.family_config = family_config
+        self.config = config
+        self.world = world
+        self.settings = settings or get_settings()
+        self.run_url = config.run_dir or run_dir_url(config.dag_id, config.run_id, self.settings)
+        self.run_storage = Storage(self.run_url, self.settings)
+        self.device = torch.device(world.device)
+
+    # setup --------------------------------------------------------------------------------
+    def _parallelism(self) -> str:
+        wanted = self.config.parallelism
+        if self.world.world_size == 1 and wanted != "none":
+            log.warning("parallelism=%r ignored: a world of one process trains without wrapping", wanted)
+            return "none"
+        if self.world.world_size > 1 and wanted == "none":
+            raise ValueError(f"parallelism='none' cannot train on {self.world.world_size} ranks: use ddp or fsdp")
+        return wanted
+
+    def _wrap(self, model: torch.nn.Module, family: ModelFamily, parallelism: str) -> torch.nn.Module:
+        if parallelism == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        if parallelism == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for sub in family.fsdp_modules(model):
+                fully_shard(sub)
+            fully_shard(model)
+        return model
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        cls = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
+        return cls(model.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        cfg = self.config
+
+        def factor(step: int) -> float:
+            if cfg.warmup_steps and step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            if cfg.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+            if cfg.lr_schedule == "linear":
+                return 1.0 - progress
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # run ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, world = self.config, self.world
+        started = time.monotonic()
+        _seed_everything(cfg.seed)
+        micro = cfg.micro_batch_size(world.world_size)
+        manifest = load_manifest(cfg.manifest_uri, self.settings)
+        family = self.family_cls(self.family_config, manifest, world)
+        parallelism = self._parallelism()
+        raw = family.build_model().to(self.device)
+        state_model = self._wrap(raw, family, parallelism)
+        model = torch.compile(state_model) if cfg.compile else state_model
+        # Per-rank streams for dropout and the like, after the identical init.
+        _seed_everything(cfg.seed + 7919 * world.rank)
+        optimizer = self._optimizer(state_model)
+        steps_per_epoch = max(1, family.num_train_samples(0) // cfg.batch_size)
+        total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+        scheduler = self._scheduler(optimizer, total_steps)
+        ckpt = Checkpointer(self.run_url, world, keep=cfg.keep_checkpoints, settings=self.settings)
+        logger: Any = MlflowLogger(cfg, self.run_storage, self.settings) if (world.is_main and cfg.log_to_mlflow) else NullLogger()
+        status = "FAILED"
+        try:
+            result = self._train(family, model, state_model, optimizer, scheduler, ckpt, logger, micro,
+                                 parallelism, steps_per_epoch, total_steps, started)
+            status = "FINISHED"
+            return result
+        finally:
+            logger.end(status)
+
+    def _train(self, family, model, state_model, optimizer, scheduler, ckpt, logger, micro,
+               parallelism, steps_per_epoch, total_steps, started) -> dict[str, Any]:
+        cfg, world = self.config, self.world
+        state = {"epoch": 0, "position": 0, "step": 0, "samples": 0, "best": None, "history": [],
+                 "losses": [], "train_seconds": 0.0}
+        resumed_from = None
+        latest = ckpt.latest_committed()
+        if latest is not None:
+            log.info("resuming from step %d (epoch %d) of %s", latest.step, latest.epoch, redact_url(latest.url))
+            loaded = ckpt.load(latest, state_model, optimizer, scheduler=scheduler)
+            loaded.pop("extra", None)
+            state.update(loaded)
+            resumed_from = latest.step
+        logger.log_params({"train": cfg.to_dict(), "family": _as_dict(self.family_config),
+                           "world_size": world.world_size, "num_nodes": world.num_nodes,
+                           "parallelism_effective": parallelism, "family_name": family.name,
+                           "dataset": manifest_tags(family.manifest)})
+        logger.set_tags({"trainflow.dag_id": cfg.dag_id, "trainflow.run_id": cfg.run_id,
+                         "trainflow.run_dir": redact_url(self.run_url), "trainflow.world_size": world.world_size})
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        metric_key, mode = family.selection_metric()
+        step, samples = state["step"], state["samples"]
+        window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.monotonic()
+        run_start = time.monotonic()
+        steps_at_start = step
+        train_seconds = state["train_seconds"]
+        stop = cfg.max_steps is not None and step >= cfg.max_steps
+        epoch = state["epoch"]
+        warned_tail = False
+        while epoch < cfg.epochs and not stop:
+            skip = state["position"] if epoch == state["epoch"] else 0
+            model.train()
+            position, accum, pending_save = skip, 0, False
+            epoch_start = time.monotonic()
+            for batch in family.train_batches(epoch, micro, skip_batches=skip):
+                if pending_save:
+                    self._save(ckpt, step, state_model, optimizer, scheduler, epoch, position, samples, state,
+                               train_seconds + time.monotonic() - run_start)
+                    pending_save = False
+                batch = _to_device(batch, self.device)
+                last_micro = accum + 1 == cfg.grad_accum_steps
+                with _grad_sync(state_model, parallelism, last_micro), autocast:
+                    loss = family.loss(model, batch)
+                    (loss / cfg.grad_accum_steps).backward()
+                window_loss += loss.detach().float() / cfg.grad_accum_steps
+                accum += 1
+                position += 1
+                if not last_micro:
+                    continue
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(state_model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                accum = 0
+                step += 1
+                samples += cfg.batch_size
+                window_steps += 1
+                if step % cfg.log_every_steps == 0:
+                    mean_loss = _mean_across_ranks(window_loss / window_steps, world)
+                    elapsed = time.monotonic() - window_start
+                    rate = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                    remaining = max(0, total_steps - step)
+                    overall = (step - steps_at_start) / max(time.monotonic() - run_start, 1e-9)
+                    eta = remaining / overall if overall > 0 else float("nan")
+                    lr = scheduler.get_last_lr()[0]
+                    if world.is_main:
+                        log.info("epoch %d/%d step %d/%d (%.0f%%) loss %.5f lr %.2e samples/s %.0f eta %s",
+                                 epoch + 1, cfg.epochs, step, total_steps, 100.0 * step / max(total_steps, 1),
+                                 mean_loss, lr, rate, _fmt_seconds(eta))
+                    state["losses"].append([step, mean_loss])
+                    logger.log_metrics({"train_loss": mean_loss, "learning_rate": lr, "samples_per_s": rate,
+                                        "epoch": epoch}, step=step)
+                    window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.monotonic()
+                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                    pending_save = True  # written before the next batch; the epoch-end save supersedes it
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    stop = True
+                    break
+            if accum:
+                if not warned_tail:
+                    log.warning("epoch %d ended with %d micro batches short of a full accumulation: dropped",
+                                epoch, cfg.grad_accum_steps - accum)
+                    warned_tail = True
+                optimizer.zero_grad(set_to_none=True)
+            epoch_seconds = time.monotonic() - epoch_start
+            metrics = self._evaluate(family, model, "valid")
+            better = _is_better(metrics.get(metric_key), state["best"], mode)
+            entry = {"epoch": epoch, "step": step, "valid": metrics, "seconds": round(epoch_seconds, 3)}
+            state["history"].append(entry)
+            logger.log_metrics({f"valid_{k}": v for k, v in metrics.items()}, step=step)
+            if world.is_main:
+                log.info("epoch %d/%d done: valid %s%s", epoch + 1, cfg.epochs, _fmt_metrics(metrics),
+                         " (best so far)" if better else "")
+            if better:
+                state["best"] = {"epoch": epoch, "step": step, "metric": metric_key, "value": metrics.get(metric_key),
+                                 "valid": metrics}
+                self._write_model(family, state_model, "best")
+            epoch += 1
+            position = 0 if not stop else position
+            self._save(ckpt, step, state_model, optimizer, scheduler, epoch if not stop else epoch - 1,
+                       position if stop else 0, samples, state, train_seconds + time.monotonic() - run_start)
+        train_seconds += time.monotonic() - run_start
+        last_epoch = epoch - 1
+        if cfg.keep_best and state["best"] is not None and state["best"]["epoch"] != last_epoch:
+            log.info("restoring the weights of the best epoch %d (%s %s)", state["best"]["epoch"], metric_key,
+                     state["best"]["value"])
+            self._load_best(state_model)
+        eval_metrics = self._evaluate(family, model, "eval")
+        logger.log_metrics({**eval_metrics, **{f"best_valid_{k}": v for k, v in
+                                               (state["best"] or {}).get("valid", {}).items()}}, step=step)
+        model_uri = self._write_model(family, state_model, MODEL_DIR)
+        trained_steps = step - steps_at_start
+        result = {
+            "format": RESULT_FORMAT,
+            "family": family.name,
+            "metrics": {"eval": eval_metrics, "valid_best": (state["best"] or {}).get("valid", {})},
+            "best_epoch": (state["best"] or {}).get("epoch"),
+            "selection_metric": {"key": metric_key, "mode": mode},
+            "history": state["history"],
+            "losses": state["losses"][-1000:],
+            "model_uri": model_uri,
+            "checkpoint_uri": ckpt.latest_committed().url if ckpt.latest_committed() else None,
+            "run_dir": redact_url(self.run_url),
+            "manifest_uri": redact_url(family.manifest.uri),
+            "steps": step,
+            "epochs": cfg.epochs,
+            "samples": samples,
+            "samples_per_s": round(trained_steps * cfg.batch_size / max(time.monotonic() - run_start, 1e-9), 2),
+            "world_size": world.world_size,
+            "num_nodes": world.num_nodes,
+            "parallelism": parallelism,
+            "device": world.device,
+            "resumed_from_step": resumed_from,
+            "train_seconds": round(train_seconds, 3),
+            "wall_time_s": round(time.monotonic() - started, 3),
+            "mlflow_run_id": logger.run_id if isinstance(logger, MlflowLogger) else None,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        }
+        if world.is_main:
+            self.run_storage.commit_bytes(RESULT_NAME, (json.dumps(result, indent=2) + "\n").encode())
+            log.info("result written to %s", redact_url(self.run_storage.url(RESULT_NAME)))
+        barrier(world)
+        return result
+
+    # pieces -------------------------------------------------------------------------------
+    def _save(self, ckpt, step, state_model, optimizer, scheduler, epoch, position, samples, state, seconds) -> None:
+        train_state = {"epoch": epoch, "position": position, "step": step, "samples": samples,
+                       "best": state["best"], "history": state["history"], "losses": state["losses"][-1000:],
+                       "train_seconds": seconds}
+        ckpt.save(step, state_model, optimizer, epoch=epoch, train_state=train_state, scheduler=scheduler)
+
+    def _evaluate(self, family: ModelFamily, model: torch.nn.Module, split: str) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            metrics = family.evaluate(model, split)
+        model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _full_state(self, state_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(state_model, options=options)
+
+    def _write_model(self, family: ModelFamily, state_model: torch.nn.Module, folder: str) -> str:
+        """Gather the full weights (collective) and write ``{folder}/model.pt`` + ``config.json``."""
+        state = self._full_state(state_model)
+        store = self.run_storage.child(folder)
+        if self.world.is_main:
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
+            store.write_bytes("model.pt", buffer.getvalue())
+            config = {
+                "family": family.name,
+                "family_config": _as_dict(self.family_config),
+                "export_config": family.export_config(),
+                "train_config": self.config.to_dict(),
+                "torch_version": torch.__version__,
+            }
+            store.commit_bytes("config.json", (json.dumps(config, indent=2, default=str) + "\n").encode())
+        barrier(self.world)
+        return redact_url(store.url())
+
+    def _load_best(self, state_model: torch.nn.Module) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        distributed = self.world.distributed
+        if self.world.is_main or not distributed:
+            raw = self.run_storage.read_bytes("best/model.pt")
+            state = torch.load(io.BytesIO(raw), weights_only=True)
+        else:
+            state = {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+        set_model_state_dict(state_model, state, options=options)
+
+
+def load_exported_model(run_dir: str, settings: Settings | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The exported weights and config of a finished run (plain torch, no process group)."""
+    store = Storage(run_dir, settings).child(MODEL_DIR)
+    state = torch.load(io.BytesIO(store.read_bytes("model.pt")), weights_only=True)
+    return state, json.loads(store.read_bytes("config.json"))
+
+
+def manifest_tags(manifest) -> dict[str, Any]:
+    return {"uri": redact_url(manifest.uri), "name": manifest.name, "version": manifest.version}
+
+
+# helpers ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _grad_sync(model: torch.nn.Module, parallelism: str, sync: bool):
+    if parallelism == "ddp" and not sync:
+        with model.no_sync():
+            yield
+        return
+    if parallelism == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cpu":
+        return batch
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _mean_across_ranks(value: torch.Tensor, world: World) -> float:
+    if world.distributed:
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / world.world_size
+    return float(value)
+
+
+def _is_better(value: float | None, best: dict[str, Any] | None, mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return best is None
+    if best is None or best.get("value") is None:
+        return True
+    return value > best["value"] if mode == "max" else value < best["value"]
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(dt.timedelta(seconds=int(seconds)))
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items()))
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config) if isinstance(config, dict) else {"value": repr(config)}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# entry points -----------------------------------------------------------------------------
+def parse_args(argv: list[str] | None, family_config_cls: type) -> tuple[Any, TrainConfig]:
+    """``--config FILE`` (JSON ``{"train": {...}, "family": {...}}``) plus overrides
+    ``--train.FIELD=VALUE`` / ``--family.FIELD=VALUE`` (values parsed as JSON, else text)."""
+    parser = argparse.ArgumentParser(description="Train a trainflow model family (alone or under torchrun).")
+    parser.add_argument("--config", help="JSON file with 'train' and 'family' sections")
+    known, rest = parser.parse_known_args(argv)
+    data: dict[str, dict[str, Any]] = {"train": {}, "family": {}}
+    if known.config:
+        with open(known.config) as handle:
+            loaded = json.load(handle)
+        data["train"].update(loaded.get("train", {}))
+        data["family"].update(loaded.get("family", {}))
+    for arg in rest:
+        key, sep, raw = arg.lstrip("-").partition("=")
+        section, _, field = key.partition(".")
+        if not sep or section not in data or not field:
+            parser.error(f"expected --train.FIELD=VALUE or --family.FIELD=VALUE, got {arg!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        data[section][field.replace("-", "_")] = value
+    return family_config_cls(**data["family"]), TrainConfig.from_dict(data["train"])
+
+
+def main(family_cls: type[ModelFamily], family_config_cls: type, argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of a family module (``python -m trainers.<family>``), alone or under torchrun.
+
+    Errors are recorded with torchelastic's ``@record`` so the launcher can say which rank
+    failed and why.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def _main() -> dict[str, Any]:
+        rank = os.environ.get("RANK", "0")
+        logging.basicConfig(
+            level=os.environ.get("TRAINFLOW_LOG_LEVEL", "INFO"),
+            format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+            stream=sys.stdout,
+        )
+        family_config, train_config = parse_args(argv, family_config_cls)
+        return run_training(family_cls, family_config, train_config)
+
+    return _main()
