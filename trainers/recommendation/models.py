@@ -20,15 +20,16 @@ from torch import nn
 class GMF(nn.Module):
     """Generalized matrix factorisation: ``h^T (p_u * q_i)``."""
 
-    def __init__(self, num_users: int, num_items: int, factors: int) -> None:
+    def __init__(self, num_users: int, num_items: int, factors: int, with_output: bool = True) -> None:
         super().__init__()
         self.user_embedding = nn.Embedding(num_users, factors)
         self.item_embedding = nn.Embedding(num_items, factors)
-        self.output = nn.Linear(factors, 1)
         nn.init.normal_(self.user_embedding.weight, std=0.01)
         nn.init.normal_(self.item_embedding.weight, std=0.01)
-        nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
-        nn.init.zeros_(self.output.bias)
+        if with_output:
+            self.output = nn.Linear(factors, 1)
+            nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
+            nn.init.zeros_(self.output.bias)
 
     def features(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.user_embedding(users).unsqueeze(1) * self.item_embedding(items)
@@ -43,7 +44,9 @@ class GMF(nn.Module):
 class MLP(nn.Module):
     """NCF's MLP tower over the concatenated user and item embeddings."""
 
-    def __init__(self, num_users: int, num_items: int, layers: tuple[int, ...], dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_users: int, num_items: int, layers: tuple[int, ...], dropout: float = 0.0, with_output: bool = True
+    ) -> None:
         super().__init__()
         dim = layers[0] // 2
         self.user_embedding = nn.Embedding(num_users, dim)
@@ -54,15 +57,16 @@ class MLP(nn.Module):
             if dropout:
                 tower.append(nn.Dropout(dropout))
         self.tower = nn.Sequential(*tower)
-        self.output = nn.Linear(layers[-1], 1)
         nn.init.normal_(self.user_embedding.weight, std=0.01)
         nn.init.normal_(self.item_embedding.weight, std=0.01)
         for module in self.tower:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
-        nn.init.zeros_(self.output.bias)
+        if with_output:
+            self.output = nn.Linear(layers[-1], 1)
+            nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
+            nn.init.zeros_(self.output.bias)
 
     def features(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         item = self.item_embedding(items)
@@ -81,9 +85,9 @@ class NeuMF(nn.Module):
 
     def __init__(self, num_users: int, num_items: int, factors: int, layers: tuple[int, ...], dropout: float = 0.0) -> None:
         super().__init__()
-        self.gmf = GMF(num_users, num_items, factors)
-        self.mlp = MLP(num_users, num_items, layers, dropout)
-        # The paths' own output layers are only used to carry pre-trained weights over.
+        # Without their own output layers: every parameter takes part in the loss (DDP).
+        self.gmf = GMF(num_users, num_items, factors, with_output=False)
+        self.mlp = MLP(num_users, num_items, layers, dropout, with_output=False)
         self.output = nn.Linear(factors + layers[-1], 1)
         nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
         nn.init.zeros_(self.output.bias)
@@ -95,12 +99,14 @@ class NeuMF(nn.Module):
     def load_pretrained(self, gmf_state: dict, mlp_state: dict, alpha: float = 0.5) -> None:
         """Initialise from trained GMF and MLP models; the output layer is
         ``[alpha * h_gmf, (1 - alpha) * h_mlp]`` as in the paper."""
+        gmf_state, mlp_state = dict(gmf_state), dict(mlp_state)
+        gmf_w, gmf_b = gmf_state.pop("output.weight"), gmf_state.pop("output.bias")
+        mlp_w, mlp_b = mlp_state.pop("output.weight"), mlp_state.pop("output.bias")
         self.gmf.load_state_dict(gmf_state)
         self.mlp.load_state_dict(mlp_state)
         with torch.no_grad():
-            weight = torch.cat([alpha * self.gmf.output.weight, (1 - alpha) * self.mlp.output.weight], dim=1)
-            self.output.weight.copy_(weight)
-            self.output.bias.copy_(alpha * self.gmf.output.bias + (1 - alpha) * self.mlp.output.bias)
+            self.output.weight.copy_(torch.cat([alpha * gmf_w, (1 - alpha) * mlp_w], dim=1))
+            self.output.bias.copy_(alpha * gmf_b + (1 - alpha) * mlp_b)
 
     def embedding_modules(self) -> list[nn.Module]:
         return self.gmf.embedding_modules() + self.mlp.embedding_modules()
