@@ -6,6 +6,7 @@ files import it at parse time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -67,11 +68,28 @@ def settings_with_connections():
     )
 
 
+@contextlib.contextmanager
+def fail_fast_on_bad_input():
+    """Bad input (params, a missing or malformed source) fails the task at once: a retry
+    cannot fix it. Infrastructure errors (an unreachable store) still go through retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.datasets.sources import SourceNotFoundError
+    from tasks.datasets.textio import SourceFormatError
+    from tasks.manifest import ManifestError, ShardVerificationError
+
+    try:
+        yield
+    except (ValueError, SourceNotFoundError, SourceFormatError, ManifestError, ShardVerificationError) as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
 def run_shard(context: dict[str, Any], kind: str, asset) -> dict[str, Any]:
     """Body of the ``shard`` task: shard (or reuse) the dataset and annotate the Asset event."""
     from tasks.pipeline import shard_step
 
-    result = shard_step(dict(context["params"]), kind, settings_with_connections())
+    with fail_fast_on_bad_input():
+        result = shard_step(dict(context["params"]), kind, settings_with_connections())
     outlet_events = context.get("outlet_events")
     if outlet_events is not None:
         outlet_events[asset].extra = {

@@ -4,8 +4,8 @@ Recommendation (MovieLens schema): items belong to latent topics and have Zipf p
 within and across topics; each user has a Dirichlet mix over topics and an activity drawn
 from a log-normal; consecutive interactions of a user stay on the same topic with
 probability ``stickiness`` (so order carries signal, as in real logs). Ratings follow how
-well the item's topic fits the user. Generated in fixed-size blocks of users, each from its
-own seeded generator: memory is bounded and any block can be regenerated alone.
+well the item's topic fits the user. Generated in blocks of whole users of about 65k rows,
+each from its own seeded generator: memory is bounded and any block can be regenerated alone.
 
 Driving (Argoverse schema): scenarios of vehicles following a kinematic unicycle model with
 smooth speed and yaw-rate changes (lane keeping, turns, braking), 10 Hz, 50 frames; track 0
@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 READER_VERSION = "1"
-_USERS_PER_BLOCK = 2048
+_ROWS_PER_BLOCK = 65_536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +101,9 @@ class SyntheticRecommendation:
         from tasks.datasets.movielens import interaction_schema
 
         c = self.config
-        for start in range(0, c.num_users, _USERS_PER_BLOCK):
-            stop = min(c.num_users, start + _USERS_PER_BLOCK)
+        block_of_user = np.cumsum(self.user_counts) // _ROWS_PER_BLOCK
+        starts = np.flatnonzero(np.r_[True, block_of_user[1:] != block_of_user[:-1]]).tolist()
+        for start, stop in zip(starts, starts[1:] + [c.num_users]):
             rng = np.random.default_rng([c.seed, 1, start])
             counts = self.user_counts[start:stop]
             total = int(counts.sum())

@@ -1,0 +1,47 @@
+"""The shard step through real Airflow (`dag.test()`): a new version, then a cache hit."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.manifest import load_manifest
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(dag, conf):
+    from airflow.utils.state import DagRunState
+
+    run = dag.test(run_conf=conf)
+    assert run.state == DagRunState.SUCCESS
+    ti = next(t for t in run.get_task_instances() if t.task_id == "shard")
+    return ti
+
+
+@pytest.mark.parametrize(
+    "dag_id,source",
+    [
+        ("recommendation_training", "synthetic://recommendation?num_interactions=3000&num_users=50&num_items=300"),
+        ("driving_training", "synthetic://driving?num_sequences=40"),
+    ],
+)
+def test_shard_task_commits_a_version_then_hits_the_cache(dagbag, tf_env, dag_id, source):
+    dag = dagbag.dags[dag_id]
+    _run(dag, {"source_url": source})
+    store = tf_env / "store" / "datasets"
+    manifests = list(store.glob("*/*/_manifest.json"))
+    assert len(manifests) == 1
+    manifest = load_manifest(manifests[0].as_uri())
+    assert manifest.kind == dag_id.split("_")[0]
+    before = manifests[0].stat().st_mtime_ns
+    _run(dag, {"source_url": source})
+    assert list(store.glob("*/*/_manifest.json")) == manifests
+    assert manifests[0].stat().st_mtime_ns == before  # nothing rewritten
+
+
+def test_bad_source_fails_the_shard_task_naming_it(dagbag, tf_env):
+    from airflow.utils.state import DagRunState
+
+    run = dagbag.dags["recommendation_training"].test(run_conf={"source_url": "/no/such/place"})
+    assert run.state == DagRunState.FAILED
+    assert not (tf_env / "store" / "datasets").exists()
