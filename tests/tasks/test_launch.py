@@ -1,0 +1,136 @@
+"""tasks.launch: the torchrun command, streamed output, failing ranks, and no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tasks.launch import LaunchConfig, LaunchError, build_torchrun_command, run_torchrun
+
+WORKER = str(Path(__file__).with_name("launch_worker.py"))
+
+
+def test_standalone_command_for_one_node():
+    cmd = build_torchrun_command(LaunchConfig(nproc_per_node=2, max_restarts=1), module="trainers.x", args=["--a=1"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert "--standalone" in cmd
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("--max-restarts") + 1] == "1"
+    assert cmd[-3:] == ["-m", "trainers.x", "--a=1"]
+
+
+def test_multi_node_command_uses_c10d_rendezvous():
+    config = LaunchConfig(nnodes=2, nproc_per_node=4, node_rank=1, rdzv_endpoint="10.0.0.5:29400",
+                          rdzv_id="dag-run-7", rdzv_join_timeout_s=60)
+    cmd = build_torchrun_command(config, script="train.py")
+    assert "--standalone" not in cmd
+    assert cmd[cmd.index("--nnodes") + 1] == "2"
+    assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d"
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "10.0.0.5:29400"
+    assert cmd[cmd.index("--rdzv-id") + 1] == "dag-run-7"
+    assert "join_timeout=60" in cmd[cmd.index("--rdzv-conf") + 1]
+    assert cmd[-1] == "train.py"
+    assert config.world_size == 8
+
+
+def test_static_rendezvous_passes_node_rank():
+    config = LaunchConfig(nnodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:29555", rdzv_backend="static")
+    cmd = build_torchrun_command(config, module="m")
+    assert cmd[cmd.index("--node-rank") + 1] == "1"
+    assert cmd[cmd.index("--master-port") + 1] == "29555"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"nnodes": 0}, "nnodes"),
+        ({"nproc_per_node": 0}, "nproc_per_node"),
+        ({"nnodes": 2}, "rdzv_endpoint"),
+        ({"nnodes": 2, "rdzv_endpoint": "nohost"}, "rdzv_endpoint"),
+        ({"node_rank": 3}, "node_rank"),
+        ({"rdzv_backend": "etcd"}, "rdzv_backend"),
+        ({"max_restarts": -1}, "max_restarts"),
+    ],
+)
+def test_bad_launch_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LaunchConfig(**kwargs)
+
+
+def test_one_process_runs_and_streams_lines():
+    lines: list[str] = []
+    run_torchrun(LaunchConfig(nproc_per_node=1), script=WORKER, args=["ok"], on_line=lines.append)
+    assert "hello from rank 0 of 1" in lines
+
+
+def test_error_names_the_failing_rank_and_its_exception():
+    lines: list[str] = []
+    with pytest.raises(LaunchError) as info:
+        run_torchrun(LaunchConfig(nproc_per_node=2), script=WORKER, args=["fail"], on_line=lines.append)
+    error = info.value
+    assert error.returncode != 0
+    assert error.failed_ranks[0] == 1
+    root = error.failures[0]
+    assert root.exitcode == 1
+    assert "ValueError: rank one fails on purpose" in root.message
+    assert "launch_worker.py" in root.traceback
+    assert "rank 1 (local rank 1)" in str(error)
+    # Output was streamed while it ran, from both ranks.
+    assert any("hello from rank 0 of 2" in line for line in lines)
+    assert any("hello from rank 1 of 2" in line for line in lines)
+
+
+LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    from tasks.launch import LaunchConfig, run_torchrun
+    run_torchrun(LaunchConfig(nproc_per_node=2), script=sys.argv[1], args=["sleep", sys.argv[2]],
+                 on_line=lambda line: None, kill_grace_s=3)
+    """
+)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killing_the_launcher_leaves_no_orphans(tmp_path, how):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER, str(pid_dir)], cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(pid_dir.glob("rank-?"))) < 2:
+            assert launcher.poll() is None, "launcher exited before the ranks started"
+            assert time.monotonic() < deadline, "ranks did not start"
+            time.sleep(0.2)
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        pids = {p.pid for p in tree}
+        for path in pid_dir.glob("rank-?"):
+            pids.update(int(x) for x in path.read_text().split())
+        assert len(pids) >= 5  # torchrun, 2 ranks, 2 grandchildren
+        os.kill(launcher.pid, how)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = pids
+        while time.monotonic() < deadline:
+            alive = {pid for pid in pids if _alive(pid)}
+            if not alive:
+                break
+            time.sleep(0.2)
+        assert not alive, f"orphans left: {sorted(alive)}"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
