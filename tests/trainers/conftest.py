@@ -1,0 +1,25 @@
+"""A tiny committed recommendation dataset shared by the trainer tests (built once)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.manifest import load_manifest
+from tasks.settings import Settings
+from tasks.sharding import ShardingConfig, shard_dataset
+
+TOY_SOURCE = "synthetic://recommendation?num_interactions=2000&num_users=100&num_items=300&seed=0"
+
+
+@pytest.fixture(scope="session")
+def toy_settings(tmp_path_factory) -> Settings:
+    data_dir = tmp_path_factory.mktemp("toydata")
+    return Settings.from_env({"TRAINFLOW_DATA_DIR": str(data_dir)})
+
+
+@pytest.fixture(scope="session")
+def toy_manifest(toy_settings):
+    """~1900 train rows in 8 shards of 128-row row groups; 20 negatives per holdout row."""
+    config = ShardingConfig(row_group_rows=128, target_shard_bytes=4096, num_negatives=20)
+    summary = shard_dataset(TOY_SOURCE, "recommendation", config=config, settings=toy_settings)
+    return load_manifest(summary["manifest_uri"], toy_settings)

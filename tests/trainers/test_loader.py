@@ -1,0 +1,141 @@
+"""trainers.loader: exactly-once coverage, world-size invariance, shuffling, resume, verification."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.manifest import ShardVerificationError, load_manifest
+from trainers.distributed import World
+from trainers.loader import ShardLoader
+
+COLUMNS = ["user_idx", "item_idx", "rating"]
+
+
+def _rows(loader) -> list[list[int]]:
+    return [b["row_index"].tolist() for b in loader]
+
+
+def _loader(manifest, rank=0, world_size=1, batch_size=32, **kwargs):
+    return ShardLoader(manifest, "train", batch_size, world=World(rank=rank, world_size=world_size),
+                       columns=COLUMNS, with_row_index=True, seed=3, window_row_groups=2, **kwargs)
+
+
+def test_exactly_once_across_two_ranks_and_two_workers(toy_manifest):
+    n = toy_manifest.num_rows("train")
+    per_rank = [_rows(_loader(toy_manifest, rank=r, world_size=2, num_workers=2)) for r in range(2)]
+    expected_batches = n // 64
+    assert [len(batches) for batches in per_rank] == [expected_batches, expected_batches]
+    assert all(len(b) == 32 for batches in per_rank for b in batches)
+    seen = [row for batches in per_rank for b in batches for row in b]
+    assert len(seen) == len(set(seen)) == expected_batches * 64  # no duplicates
+    assert set(seen) <= set(range(n))
+    assert n - len(seen) < 64  # only the remainder of the last global batch is dropped
+
+
+def test_pad_covers_every_row_once_among_masked_rows(toy_manifest):
+    n = toy_manifest.num_rows("train")
+    real: list[int] = []
+    counts = []
+    for r in range(2):
+        loader = _loader(toy_manifest, rank=r, world_size=2, remainder="pad", num_workers=2)
+        batches = list(loader)
+        counts.append(len(batches))
+        for b in batches:
+            real.extend(b["row_index"][b["sample_mask"]].tolist())
+    assert counts == [-(-n // 64)] * 2
+    assert sorted(real) == list(range(n))
+
+
+def test_batches_do_not_depend_on_the_number_of_ranks(toy_manifest):
+    one = _rows(_loader(toy_manifest, batch_size=64))
+    two = [_rows(_loader(toy_manifest, rank=r, world_size=2, batch_size=32)) for r in range(2)]
+    assert len(one) == len(two[0])
+    for b, rows in enumerate(one):
+        assert rows == two[0][b] + two[1][b]
+
+
+def test_columns_values_match_the_shards(toy_manifest):
+    table = toy_manifest.read_table("train", columns=COLUMNS)
+    batch = next(iter(_loader(toy_manifest)))
+    idx = batch["row_index"].numpy()
+    assert batch["user_idx"].dtype == torch.int32 and batch["rating"].dtype == torch.float32
+    np.testing.assert_array_equal(batch["user_idx"].numpy(), table.column("user_idx").to_numpy()[idx])
+    np.testing.assert_array_equal(batch["rating"].numpy(), table.column("rating").to_numpy()[idx])
+
+
+def test_shuffle_depends_on_seed_and_epoch_only(toy_manifest):
+    loader = _loader(toy_manifest)
+    epoch0 = _rows(loader)
+    assert loader.epoch == 1  # a full pass moves to the next epoch
+    epoch1 = _rows(loader)
+    assert epoch0 != epoch1
+    assert sorted(sum(epoch0, [])) != list(range(len(sum(epoch0, []))))  # actually shuffled
+    again = _loader(toy_manifest)
+    assert _rows(again) == epoch0
+    plain = ShardLoader(toy_manifest, "train", 32, columns=COLUMNS, with_row_index=True, shuffle=False)
+    assert sum(_rows(plain), []) == list(range(len(plain) * 32))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_equals_uninterrupted(toy_manifest, num_workers):
+    def transform(batch, info):
+        batch["noise"] = torch.randint(0, 1000, (3,), generator=info.generator)
+        return batch
+
+    full = _loader(toy_manifest, rank=1, world_size=2, num_workers=num_workers, transform=transform)
+    full.set_epoch(1)
+    expected = [(b["row_index"].tolist(), b["noise"].tolist()) for b in full]
+
+    first = _loader(toy_manifest, rank=1, world_size=2, num_workers=num_workers, transform=transform)
+    first.set_epoch(1)
+    got = []
+    for b in first:
+        got.append((b["row_index"].tolist(), b["noise"].tolist()))
+        if len(got) == 5:
+            break
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["position"] == 5
+
+    resumed = _loader(toy_manifest, rank=1, world_size=2, num_workers=num_workers, transform=transform)
+    resumed.load_state_dict(state)
+    got += [(b["row_index"].tolist(), b["noise"].tolist()) for b in resumed]
+    assert got == expected
+
+
+def test_state_from_another_global_batch_is_refused(toy_manifest):
+    state = _loader(toy_manifest, batch_size=32).state_dict()
+    with pytest.raises(ValueError, match="global batch"):
+        _loader(toy_manifest, batch_size=16).load_state_dict(state)
+
+
+def test_list_columns_become_2d_tensors(toy_manifest):
+    loader = ShardLoader(toy_manifest, "valid", 16, columns=["user_idx", "neg_item_idx"], shuffle=False)
+    batch = next(iter(loader))
+    assert batch["neg_item_idx"].shape == (16, 20)
+    first = toy_manifest.read_table("valid", columns=["neg_item_idx"]).column(0)[0].as_py()
+    assert batch["neg_item_idx"][0].tolist() == first
+
+
+def test_unknown_column_is_named(toy_manifest):
+    with pytest.raises(ValueError, match="no_such_column"):
+        ShardLoader(toy_manifest, "train", 8, columns=["no_such_column"])
+
+
+def test_corrupt_shard_fails_with_its_name(toy_manifest, toy_settings, tmp_path):
+    import shutil
+
+    base = toy_manifest.base_url.removeprefix("file://")
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    shard = toy_manifest.shards("train")[3].path
+    with open(copy / shard, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    manifest = load_manifest(str(copy), toy_settings)
+    with pytest.raises(ShardVerificationError, match=os.path.basename(shard)):
+        for _ in ShardLoader(manifest, "train", 32, columns=COLUMNS, window_row_groups=1):
+            pass
