@@ -17,6 +17,7 @@ class DrivingConfig:
         max_neighbours: Surrounding tracks per sample (the nearest ones seen at the last
             observed frame; their first 20 frames only).
         dropout: Dropout in the MLPs while training.
+        num_members: Forecasters in the ensemble (averaged; each trained on its own loss).
         train_on_all_tracks: Train on every track observed at all 50 frames of a training
             scenario (AGENT, AV and OTHERS); ``False`` trains on the AGENT tracks alone.
         focal_weight: Loss weight of an AGENT sample relative to another track's (what is
@@ -34,6 +35,7 @@ class DrivingConfig:
     context_dim: int = 64
     max_neighbours: int = 16
     dropout: float = 0.0
+    num_members: int = 1
     train_on_all_tracks: bool = True
     focal_weight: float = 3.0
     fde_weight: float = 0.0
@@ -42,7 +44,7 @@ class DrivingConfig:
     eval_batch_size: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("hidden_dim", "num_layers", "eval_batch_size"):
+        for name in ("hidden_dim", "num_layers", "num_members", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("context_dim", "max_neighbours"):

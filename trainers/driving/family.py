@@ -105,6 +105,7 @@ class DrivingFamily(ModelFamily):
                 num_layers=c.num_layers,
                 context_dim=c.context_dim,
                 dropout=c.dropout,
+                num_members=c.num_members,
             )
 
     def num_train_samples(self, epoch: int) -> int:
@@ -155,9 +156,10 @@ class DrivingFamily(ModelFamily):
         future = batch["future"].to(device)
         neighbours = batch["neighbours"].to(device) if self.config.context_dim > 0 else None
         weight = batch["weight"].to(device)
-        error = torch.linalg.vector_norm(model(history, neighbours) - future, dim=-1)  # (n, 30)
-        per_sample = error.mean(dim=1) + self.config.fde_weight * error[:, -1]
-        return (per_sample * weight).sum() / weight.sum()
+        # Each ensemble member learns from its own loss: (members, n, 30) errors.
+        error = torch.linalg.vector_norm(model(history, neighbours, per_member=True) - future, dim=-1)
+        per_sample = error.mean(dim=-1) + self.config.fde_weight * error[..., -1]
+        return (per_sample * weight).sum(dim=-1).mean() / weight.sum()
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, samples: ForecastSamples, *, context: bool = True) -> np.ndarray:
@@ -211,6 +213,7 @@ class DrivingFamily(ModelFamily):
                 "num_layers": c.num_layers,
                 "context_dim": c.context_dim,
                 "dropout": c.dropout,
+                "num_members": c.num_members,
             },
             "frame_rate_hz": FRAME_RATE_HZ,
             "input": {"name": "history", "dtype": "float32", "shape": [-1, HISTORY_FRAMES, 2]},

@@ -94,6 +94,24 @@ class ContextEncoder(nn.Module):
         return torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
 
 
+class _Member(nn.Module):
+    """One forecaster of the ensemble: optional context encoder + decoder MLP."""
+
+    def __init__(self, history_frames: int, future_frames: int, hidden_dim: int, num_layers: int,
+                 context_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.context = ContextEncoder(history_frames, context_dim, dropout) if context_dim > 0 else None
+        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + max(context_dim, 0)
+        self.decoder = _mlp([in_dim] + [hidden_dim] * num_layers + [future_frames * 2], dropout)
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        parts = [features]
+        if self.context is not None:
+            parts.append(self.context(context) if context is not None
+                         else features.new_zeros(features.shape[0], self.context.context_dim))
+        return self.decoder(torch.cat(parts, dim=1))
+
+
 class ForecastModel(nn.Module):
     """History (and optionally neighbours' histories) in any frame → future positions in that frame.
 
@@ -104,6 +122,8 @@ class ForecastModel(nn.Module):
         num_layers: Hidden layers of the decoder MLP.
         context_dim: Width of the context encoder; 0 builds a history-only model.
         dropout: Dropout in the MLPs while training.
+        num_members: Independently initialised forecasters whose forecasts are averaged (an
+            ensemble trained in one pass, each member on its own loss).
     """
 
     def __init__(
@@ -114,39 +134,50 @@ class ForecastModel(nn.Module):
         num_layers: int = 3,
         context_dim: int = 64,
         dropout: float = 0.0,
+        num_members: int = 1,
     ) -> None:
         super().__init__()
         self.history_frames = history_frames
         self.future_frames = future_frames
-        self.context = ContextEncoder(history_frames, context_dim, dropout) if context_dim > 0 else None
-        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + max(context_dim, 0)
-        self.decoder = _mlp([in_dim] + [hidden_dim] * num_layers + [future_frames * 2], dropout)
+        self.context_dim = context_dim
+        self.members = nn.ModuleList(
+            _Member(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout)
+            for _ in range(num_members)
+        )
         steps = torch.arange(1, future_frames + 1, dtype=torch.float32)
         self.register_buffer("steps", steps, persistent=False)
 
-    def forward(self, history: torch.Tensor, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, history: torch.Tensor, neighbours: torch.Tensor | None = None, *, per_member: bool = False
+    ) -> torch.Tensor:
         """Forecast.
 
         Args:
             history: (n, history_frames, 2) finite positions in any fixed frame.
             neighbours: Optional (n, K, history_frames, 2) positions of surrounding tracks in the
                 same frame, NaN where unobserved; ``None`` (the served contract) means no context.
+            per_member: Return every member's forecast, (num_members, n, future_frames, 2),
+                instead of their mean (training).
 
         Returns:
             (n, future_frames, 2) forecast positions in the input frame.
         """
         origin, cos, sin = agent_frame(history)
         local = to_agent_frame(history, origin, cos, sin)
-        features = [history_features(local)]
-        if self.context is not None:
-            if neighbours is None or neighbours.shape[1] == 0:
-                features.append(local.new_zeros(local.shape[0], self.context.context_dim))
-            else:
-                features.append(self.context(to_agent_frame(neighbours, origin, cos, sin)))
+        features = history_features(local)
+        context = None
+        if self.context_dim > 0 and neighbours is not None and neighbours.shape[1] > 0:
+            context = to_agent_frame(neighbours, origin, cos, sin)
         velocity = (local[:, -1] - local[:, 0]) / (self.history_frames - 1)
         constant_velocity = self.steps[None, :, None] * velocity[:, None, :]
-        correction = self.decoder(torch.cat(features, dim=1)).reshape(-1, self.future_frames, 2)
-        return from_agent_frame(constant_velocity + correction, origin, cos, sin)
+        corrections = torch.stack([member(features, context) for member in self.members])
+        corrections = corrections.reshape(len(self.members), -1, self.future_frames, 2)
+        if per_member:
+            n = history.shape[0]
+            flat = (constant_velocity + corrections).reshape(-1, self.future_frames, 2)
+            rep = lambda v: v.repeat(len(self.members), *([1] * (v.dim() - 1)))  # noqa: E731
+            return from_agent_frame(flat, rep(origin), rep(cos), rep(sin)).reshape(-1, n, self.future_frames, 2)
+        return from_agent_frame(constant_velocity + corrections.mean(dim=0), origin, cos, sin)
 
 
 def build_forecaster(export_config: dict[str, Any]) -> ForecastModel:
