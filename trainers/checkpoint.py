@@ -19,6 +19,7 @@ loads on M ranks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import io
@@ -27,6 +28,7 @@ import logging
 import random
 import re
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -172,10 +174,12 @@ class Checkpointer:
         url = self.storage.url(name)
         started = time.monotonic()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save(
-            {"model": model_sd, "optim": optim_sd},
-            storage_writer=FsspecWriter(url, **self.settings.storage_options(url)),
-        )
+        with _quiet_single_process():
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd},
+                storage_writer=FsspecWriter(url, **self.settings.storage_options(url)),
+                no_dist=not _joined(),
+            )
         per_rank = {
             "rng": _rng_state(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -244,7 +248,12 @@ class Checkpointer:
         else:
             model_sd, _ = get_state_dict(model, [])
             state = {"model": model_sd}
-        dcp.load(state, storage_reader=FsspecReader(info.url, **self.settings.storage_options(info.url)))
+        with _quiet_single_process():
+            dcp.load(
+                state,
+                storage_reader=FsspecReader(info.url, **self.settings.storage_options(info.url)),
+                no_dist=not _joined(),
+            )
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
@@ -263,6 +272,20 @@ class Checkpointer:
         out = dict(info.train_state)
         out["extra"] = per_rank.get("extra", {})
         return out
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns on every call without a process group, which is our normal world of one.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _joined() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rng_state() -> dict[str, Any]:
