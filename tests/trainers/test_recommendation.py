@@ -292,3 +292,33 @@ def test_real_ml100k_split_histories(tf_env):
     assert (fam._history_table("eval")[valid["users"], -1] == valid["candidates"][:, 0] + 1).all()
     eval_items = fam.holdout("eval")["candidates"]
     assert eval_items.shape == (943, 100)
+
+
+# --- entry point --------------------------------------------------------------------------
+def test_entry_point_shortcuts():
+    from trainers.recommendation.__main__ import expand_shortcuts
+
+    argv = ["--manifest-uri", "file:///m", "--model=neumf", "--epochs", "3", "--family.num_negatives=2"]
+    assert expand_shortcuts(argv) == [
+        "--train.manifest_uri=file:///m",
+        "--family.model=neumf",
+        "--train.epochs=3",
+        "--family.num_negatives=2",
+    ]
+
+
+def test_generic_loop_trains_and_exports(tf_env, tmp_path):
+    from tasks.sharding import shard_dataset
+    from trainers.config import TrainConfig
+    from trainers.loop import load_exported_model, run_training
+
+    uri = shard_dataset("synthetic://recommendation?num_interactions=5000&num_items=400", "recommendation")["manifest_uri"]
+    run_dir = (tmp_path / "run").as_uri()
+    train = TrainConfig(manifest_uri=uri, run_dir=run_dir, epochs=2, batch_size=64, log_to_mlflow=False)
+    family = RecommendationConfig(model="sasrec", max_seq_len=16, hidden_size=16)
+    result = run_training(RecommendationFamily, family, train)
+    assert result["selection_metric"] == {"key": "ndcg_at_10", "mode": "max"}
+    assert 0.0 <= result["metrics"]["eval"]["ndcg_at_10"] <= result["metrics"]["eval"]["hr_at_10"] <= 1.0
+    state, config = load_exported_model(run_dir)
+    assert config["export_config"]["model"] == "sasrec" and config["export_config"]["item_index_offset"] == 1
+    assert state["histories"].shape == (config["export_config"]["num_users"], 16)
