@@ -231,14 +231,16 @@ class RecommendationFamily(ModelFamily):
 
         out = []
         was_training = model.training
+        device = _model_device(model)
         model.eval()
         try:
             with torch.no_grad():
                 for lo in range(0, len(users), self.config.eval_batch_size):
-                    u = torch.from_numpy(users[lo : lo + self.config.eval_batch_size])
-                    c = torch.from_numpy(candidates[lo : lo + self.config.eval_batch_size])
+                    batch_users = users[lo : lo + self.config.eval_batch_size]
+                    u = torch.from_numpy(batch_users).to(device)
+                    c = torch.from_numpy(candidates[lo : lo + self.config.eval_batch_size]).to(device)
                     if self.is_sequential:
-                        seq = torch.from_numpy(self._history_table(split)[u.numpy()].astype(np.int64))
+                        seq = torch.from_numpy(self._history_table(split)[batch_users].astype(np.int64)).to(device)
                         logits = model(seq=seq, items=c + 1)
                     else:
                         logits = model(u, c)
@@ -284,6 +286,14 @@ class RecommendationFamily(ModelFamily):
             "manifest_uri": self.manifest.uri if self.manifest is not None else None,
             "config": self.config.to_dict(),
         }
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    import torch
+
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
 
 
 def _load_state(url: str) -> dict:
