@@ -91,7 +91,12 @@ def test_evaluate_step_logs_metrics_and_plots_to_mlflow(rec_manifest, tf_env):
     with mlflow.start_run() as run:
         for step, value in enumerate([0.7, 0.5, 0.4]):
             mlflow.log_metric("train_loss", value, step=step)
-        info = mlflow.pyfunc.log_model(name="model", python_model=model, input_example=pd.DataFrame({"user_id": [1], "item_id": [2]}))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=model,
+            input_example=pd.DataFrame({"user_id": [1], "item_id": [2]}),
+            pip_requirements=["mlflow"],
+        )
     result = evaluate_step("recommendation", info.model_uri, rec_manifest.uri, mlflow_run_id=run.info.run_id)
     m = result["metrics"]
     assert m["hr_at_10"] == pytest.approx(m["baseline_hr_at_10"])  # the model *is* ItemPop

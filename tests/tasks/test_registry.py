@@ -1,0 +1,148 @@
+"""Registry state after first / better / worse / retried registrations (real MLflow, SQLite)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from tasks.registry import TAG, GateConfig, Lineage, higher_is_better, register_step
+from tasks.settings import get_settings
+
+NAME = "trainflow-test-model"
+
+
+class ConstantModel(mlflow.pyfunc.PythonModel):
+    def __init__(self, value: float):
+        self.value = value
+
+    def predict(self, context, model_input, params=None):
+        return np.full(len(model_input), self.value)
+
+
+@pytest.fixture
+def mlflow_env(tf_env):
+    settings = get_settings()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    return settings
+
+
+def _train(run_id: str, value: float, dataset_version: str = "d1"):
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ConstantModel(value),
+            input_example=pd.DataFrame({"user_id": [1], "item_id": [2]}),
+            pip_requirements=["mlflow"],  # skip requirement inference: slow, and not under test here
+        )
+    lineage = Lineage(
+        dag_id="recommendation_training",
+        run_id=run_id,
+        try_number=1,
+        manifest_uri=f"file:///store/datasets/x/{dataset_version}/_manifest.json",
+        dataset_version=dataset_version,
+        dataset_name="x",
+        mlflow_run_id=run.info.run_id,
+        world_size=2,
+        parallelism="ddp",
+        torch_version="2.13.0",
+        code_version="abc123",
+    )
+    return info.model_uri, lineage
+
+
+def _register(model_uri, lineage, ndcg, baseline=0.2, margin=0.01, **kwargs):
+    return register_step(
+        model_uri=model_uri,
+        registered_model_name=NAME,
+        metrics={"ndcg_at_10": ndcg, "baseline_ndcg_at_10": baseline, "hr_at_10": ndcg * 2, "baseline_hr_at_10": 0.4},
+        lineage=lineage,
+        gate=GateConfig("ndcg_at_10", margin),
+        **kwargs,
+    )
+
+
+def test_first_better_worse_and_retried_registrations(mlflow_env):
+    client = MlflowClient()
+    # 1. The first version beats the baseline: champion (and the latest challenger).
+    uri1, lin1 = _train("run-1", 0.3)
+    first = _register(uri1, lin1, 0.30)
+    assert first["version"] == 1 and first["created"]
+    assert first["aliases"] == ["challenger", "champion"]
+    v1 = client.get_model_version(NAME, "1")
+    assert v1.tags[TAG + "dataset_version"] == "d1"
+    assert v1.tags[TAG + "run_id"] == "run-1" and v1.tags[TAG + "world_size"] == "2"
+    assert v1.tags[TAG + "torch_version"] == "2.13.0" and v1.tags[TAG + "code_version"] == "abc123"
+    assert v1.tags[TAG + "decision.outcome"] == "promoted"
+    assert v1.tags[TAG + "decision.compared_against"] == "baseline"
+    assert "model card" in v1.description and "ndcg_at_10" in v1.description
+
+    # 2. A better run (by more than the margin): new champion, old version kept and tagged.
+    uri2, lin2 = _train("run-2", 0.4)
+    second = _register(uri2, lin2, 0.35)
+    assert second["version"] == 2 and second["aliases"] == ["challenger", "champion"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    v1 = client.get_model_version(NAME, "1")
+    assert v1.tags[TAG + "superseded_by"] == "2" and v1.aliases == []
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags[TAG + "decision.previous_champion"] == "1"
+    assert float(v2.tags[TAG + "decision.reference_value"]) == pytest.approx(0.30)
+
+    # 3. A worse run: stays challenger, champion unchanged, the decision recorded.
+    uri3, lin3 = _train("run-3", 0.1)
+    third = _register(uri3, lin3, 0.355)  # better, but not by the 0.01 margin
+    assert third["aliases"] == ["challenger"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    v3 = client.get_model_version(NAME, "3")
+    assert v3.tags[TAG + "decision.outcome"] == "rejected"
+    assert v3.tags[TAG + "decision.compared_against"] == "champion v2"
+    assert "stays challenger" in v3.tags[TAG + "decision.reason"]
+
+    # 4. A retried register for run-3: no new version, the same decision, nothing moves.
+    retry = _register(uri3, lin3, 0.355)
+    assert retry["version"] == 3 and not retry["created"]
+    assert retry["decision"]["outcome"] == "rejected"
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 3
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+
+
+def test_first_version_that_does_not_beat_the_baseline_is_not_champion(mlflow_env):
+    uri, lin = _train("run-a", 0.1)
+    out = _register(uri, lin, 0.15, baseline=0.2)
+    assert out["aliases"] == ["challenger"]
+    assert out["decision"]["outcome"] == "rejected"
+
+
+def test_champion_from_another_dataset_version_is_rescored(mlflow_env):
+    uri1, lin1 = _train("run-x", 0.3, dataset_version="old")
+    _register(uri1, lin1, 0.30)
+    uri2, lin2 = _train("run-y", 0.3, dataset_version="new")
+    calls = []
+
+    def rescore(model_uri):
+        calls.append(model_uri)
+        return {"ndcg_at_10": 0.5}
+
+    out = _register(uri2, lin2, 0.4, rescore=rescore)
+    assert calls == [f"models:/{NAME}/1"]
+    assert out["decision"]["outcome"] == "rejected"
+    assert "re-scored" in out["decision"]["compared_against"]
+    uri3, lin3 = _train("run-z", 0.3, dataset_version="newer")
+    with pytest.raises(ValueError, match="no rescore"):
+        _register(uri3, lin3, 0.4)
+
+
+def test_lower_is_better_metrics():
+    assert higher_is_better("ndcg_at_10") and higher_is_better("hr_at_5")
+    assert not higher_is_better("ade") and not higher_is_better("fde_3s") and not higher_is_better("miss_rate")
+
+
+def test_unknown_promotion_metric_is_rejected(mlflow_env):
+    uri, lin = _train("run-q", 0.3)
+    with pytest.raises(ValueError, match="promotion_metric 'ade'"):
+        register_step(
+            model_uri=uri, registered_model_name=NAME, metrics={"ndcg_at_10": 0.3}, lineage=lin, gate=GateConfig("ade")
+        )
