@@ -94,12 +94,46 @@ def init_distributed(world: World, timeout_s: float = 600.0) -> None:
         return
     if world.device.startswith("cuda"):
         torch.cuda.set_device(world.device)
-    dist.init_process_group(
-        backend=world.backend,
-        timeout=dt.timedelta(seconds=timeout_s),
-        device_id=torch.device(world.device) if world.device.startswith("cuda") else None,
-    )
+    timeout = dt.timedelta(seconds=timeout_s)
+    device_id = torch.device(world.device) if world.device.startswith("cuda") else None
+    store = _attempt_store(world, timeout)
+    if store is None:
+        dist.init_process_group(backend=world.backend, timeout=timeout, device_id=device_id)
+    else:
+        dist.init_process_group(
+            backend=world.backend,
+            store=store,
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=timeout,
+            device_id=device_id,
+        )
     log.info("rank %d/%d joined (%s on %s)", world.rank, world.world_size, world.backend, world.device)
+
+
+def _attempt_store(world: World, timeout: dt.timedelta):
+    """The rendezvous store under a prefix unique to this torchrun attempt, or ``None``.
+
+    After a torchrun restart (``--max-restarts``) the workers of the new attempt can reuse
+    the agent's TCPStore; without a per-attempt prefix a rank may read the previous attempt's
+    (dead) peer addresses and fail with "connection refused" while connecting the group.
+    """
+    import torch.distributed as dist
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if restart is None or not host or not port:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=host,
+        port=int(port),
+        world_size=world.world_size,
+        is_master=not agent_store and world.rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    return dist.PrefixStore(f"trainflow/attempt-{restart}/", store)
 
 
 def shutdown_distributed() -> None:

@@ -93,7 +93,7 @@ class ToyFamily(ModelFamily):
         table = self.manifest.read_table("train", columns=COLUMNS)
         half = self.config.eval_rows // 2
         table = table.slice(0, half) if split == "valid" else table.slice(half, half)
-        return {c: torch.from_numpy(table.column(c).to_numpy()) for c in COLUMNS}
+        return {c: torch.from_numpy(table.column(c).to_numpy().copy()) for c in COLUMNS}
 
     def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
         rows = self._rows(split)

@@ -1,0 +1,178 @@
+"""trainers.loop: one process, torchrun DDP/FSDP, grad accumulation, resume, restarts, MLflow."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.launch import LaunchConfig, run_torchrun
+from tasks.storage import Storage
+from trainers.config import TrainConfig
+from trainers.loop import load_exported_model, parse_args, run_training
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_family import ToyConfig, ToyFamily, ToyModel  # noqa: E402
+
+TOY_SCRIPT = str(Path(__file__).with_name("toy_family.py"))
+BASE = {"epochs": 1, "batch_size": 64, "learning_rate": 0.05, "log_every_steps": 1, "log_to_mlflow": False}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(manifest, run_dir: Path, **overrides) -> TrainConfig:
+    return TrainConfig(manifest_uri=manifest.uri, run_dir=run_dir.as_uri(), **{**BASE, **overrides})
+
+
+def _launch(manifest, run_dir: Path, nproc: int, family: dict | None = None, max_restarts: int = 0,
+            lines: list[str] | None = None, **train) -> dict:
+    cfg = {"train": {"manifest_uri": manifest.uri, "run_dir": run_dir.as_uri(), **BASE, **train},
+           "family": family or {}}
+    path = run_dir.parent / f"{run_dir.name}.json"
+    path.write_text(json.dumps(cfg))
+    sink = lines if lines is not None else []
+    run_torchrun(LaunchConfig(nproc_per_node=nproc, max_restarts=max_restarts), script=TOY_SCRIPT,
+                 args=["--config", str(path)], env={"OMP_NUM_THREADS": "1"}, on_line=sink.append)
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def _losses(result: dict) -> np.ndarray:
+    return np.array([loss for _, loss in result["losses"]])
+
+
+def test_config_validation_names_the_field(toy_manifest):
+    for kwargs, field in [({"epochs": 0}, "epochs"), ({"parallelism": "tp"}, "parallelism"),
+                          ({"learning_rate": 0}, "learning_rate"), ({"device": "tpu"}, "device"),
+                          ({"run_id": "../x"}, "run_id"), ({"num_workers": -1}, "num_workers")]:
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(manifest_uri="file:///m", **kwargs)
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        TrainConfig(manifest_uri="file:///m", batch_size=10, grad_accum_steps=3).micro_batch_size(1)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields: nope"):
+        TrainConfig.from_dict({"manifest_uri": "x", "nope": 1})
+
+
+def test_parse_args_reads_file_and_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train": {"manifest_uri": "file:///m", "epochs": 3}, "family": {"embedding_dim": 8}}))
+    family, train = parse_args(["--config", str(path), "--train.epochs=5", "--family.num_workers=2",
+                                "--train.parallelism=fsdp"], ToyConfig)
+    assert (train.epochs, train.parallelism, train.manifest_uri) == (5, "fsdp", "file:///m")
+    assert (family.embedding_dim, family.num_workers) == (8, 2)
+
+
+def test_single_process_trains_exports_and_resumes(toy_manifest, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_dir = tmp_path / "run"
+    config = _config(toy_manifest, run_dir, epochs=2, checkpoint_every_steps=10, keep_checkpoints=2)
+    result = run_training(ToyFamily, ToyConfig(), config)
+    steps_per_epoch = toy_manifest.num_rows("train") // 64
+    assert result["steps"] == 2 * steps_per_epoch
+    assert result["world_size"] == 1 and result["parallelism"] == "none"
+    assert len(result["losses"]) == result["steps"]
+    losses = _losses(result)
+    assert losses[-10:].mean() < losses[:3].mean()  # it learns
+    assert [h["epoch"] for h in result["history"]] == [0, 1]
+    best = min(result["history"], key=lambda h: h["valid"]["mse"])
+    assert result["best_epoch"] == best["epoch"]
+    assert result["metrics"]["valid_best"] == best["valid"]
+    assert result["checkpoint_uri"].endswith(f"checkpoints/step-{2 * steps_per_epoch}")
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == result["steps"]
+    assert any("samples/s" in r.getMessage() and "eta" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == [f"step-{2 * steps_per_epoch - 8}", f"step-{2 * steps_per_epoch}"]
+
+    # The exported model loads with plain torch and reproduces the eval metric.
+    state, exported = load_exported_model(run_dir.as_uri())
+    assert exported["family"] == "toy" and exported["export_config"]["embedding_dim"] == 4
+    assert exported["train_config"]["epochs"] == 2
+    model = ToyModel(exported["export_config"]["num_users"], exported["export_config"]["num_items"], 4)
+    model.load_state_dict(torch.load(io.BytesIO((run_dir / "model" / "model.pt").read_bytes()), weights_only=True))
+    family = ToyFamily(ToyConfig(), toy_manifest, None)
+    with torch.no_grad():
+        assert family.evaluate(model, "eval")["mse"] == pytest.approx(result["metrics"]["eval"]["mse"], rel=1e-6)
+    assert set(state) == set(model.state_dict())
+
+    # Running the same run again resumes from its last committed step and does no more work;
+    # a newer step directory without a commit marker is never loaded.
+    Storage(run_dir.as_uri()).write_bytes("checkpoints/step-999/.metadata", b"not a checkpoint")
+    caplog.clear()
+    again = run_training(ToyFamily, ToyConfig(), config)
+    assert any(f"resuming from step {2 * steps_per_epoch} " in r.getMessage() for r in caplog.records)
+    assert again["resumed_from_step"] == 2 * steps_per_epoch
+    assert again["metrics"] == result["metrics"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(toy_manifest, tmp_path):
+    one = run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "a", max_steps=8))
+    accum = run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "b", max_steps=8, grad_accum_steps=4))
+    assert accum["steps"] == one["steps"] == 8
+    np.testing.assert_allclose(_losses(accum), _losses(one), rtol=1e-4, atol=1e-5)
+
+
+def test_logs_params_and_metrics_to_mlflow(toy_manifest, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _config(toy_manifest, tmp_path / "run", max_steps=4, log_every_steps=2, log_to_mlflow=True,
+                     mlflow_tracking_uri=uri, mlflow_experiment="toy-tests", system_metrics=False)
+    result = run_training(ToyFamily, ToyConfig(), config)
+    run = mlflow.MlflowClient(uri).get_run(result["mlflow_run_id"])
+    assert run.data.params["train.batch_size"] == "64"
+    assert run.data.params["family.embedding_dim"] == "4"
+    assert run.data.metrics["mse"] == pytest.approx(result["metrics"]["eval"]["mse"])
+    history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [2, 4]
+    assert (tmp_path / "run" / "mlflow_run_id").read_text() == run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(toy_manifest, tmp_path_factory):
+    """One epoch on 2 ranks (DDP, real torchrun processes), checkpoints every 5 steps."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    return _launch(toy_manifest, run_dir, 2, parallelism="ddp", checkpoint_every_steps=5)
+
+
+def test_two_processes_match_one(toy_manifest, tmp_path, ddp_reference):
+    single = run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "one"))
+    assert ddp_reference["world_size"] == 2 and ddp_reference["parallelism"] == "ddp"
+    assert ddp_reference["steps"] == single["steps"] == toy_manifest.num_rows("train") // 64
+    np.testing.assert_allclose(_losses(ddp_reference), _losses(single), rtol=1e-3, atol=1e-4)
+    assert ddp_reference["metrics"]["eval"]["mse"] == pytest.approx(single["metrics"]["eval"]["mse"], rel=1e-3)
+
+
+def test_fsdp_matches_ddp(toy_manifest, tmp_path, ddp_reference):
+    fsdp = _launch(toy_manifest, tmp_path / "fsdp", 2, parallelism="fsdp", family={"num_workers": 1})
+    assert fsdp["parallelism"] == "fsdp"
+    np.testing.assert_allclose(_losses(fsdp), _losses(ddp_reference), rtol=1e-3, atol=1e-4)
+    assert fsdp["metrics"]["eval"]["mse"] == pytest.approx(ddp_reference["metrics"]["eval"]["mse"], rel=1e-3)
+    state, _ = load_exported_model((tmp_path / "fsdp").as_uri())
+    assert state["user.weight"].shape == (toy_manifest.stats["num_users"], 4)  # gathered, not a shard
+
+
+@pytest.mark.slow  # ~30 s: a SIGKILL, torchrun's restart and a second rendezvous
+def test_killed_rank_restarts_and_resumes_from_last_commit(toy_manifest, tmp_path, ddp_reference):
+    lines: list[str] = []
+    family = {"die_at_batch": 12, "die_rank": 1, "die_marker_dir": str(tmp_path)}
+    result = _launch(toy_manifest, tmp_path / "killed", 2, family=family, max_restarts=1, lines=lines,
+                     parallelism="ddp", checkpoint_every_steps=5)
+    assert (tmp_path / "died").exists()  # rank 1 really was SIGKILLed once
+    assert any("resuming from step 10 " in line for line in lines)
+    assert result["resumed_from_step"] == 10
+    assert result["steps"] == ddp_reference["steps"]
+    assert result["metrics"]["eval"]["mse"] == pytest.approx(ddp_reference["metrics"]["eval"]["mse"], rel=1e-4)
+    np.testing.assert_allclose(_losses(result), _losses(ddp_reference), rtol=1e-4, atol=1e-5)
