@@ -322,3 +322,17 @@ def test_generic_loop_trains_and_exports(tf_env, tmp_path):
     state, config = load_exported_model(run_dir)
     assert config["export_config"]["model"] == "sasrec" and config["export_config"]["item_index_offset"] == 1
     assert state["histories"].shape == (config["export_config"]["num_users"], 16)
+
+
+@pytest.mark.parametrize("model", ["gmf", "sasrec"])
+def test_an_empty_tail_batch_gives_a_zero_loss_with_gradients(model):
+    # rank_batches leaves a high rank an empty last batch when fewer samples than ranks remain
+    assert [len(b) for b in rank_batches(9, 2, 4, 3, np.arange(9))] == [2, 0]
+    fam = make_family(model)
+    net = fam.build_model()
+    full = next(iter(fam.train_batches(0, 4)))
+    empty = {key: value[:0] for key, value in full.items()}
+    loss = fam.loss(net, empty)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
