@@ -299,6 +299,30 @@ def run_torchrun(
         out_log.info("torchrun finished")
 
 
+def run_dir_url(dag_id: str, run_id: str, settings=None) -> str:
+    """``{root}/runs/{dag_id}/{run_id}``: where a DAG run's checkpoints, model and result go.
+
+    Raises:
+        ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
+    """
+    from tasks.storage import Storage, safe_name
+
+    safe_name(dag_id, "dag_id")
+    safe_name(run_id, "run_id")
+    return Storage.from_settings(settings).url(f"runs/{dag_id}/{run_id}")
+
+
+def read_result(run_dir: str, settings=None) -> dict:
+    """The ``result.json`` the trainer's rank 0 wrote into ``run_dir`` (what the task returns).
+
+    Raises:
+        FileNotFoundError: naming the URL, when training did not finish.
+    """
+    from tasks.storage import Storage
+
+    return json.loads(Storage(run_dir, settings).read_bytes("result.json"))
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         import ctypes

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tasks.settings import Settings, get_settings, redact_url
-from tasks.storage import Storage, safe_name
+from tasks.storage import Storage
 from trainers.distributed import World, barrier
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,9 @@ def run_dir_url(dag_id: str, run_id: str, settings: Settings | None = None) -> s
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    settings = settings or get_settings()
-    safe_name(dag_id, "dag_id")
-    safe_name(run_id, "run_id")
-    return Storage.from_settings(settings).url(f"runs/{dag_id}/{run_id}")
+    from tasks.launch import run_dir_url as _run_dir_url
+
+    return _run_dir_url(dag_id, run_id, settings or get_settings())
 
 
 @dataclasses.dataclass(frozen=True)

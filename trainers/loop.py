@@ -146,7 +146,9 @@ class Trainer:
     def _parallelism(self) -> str:
         wanted = self.config.parallelism
         if self.world.world_size == 1 and wanted != "none":
-            log.warning("parallelism=%r ignored: a world of one process trains without wrapping", wanted)
+            # DDP of one replica is plain training; FSDP of one rank shards nothing.
+            level = logging.INFO if wanted == "ddp" else logging.WARNING
+            log.log(level, "parallelism=%r ignored: a world of one process trains without wrapping", wanted)
             return "none"
         if self.world.world_size > 1 and wanted == "none":
             raise ValueError(f"parallelism='none' cannot train on {self.world.world_size} ranks: use ddp or fsdp")

@@ -134,3 +134,17 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_run_dir_and_result_for_the_airflow_task(tf_env):
+    from tasks.launch import read_result, run_dir_url
+    from tasks.storage import Storage
+
+    run_dir = run_dir_url("recommendation_training", "scheduled__2026-01-01T00:00:00+00:00")
+    assert run_dir == (tf_env / "store").resolve().as_uri() + "/runs/recommendation_training/scheduled__2026-01-01T00:00:00+00:00"
+    with pytest.raises(FileNotFoundError, match="result.json"):
+        read_result(run_dir)
+    Storage(run_dir).write_bytes("result.json", b'{"steps": 3}')
+    assert read_result(run_dir) == {"steps": 3}
+    with pytest.raises(ValueError, match="dag_id"):
+        run_dir_url("../etc", "x")
