@@ -148,3 +148,31 @@ def test_run_dir_and_result_for_the_airflow_task(tf_env):
     assert read_result(run_dir) == {"steps": 3}
     with pytest.raises(ValueError, match="dag_id"):
         run_dir_url("../etc", "x")
+
+
+def test_two_nodes_join_one_c10d_rendezvous_on_localhost():
+    import socket
+    import threading
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outputs: dict[int, list[str]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def node(rank: int) -> None:
+        config = LaunchConfig(nnodes=2, nproc_per_node=1, node_rank=rank, rdzv_endpoint=f"127.0.0.1:{port}",
+                              rdzv_id="two-node-test", rdzv_join_timeout_s=60)
+        try:
+            run_torchrun(config, script=WORKER, args=["ok"], on_line=outputs[rank].append)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    lines = outputs[0] + outputs[1]
+    assert sorted(line for line in lines if line.startswith("hello")) == ["hello from rank 0 of 2", "hello from rank 1 of 2"]
