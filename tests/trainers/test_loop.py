@@ -155,12 +155,18 @@ def test_two_processes_match_one(toy_manifest, tmp_path, ddp_reference):
     assert ddp_reference["metrics"]["eval"]["mse"] == pytest.approx(single["metrics"]["eval"]["mse"], rel=1e-3)
 
 
-def test_fsdp_matches_ddp(toy_manifest, tmp_path, ddp_reference):
-    fsdp = _launch(toy_manifest, tmp_path / "fsdp", 2, parallelism="fsdp", family={"num_workers": 1})
-    assert fsdp["parallelism"] == "fsdp"
+@pytest.mark.slow  # ~50 s: two FSDP torchrun launches
+def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(toy_manifest, tmp_path, ddp_reference):
+    run_dir = tmp_path / "fsdp"
+    first = _launch(toy_manifest, run_dir, 2, parallelism="fsdp", family={"num_workers": 1}, max_steps=15)
+    assert first["steps"] == 15 and first["parallelism"] == "fsdp"
+    lines: list[str] = []
+    fsdp = _launch(toy_manifest, run_dir, 2, parallelism="fsdp", family={"num_workers": 1}, lines=lines)
+    assert any("resuming from step 15 " in line for line in lines)
+    assert fsdp["resumed_from_step"] == 15 and fsdp["steps"] == ddp_reference["steps"]
     np.testing.assert_allclose(_losses(fsdp), _losses(ddp_reference), rtol=1e-3, atol=1e-4)
     assert fsdp["metrics"]["eval"]["mse"] == pytest.approx(ddp_reference["metrics"]["eval"]["mse"], rel=1e-3)
-    state, _ = load_exported_model((tmp_path / "fsdp").as_uri())
+    state, _ = load_exported_model(run_dir.as_uri())
     assert state["user.weight"].shape == (toy_manifest.stats["num_users"], 4)  # gathered, not a shard
 
 
