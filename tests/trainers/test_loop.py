@@ -117,6 +117,25 @@ def test_single_process_trains_exports_and_resumes(toy_manifest, tmp_path, caplo
     assert again["metrics"] == result["metrics"]
 
 
+def test_keep_best_exports_the_best_epoch_not_the_last(toy_manifest, tmp_path):
+    run_dir = tmp_path / "run"
+    # "max" makes the worst epoch the best one: epoch 0, since the model keeps learning.
+    result = run_training(ToyFamily, ToyConfig(selection_mode="max"), _config(toy_manifest, run_dir, epochs=3))
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    assert result["history"][2]["valid"]["mse"] < result["history"][0]["valid"]["mse"]
+    assert result["best_epoch"] == 0
+    best = torch.load(io.BytesIO((run_dir / "best" / "model.pt").read_bytes()), weights_only=True)
+    exported, _ = load_exported_model(run_dir.as_uri())
+    for key, value in best.items():
+        assert torch.equal(exported[key], value)
+    model = ToyModel(toy_manifest.stats["num_users"], toy_manifest.stats["num_items"], 4)
+    model.load_state_dict(exported)
+    with torch.no_grad():
+        family = ToyFamily(ToyConfig(), toy_manifest, None)
+        assert family.evaluate(model, "valid")["mse"] == pytest.approx(result["history"][0]["valid"]["mse"], rel=1e-6)
+        assert family.evaluate(model, "eval")["mse"] == pytest.approx(result["metrics"]["eval"]["mse"], rel=1e-6)
+
+
 def test_gradient_accumulation_matches_one_big_batch(toy_manifest, tmp_path):
     one = run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "a", max_steps=8))
     accum = run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "b", max_steps=8, grad_accum_steps=4))

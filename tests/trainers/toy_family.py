@@ -32,6 +32,7 @@ class ToyConfig:
             once (a marker file in ``die_marker_dir`` says it already happened).
         die_rank: The rank that dies.
         die_marker_dir: Folder of the "already died" marker.
+        selection_mode: ``min`` picks the lowest valid MSE; ``max`` (a test hook) the highest.
     """
 
     embedding_dim: int = 4
@@ -40,6 +41,7 @@ class ToyConfig:
     die_at_batch: int = -1
     die_rank: int = 1
     die_marker_dir: str = ""
+    selection_mode: str = "min"
 
 
 class ToyModel(torch.nn.Module):
@@ -101,7 +103,7 @@ class ToyFamily(ModelFamily):
         return {"mse": float(torch.nn.functional.mse_loss(pred, rows["rating"]))}
 
     def selection_metric(self) -> tuple[str, str]:
-        return "mse", "min"
+        return "mse", self.config.selection_mode
 
     def export_config(self) -> dict:
         return {"num_users": int(self.manifest.stats["num_users"]), "num_items": int(self.manifest.stats["num_items"]),
