@@ -1,0 +1,5 @@
+import sys
+
+from trainers.serving import main
+
+sys.exit(main())
