@@ -277,3 +277,19 @@ def test_constant_velocity_baseline_matches_the_published_subset_numbers(tmp_pat
     assert m["ade"] == pytest.approx(3.10, abs=0.006)
     assert m["fde"] == pytest.approx(6.92, abs=0.006)
     assert m["miss_rate"] == pytest.approx(0.77, abs=0.006)
+
+
+def test_mirror_averaged_model_is_reflection_equivariant():
+    torch.manual_seed(0)
+    model = ForecastModel(hidden_dim=32, num_layers=2, context_dim=8, mirror_average=True).eval()
+    history = torch.from_numpy(moving_histories(8, seed=2) - moving_histories(8, seed=2)[:, -1:]).float()
+    neighbours = history[:, None] + torch.randn(8, 3, 1, 2) * 10
+    flip = torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        direct = model(history, neighbours)
+        mirrored = model(history * flip, neighbours * flip)
+        plain = ForecastModel(hidden_dim=32, num_layers=2, context_dim=8).eval()
+        plain.load_state_dict(model.state_dict())
+        unaveraged = plain(history * flip, neighbours * flip)
+    torch.testing.assert_close(mirrored, direct * flip, atol=1e-4, rtol=0)
+    assert not torch.allclose(unaveraged, direct * flip, atol=1e-3)  # the averaging is what makes it so

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 DEFAULT_TRAIN: dict[str, Any] = {
-    "epochs": 20,
+    "epochs": 30,
     "batch_size": 128,
     "learning_rate": 1e-3,
     "weight_decay": 0.01,

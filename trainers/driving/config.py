@@ -20,9 +20,13 @@ class DrivingConfig:
         num_members: Forecasters in the ensemble (averaged; each trained on its own loss).
         train_on_all_tracks: Train on every track observed at all 50 frames of a training
             scenario (AGENT, AV and OTHERS); ``False`` trains on the AGENT tracks alone.
+        min_other_displacement: Leave out training tracks other than the AGENT that move less
+            than this (m, first to last frame): parked cars; 0 keeps every complete track.
         focal_weight: Loss weight of an AGENT sample relative to another track's (what is
             evaluated is the AGENT; the other tracks are extra data).
         fde_weight: Weight of the final displacement error added to the mean one in the loss.
+        mirror_average: Average each forecast with the forecast of its mirrored scene (outside
+            training; pairs with ``mirror_probability`` > 0).
         mirror_probability: Chance that a training sample is mirrored (y → -y, with its context).
         context_dropout: Chance that a training sample's context is removed, so that the model
             also forecasts well from the history alone (the served contract gives no context).
@@ -32,14 +36,16 @@ class DrivingConfig:
     seed: int = 0
     hidden_dim: int = 256
     num_layers: int = 3
-    context_dim: int = 64
-    max_neighbours: int = 16
-    dropout: float = 0.0
+    context_dim: int = 128
+    max_neighbours: int = 32
+    dropout: float = 0.1
     num_members: int = 1
     train_on_all_tracks: bool = True
+    min_other_displacement: float = 0.0
     focal_weight: float = 3.0
     fde_weight: float = 0.0
     mirror_probability: float = 0.5
+    mirror_average: bool = True
     context_dropout: float = 0.1
     eval_batch_size: int = 2048
 
@@ -58,5 +64,7 @@ class DrivingConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if self.focal_weight <= 0:
             raise ValueError(f"focal_weight must be positive, got {self.focal_weight}")
+        if self.min_other_displacement < 0:
+            raise ValueError(f"min_other_displacement must be >= 0, got {self.min_other_displacement}")
         if self.fde_weight < 0:
             raise ValueError(f"fde_weight must be >= 0, got {self.fde_weight}")

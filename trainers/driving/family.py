@@ -82,6 +82,13 @@ class DrivingFamily(ModelFamily):
                 focal_only=not self.config.train_on_all_tracks,
                 max_neighbours=self.config.max_neighbours,
             )
+            if self.config.min_other_displacement > 0:
+                # Parked cars teach little about forecasting the (moving) focal vehicles.
+                travelled = np.linalg.norm(samples.future[:, -1] - samples.history[:, 0], axis=-1)
+                keep = samples.is_agent | (travelled >= self.config.min_other_displacement)
+                log.info("train: %d of %d other tracks moved at least %.1f m: kept", int((keep & ~samples.is_agent).sum()),
+                         int((~samples.is_agent).sum()), self.config.min_other_displacement)
+                samples = samples.subset(np.flatnonzero(keep))
             self._train = samples
         return self._train
 
@@ -106,6 +113,7 @@ class DrivingFamily(ModelFamily):
                 context_dim=c.context_dim,
                 dropout=c.dropout,
                 num_members=c.num_members,
+                mirror_average=c.mirror_average,
             )
 
     def num_train_samples(self, epoch: int) -> int:
@@ -214,6 +222,7 @@ class DrivingFamily(ModelFamily):
                 "context_dim": c.context_dim,
                 "dropout": c.dropout,
                 "num_members": c.num_members,
+                "mirror_average": c.mirror_average,
             },
             "frame_rate_hz": FRAME_RATE_HZ,
             "input": {"name": "history", "dtype": "float32", "shape": [-1, HISTORY_FRAMES, 2]},

@@ -124,6 +124,9 @@ class ForecastModel(nn.Module):
         dropout: Dropout in the MLPs while training.
         num_members: Independently initialised forecasters whose forecasts are averaged (an
             ensemble trained in one pass, each member on its own loss).
+        mirror_average: Outside training, also forecast the mirror image of the scene (y → -y
+            in the agent frame) and average it, mirrored back, with the direct forecast
+            (the model is trained on mirrored scenes, so both are forecasts of the same future).
     """
 
     def __init__(
@@ -135,8 +138,10 @@ class ForecastModel(nn.Module):
         context_dim: int = 64,
         dropout: float = 0.0,
         num_members: int = 1,
+        mirror_average: bool = False,
     ) -> None:
         super().__init__()
+        self.mirror_average = mirror_average
         self.history_frames = history_frames
         self.future_frames = future_frames
         self.context_dim = context_dim
@@ -172,6 +177,12 @@ class ForecastModel(nn.Module):
         constant_velocity = self.steps[None, :, None] * velocity[:, None, :]
         corrections = torch.stack([member(features, context) for member in self.members])
         corrections = corrections.reshape(len(self.members), -1, self.future_frames, 2)
+        if self.mirror_average and not self.training and not per_member:
+            flip = local.new_tensor([1.0, -1.0])
+            mirrored_context = context * flip if context is not None else None
+            mirrored = torch.stack([member(history_features(local * flip), mirrored_context) for member in self.members])
+            mirrored = mirrored.reshape(len(self.members), -1, self.future_frames, 2) * flip
+            corrections = 0.5 * (corrections + mirrored)
         if per_member:
             n = history.shape[0]
             flat = (constant_velocity + corrections).reshape(-1, self.future_frames, 2)
