@@ -6,6 +6,13 @@ scenarios, end to end:
 
 1. **shard**: a folder of scenario CSVs → a versioned Parquet dataset, split by scenario
    (the eval scenarios are never trained on). Same inputs → the committed version is reused.
+2. **train**: torchrun runs `nproc_per_node` processes (DDP or FSDP2) of the forecaster (the
+   focal vehicle's history in its own heading-aligned frame, plus surrounding vehicles with
+   `model=context`); checkpoints under `{root}/runs/<dag_id>/<run_id>/`; a retried task resumes.
+3. **evaluate**: ADE / FDE / miss rate, overall and at 1, 2, 3 s, vs constant velocity;
+   error-vs-horizon and trajectory plots in the MLflow run.
+4. **register**: a version of `registered_model_name` with lineage tags; `champion` only if it
+   beats the current champion by `promotion_margin` (lower ADE/FDE is better).
 
 Runs when the raw driving data Asset is updated, and on manual trigger with the form or a
 `conf`, e.g. `{"source_url": "s3://bucket/argoverse/train"}`.
@@ -16,16 +23,26 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag, task
-from trainflow_airflow.dag_support import build_params, default_args, run_shard
+from trainflow_airflow.dag_support import (
+    build_params,
+    default_args,
+    run_evaluate,
+    run_register,
+    run_shard,
+    run_train,
+)
+from trainflow_airflow.operators import trainflow_task
 
 KIND = "driving"
+TRAINING_POOL = "training"
 RAW_DATA = Asset(name="trainflow_driving_raw", uri="trainflow://raw/driving")
 DATASET = Asset(name="trainflow_driving_dataset", uri="trainflow://datasets/driving")
+MODEL = Asset(name="trainflow_driving_model", uri="trainflow://models/driving")
 
 
 @dag(
     schedule=[RAW_DATA],
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     params=build_params(KIND),
@@ -36,10 +53,27 @@ DATASET = Asset(name="trainflow_driving_dataset", uri="trainflow://datasets/driv
 def driving_training():
     @task(outlets=[DATASET])
     def shard(**context):
-        """Shard the raw scenarios (or reuse the committed version)."""
+        """Shard the raw data (or reuse the committed version)."""
         return run_shard(context, KIND, DATASET)
 
-    shard()
+    @trainflow_task(pool=TRAINING_POOL, execution_timeout=dt.timedelta(hours=6))
+    def train(dataset, **context):
+        """Train with torchrun; a retry resumes from the last committed checkpoint."""
+        return run_train(context, KIND, dataset)
+
+    @trainflow_task
+    def evaluate(train_result, **context):
+        """Score the model on the held-out split against the baseline; plots to MLflow."""
+        return run_evaluate(context, KIND, train_result)
+
+    @trainflow_task(outlets=[MODEL])
+    def register(dataset, train_result, evaluation, **context):
+        """Register a model version and apply the champion/challenger gate."""
+        return run_register(context, KIND, dataset, train_result, evaluation, MODEL)
+
+    dataset = shard()
+    trained = train(dataset)
+    register(dataset, trained, evaluate(trained))
 
 
 driving_training()

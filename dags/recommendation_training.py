@@ -6,6 +6,14 @@ Trains a recommender on MovieLens-style interactions, end to end:
 1. **shard**: raw interactions → a versioned Parquet dataset (NCF protocol: each user's latest
    interaction held out with 99 sampled negatives) under `{root}/datasets/`. Same inputs →
    the committed version is reused (a cache hit the log says).
+2. **train**: torchrun runs `nproc_per_node` processes (DDP or FSDP2) of the chosen model
+   (NeuMF / GMF / MLP from the NCF paper, or the sequence-aware SASRec), with progress lines
+   and checkpoints under `{root}/runs/<dag_id>/<run_id>/`; a retried task resumes from the last
+   committed checkpoint. Uses the `training` pool.
+3. **evaluate**: HR@K / NDCG@K on the held-out items vs ItemPop, coverage and popularity bias,
+   plots in the MLflow run.
+4. **register**: a version of `registered_model_name` with lineage tags and a model card; it
+   becomes `champion` only if it beats the current champion by `promotion_margin`.
 
 Trigger it with the form (every param is described there) or with a `conf`, e.g.
 `{"source_url": "movielens-1m", "epochs": 10}`. Runs weekly; each run is idempotent.
@@ -16,15 +24,25 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag, task
-from trainflow_airflow.dag_support import build_params, default_args, run_shard
+from trainflow_airflow.dag_support import (
+    build_params,
+    default_args,
+    run_evaluate,
+    run_register,
+    run_shard,
+    run_train,
+)
+from trainflow_airflow.operators import trainflow_task
 
 KIND = "recommendation"
+TRAINING_POOL = "training"
 DATASET = Asset(name="trainflow_recommendation_dataset", uri="trainflow://datasets/recommendation")
+MODEL = Asset(name="trainflow_recommendation_model", uri="trainflow://models/recommendation")
 
 
 @dag(
     schedule="@weekly",
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     params=build_params(KIND),
@@ -35,10 +53,27 @@ DATASET = Asset(name="trainflow_recommendation_dataset", uri="trainflow://datase
 def recommendation_training():
     @task(outlets=[DATASET])
     def shard(**context):
-        """Shard the raw interactions (or reuse the committed version)."""
+        """Shard the raw data (or reuse the committed version)."""
         return run_shard(context, KIND, DATASET)
 
-    shard()
+    @trainflow_task(pool=TRAINING_POOL, execution_timeout=dt.timedelta(hours=6))
+    def train(dataset, **context):
+        """Train with torchrun; a retry resumes from the last committed checkpoint."""
+        return run_train(context, KIND, dataset)
+
+    @trainflow_task
+    def evaluate(train_result, **context):
+        """Score the model on the held-out split against the baseline; plots to MLflow."""
+        return run_evaluate(context, KIND, train_result)
+
+    @trainflow_task(outlets=[MODEL])
+    def register(dataset, train_result, evaluation, **context):
+        """Register a model version and apply the champion/challenger gate."""
+        return run_register(context, KIND, dataset, train_result, evaluation, MODEL)
+
+    dataset = shard()
+    trained = train(dataset)
+    register(dataset, trained, evaluate(trained))
 
 
 recommendation_training()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -269,10 +270,10 @@ def evaluate_step(
     _log_summary(kind, metrics)
     artifacts: list[str] = []
     if mlflow_run_id:
+        import time
+
         from mlflow import MlflowClient
         from mlflow.entities import Metric
-
-        import time
 
         client = MlflowClient(settings.mlflow_tracking_uri)
         now = int(time.time() * 1000)

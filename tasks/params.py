@@ -86,6 +86,12 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             "Training processes per node (one per GPU with device=cuda; at most the CPU count with cpu).",
             "Processes per node",
         ),
+        "max_restarts": _spec(
+            1,
+            {"type": "integer", "minimum": 0, "maximum": 10},
+            "How often torchrun restarts the training processes after a rank fails; they resume from the last checkpoint.",
+            "Max restarts",
+        ),
         "parallelism": _spec(
             "ddp",
             {"type": "string", "enum": list(PARALLELISM)},

@@ -7,7 +7,9 @@ and tested from a shell.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 from tasks.params import validate_params
@@ -40,3 +42,212 @@ def shard_step(params: dict[str, Any], kind: str, settings: Settings | None = No
         log.info("dataset %s version %s: new version committed", summary["name"], summary["version"])
     log.info("splits: %s", summary["splits"])
     return {**summary, "params": values}
+
+
+# --- train -----------------------------------------------------------------------------------
+def family_args(kind: str, values: dict[str, Any]) -> list[str]:
+    """The model family's command-line settings for the DAG params ``model`` and ``model_size``."""
+    size = int(values["model_size"])
+    if kind == "recommendation":
+        model = values["model"]
+        args = [f"--family.model={model}", f"--family.seed={values['seed']}"]
+        if model == "sasrec":
+            args.append(f"--family.hidden_size={size}")
+        else:
+            layers = [max(2 * size, 8), max(size, 4), max(size // 2, 2), max(size // 4, 1)]
+            args += [f"--family.gmf_factors={size}", f"--family.mlp_layers={json.dumps(layers)}"]
+        return args
+    args = [f"--family.hidden_dim={size}", f"--family.seed={values['seed']}"]
+    if values["model"] == "mlp":
+        args.append("--family.max_neighbours=0")
+    return args
+
+
+def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """The MLflow run of one training (DAG run): found by tag on a retry, else created."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`trainflow.training_key` = '{training_key}'", max_results=1
+    )
+    if found:
+        log.info("reusing MLflow run %s of %s (a retry)", found[0].info.run_id, training_key)
+        return found[0].info.run_id, experiment_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={"trainflow.training_key": training_key, **tags})
+    client.set_terminated(run.info.run_id, "SCHEDULED")
+    return run.info.run_id, experiment_id
+
+
+def child_environment(settings: Settings, threads: int) -> dict[str, str]:
+    """Environment of the training processes: where to store, where to log, credentials."""
+    env = {
+        "TRAINFLOW_DATA_DIR": str(settings.data_dir),
+        "TRAINFLOW_STORAGE_ROOT": settings.storage_root,
+        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        "OMP_NUM_THREADS": str(threads),
+        **settings.s3.environment(),
+    }
+    return env
+
+
+def train_step(
+    params: dict[str, Any],
+    dataset: dict[str, Any],
+    *,
+    kind: str,
+    dag_id: str,
+    run_id: str,
+    try_number: int,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Train with torchrun on the dataset version, then log the servable model to MLflow.
+
+    A retry of the same DAG run reuses its run directory (so training resumes from the last
+    committed checkpoint) and its MLflow run.
+
+    Returns:
+        The trainer's result (metrics, model and checkpoint URIs, steps, samples/s, world
+        size...) plus ``mlflow_run_id``, ``mlflow_experiment_id``, ``model_uri`` (the pyfunc
+        model) and ``try_number``.
+    """
+    import subprocess
+    import sys
+
+    from tasks.launch import LaunchConfig, read_result, run_dir_url, run_torchrun
+
+    settings = settings or get_settings()
+    values = validate_params(params, kind)
+    training_key = f"{dag_id}/{run_id}"
+    mlflow_run_id, experiment_id = ensure_mlflow_run(
+        settings,
+        f"trainflow-{kind}",
+        training_key,
+        run_name=f"{dag_id} {run_id}",
+        tags={"trainflow.dag_id": dag_id, "trainflow.run_id": run_id, "trainflow.dataset_version": dataset["version"]},
+    )
+    run_dir = run_dir_url(dag_id, run_id, settings)
+    nproc = 1 if values["parallelism"] == "none" else values["nproc_per_node"]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpus // nproc) if values["device"] == "cpu" else 4
+    args = [
+        f"--train.manifest_uri={dataset['manifest_uri']}",
+        f"--train.run_dir={run_dir}",
+        f"--train.dag_id={dag_id}",
+        f"--train.run_id={run_id}",
+        f"--train.epochs={values['epochs']}",
+        f"--train.batch_size={values['batch_size']}",
+        f"--train.learning_rate={values['learning_rate']}",
+        f"--train.parallelism={values['parallelism']}",
+        f"--train.device={values['device']}",
+        f"--train.seed={values['seed']}",
+        f"--train.mlflow_tracking_uri={settings.mlflow_tracking_uri}",
+        f"--train.mlflow_run_id={mlflow_run_id}",
+        *family_args(kind, values),
+    ]
+    launch = LaunchConfig(nnodes=1, nproc_per_node=nproc, max_restarts=values.get("max_restarts", 1), rdzv_id="trainflow")
+    env = child_environment(settings, threads)
+    log.info("training %s on %d process(es) (%s, %s): run dir %s", values["model"], nproc, values["parallelism"], values["device"], run_dir)
+    run_torchrun(launch, module=f"trainers.{kind}", args=args, env=env, logger=log)
+    result = read_result(run_dir, settings)
+    log.info("logging the servable model to MLflow run %s", mlflow_run_id)
+    out = subprocess.run(
+        [sys.executable, "-m", "trainers.serving", "--run-dir", run_dir, "--mlflow-run-id", mlflow_run_id],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    for line in out.stderr.splitlines()[-20:]:
+        log.info("serving: %s", line)
+    if out.returncode != 0:
+        raise RuntimeError(f"exporting the servable model failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    serving = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = {k: result.get(k) for k in ("steps", "epochs", "samples_per_s", "world_size", "train_seconds", "best_epoch", "resumed_from_step")}
+    log.info("training done: %s", summary)
+    return {
+        **{k: v for k, v in result.items() if k not in ("history", "losses")},
+        "mlflow_run_id": mlflow_run_id,
+        "mlflow_experiment_id": experiment_id,
+        "model_uri": serving["model_uri"],
+        "try_number": try_number,
+    }
+
+
+# --- evaluate --------------------------------------------------------------------------------
+def evaluate_model_step(kind: str, train: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """Score the trained model on its dataset's eval split vs the baseline; log to its run."""
+    from tasks.evaluation import evaluate_step
+
+    return evaluate_step(
+        kind, train["model_uri"], train["manifest_uri"], mlflow_run_id=train["mlflow_run_id"], settings=settings
+    )
+
+
+# --- register --------------------------------------------------------------------------------
+def register_model_step(
+    params: dict[str, Any],
+    dataset: dict[str, Any],
+    train: dict[str, Any],
+    evaluation: dict[str, Any],
+    *,
+    kind: str,
+    dag_id: str,
+    run_id: str,
+    airflow_run_url: str = "",
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Register the model version with lineage and apply the champion/challenger gate."""
+    from tasks.evaluation import evaluate_driving, evaluate_recommendation, load_predictor
+    from tasks.manifest import load_manifest
+    from tasks.registry import GateConfig, Lineage, code_version, register_step
+
+    settings = settings or get_settings()
+    values = validate_params(params, kind)
+    manifest = load_manifest(train["manifest_uri"], settings)
+
+    def rescore(model_uri: str) -> dict[str, float]:
+        predict = load_predictor(model_uri, settings.mlflow_tracking_uri)
+        if kind == "recommendation":
+            return evaluate_recommendation(manifest, predict)["metrics"]
+        return evaluate_driving(manifest, predict)["metrics"]
+
+    torch_version = ""
+    try:
+        from importlib.metadata import version
+
+        torch_version = version("torch")
+    except Exception:  # torch is always installed with trainflow; keep registration robust
+        pass
+    lineage = Lineage(
+        dag_id=dag_id,
+        run_id=run_id,
+        try_number=int(train.get("try_number", 1)),
+        manifest_uri=train["manifest_uri"],
+        dataset_version=dataset["version"],
+        dataset_name=dataset["name"],
+        mlflow_run_id=train["mlflow_run_id"],
+        world_size=int(train["world_size"]),
+        parallelism=str(train["parallelism"]),
+        device=str(train.get("device", values["device"])),
+        torch_version=torch_version,
+        code_version=code_version(),
+        airflow_run_url=airflow_run_url,
+    )
+    return register_step(
+        model_uri=train["model_uri"],
+        registered_model_name=values["registered_model_name"],
+        metrics=evaluation["metrics"],
+        lineage=lineage,
+        gate=GateConfig(values["promotion_metric"], values["promotion_margin"]),
+        rescore=rescore,
+        dataset={"splits": dataset.get("splits", {})},
+        training={
+            "epochs": train.get("epochs"),
+            "steps": train.get("steps"),
+            "train time": f"{train.get('train_seconds', 0):.0f} s",
+            "samples/s": train.get("samples_per_s"),
+        },
+        settings=settings,
+    )

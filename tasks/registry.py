@@ -22,7 +22,8 @@ import dataclasses
 import datetime as dt
 import logging
 import subprocess
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tasks.settings import PROJECT_DIR, Settings, get_settings
 
@@ -196,14 +197,7 @@ def model_card(
             "",
         ]
     lines += [
-        "**Lineage**: DAG `{}` run `{}` (try {}); MLflow run `{}`; code `{}`; torch {}.".format(
-            lineage.dag_id,
-            lineage.run_id,
-            lineage.try_number,
-            lineage.mlflow_run_id,
-            lineage.code_version,
-            lineage.torch_version,
-        ),
+        f"**Lineage**: DAG `{lineage.dag_id}` run `{lineage.run_id}` (try {lineage.try_number}); MLflow run `{lineage.mlflow_run_id}`; code `{lineage.code_version}`; torch {lineage.torch_version}.",
     ]
     if lineage.airflow_run_url:
         lines.append(f"[Airflow DAG run]({lineage.airflow_run_url})")
@@ -321,7 +315,7 @@ def _apply_gate(client, name, version, metrics, lineage: Lineage, gate: GateConf
         f"{gate.metric} {candidate:.4f} vs {against} {reference:.4f} ({direction} is better, margin {gate.margin}): "
         + ("promoted" if promoted else "not better by the margin, stays challenger")
     )
-    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    now = dt.datetime.now(dt.UTC).isoformat()
     decision = {
         "outcome": "promoted" if promoted else "rejected",
         "reason": reason,

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 """The checkout (or installed tree) that holds ``tasks/``."""

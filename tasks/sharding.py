@@ -274,7 +274,7 @@ def shard_dataset(
         "name": name,
         "version": version,
         "kind": source.kind,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
         "source": {
             "url": redact_url(source.url),
             "fingerprint": source.fingerprint,
@@ -377,7 +377,7 @@ class _NegativeSets:
     def take(self, k: int) -> tuple[list[np.ndarray], np.ndarray]:
         """The first ``k`` surviving candidates per user, and the users left short."""
         result, short = [], []
-        for n, user in enumerate(self.users.tolist()):
+        for n in range(len(self.users)):
             lo, hi = self.offsets[n], self.offsets[n + 1]
             survivors = self.items[lo:hi][self.valid[lo:hi]]
             result.append(survivors[:k])

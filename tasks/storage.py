@@ -21,7 +21,8 @@ import os
 import posixpath
 import re
 import uuid
-from typing import IO, TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from tasks.settings import Settings, get_settings, redact_url
 

@@ -71,7 +71,7 @@ def s3_server():
                 break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited: {log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"moto server exited: {log_path.read_text()[-2000:]}") from None
             time.sleep(0.2)
     else:
         proc.kill()

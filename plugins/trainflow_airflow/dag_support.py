@@ -98,3 +98,83 @@ def run_shard(context: dict[str, Any], kind: str, asset) -> dict[str, Any]:
             "cache_hit": result["cache_hit"],
         }
     return result
+
+
+def _ids(context: dict[str, Any]) -> tuple[str, str, int]:
+    ti = context["ti"]
+    return ti.dag_id, ti.run_id, int(ti.try_number)
+
+
+def airflow_run_url(context: dict[str, Any]) -> str:
+    """Link to the DAG run in the Airflow UI (``AIRFLOW__API__BASE_URL``, default local)."""
+    base = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080").rstrip("/")
+    dag_id, run_id, _ = _ids(context)
+    return f"{base}/dags/{dag_id}/runs/{run_id}"
+
+
+def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> dict[str, Any]:
+    """Body of the ``train`` task: torchrun on this machine, resuming on a retry."""
+    from tasks.pipeline import train_step
+    from trainflow_airflow.links import persist_mlflow_links
+
+    dag_id, run_id, try_number = _ids(context)
+    if try_number > 1:
+        log.info("try %d: training resumes from the last committed checkpoint of this DAG run", try_number)
+    with fail_fast_on_bad_input():
+        result = train_step(
+            dict(context["params"]),
+            dataset,
+            kind=kind,
+            dag_id=dag_id,
+            run_id=run_id,
+            try_number=try_number,
+            settings=settings_with_connections(),
+        )
+    persist_mlflow_links(context, experiment_id=result["mlflow_experiment_id"], run_id=result["mlflow_run_id"])
+    return result
+
+
+def run_evaluate(context: dict[str, Any], kind: str, train: dict[str, Any]) -> dict[str, Any]:
+    """Body of the ``evaluate`` task."""
+    from tasks.pipeline import evaluate_model_step
+    from trainflow_airflow.links import persist_mlflow_links
+
+    persist_mlflow_links(context, experiment_id=train["mlflow_experiment_id"], run_id=train["mlflow_run_id"])
+    return evaluate_model_step(kind, train, settings_with_connections())
+
+
+def run_register(
+    context: dict[str, Any], kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
+) -> dict[str, Any]:
+    """Body of the ``register`` task: a model version, the gate, and the model Asset event."""
+    from tasks.pipeline import register_model_step
+    from trainflow_airflow.links import persist_mlflow_links
+
+    dag_id, run_id, _ = _ids(context)
+    result = register_model_step(
+        dict(context["params"]),
+        dataset,
+        train,
+        evaluation,
+        kind=kind,
+        dag_id=dag_id,
+        run_id=run_id,
+        airflow_run_url=airflow_run_url(context),
+        settings=settings_with_connections(),
+    )
+    persist_mlflow_links(
+        context,
+        experiment_id=train["mlflow_experiment_id"],
+        run_id=train["mlflow_run_id"],
+        model_name=result["name"],
+        model_version=result["version"],
+    )
+    outlet_events = context.get("outlet_events")
+    if outlet_events is not None:
+        outlet_events[asset].extra = {
+            "registered_model": result["name"],
+            "version": result["version"],
+            "aliases": result["aliases"],
+            "decision": result["decision"]["outcome"],
+        }
+    return result

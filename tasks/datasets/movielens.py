@@ -23,8 +23,8 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tasks.datasets.textio import SourceFormatError, parse_delimited
 

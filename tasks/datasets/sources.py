@@ -19,7 +19,8 @@ import hashlib
 import json
 import logging
 import posixpath
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from tasks.datasets import argoverse, movielens, synthetic
 from tasks.datasets.textio import SourceFormatError

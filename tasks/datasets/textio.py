@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 log = logging.getLogger(__name__)
 

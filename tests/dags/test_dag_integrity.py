@@ -12,8 +12,8 @@ import pytest
 from tasks.settings import PROJECT_DIR
 
 DAGS = {
-    "recommendation_training": {"shard"},
-    "driving_training": {"shard"},
+    "recommendation_training": {"shard", "train", "evaluate", "register"},
+    "driving_training": {"shard", "train", "evaluate", "register"},
 }
 DAG_FILES = sorted((PROJECT_DIR / "dags").glob("*.py"))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
 from trainflow_airflow import links
 from trainflow_airflow.links import MLflowModelVersionLink, MLflowRunLink, mlflow_ui_url, persist_mlflow_links
 from trainflow_airflow.operators import TrainflowStepOperator, trainflow_task
