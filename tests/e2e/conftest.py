@@ -17,6 +17,13 @@ def airflow_db():
         timeout=300,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    pool = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "airflow"), "pools", "set", "training", "1", "trainflow training"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert pool.returncode == 0, pool.stderr[-2000:]
     return os.environ["AIRFLOW_HOME"]
 
 
