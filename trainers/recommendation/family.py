@@ -20,6 +20,12 @@ sampled negatives (the split's ``neg_item_idx``); ties count against the positiv
 (see :func:`~trainers.recommendation.metrics.rank_of_positive`). SASRec reads the user's
 history up to the target: for ``valid`` the train rows without the ``is_valid`` one, for
 ``eval`` all train rows (the valid interaction is earlier than the eval one).
+
+Valid rows and model selection: by default (``train_on_valid=False``) the ``is_valid`` rows are
+not training positives, so epochs and hyper-parameters can be chosen on ``valid``. The model we
+ship is then refit with ``train_on_valid=True`` for the epoch count chosen on ``valid``, keeping
+the last epoch (the loop's ``keep_best=False``): ``valid`` metrics of such a run are leaked.
+See ``docs/quality.md`` ("Recommendation") for the commands and measured numbers.
 """
 
 from __future__ import annotations
