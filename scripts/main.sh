@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: runs the recommendation pipeline on embedded defaults (SQLite Airflow,
-# local object store under data/, SQLite MLflow, CPU) with real Airflow (`airflow dags test`).
+# The main job: runs the recommendation pipeline end to end (shard -> train -> evaluate ->
+# register) on embedded defaults (SQLite Airflow, local object store under data/, SQLite
+# MLflow, 2 CPU processes) with real Airflow (`airflow dags test`) and real torchrun.
+# Extra DAG params: TRAINFLOW_MAIN_CONF='{"epochs": 5}' bash scripts/main.sh
 # Data: ML-100K (NCF split) from ../shared/data when present, otherwise the synthetic stand-in.
 # Usage: bash scripts/main.sh [recommendation|driving]
 set -euo pipefail
@@ -21,17 +23,25 @@ case "$KIND" in
 esac
 echo "[main] data: $SOURCE"
 "$VENV/bin/airflow" db migrate > "$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -40 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+"$VENV/bin/airflow" pools set training 1 "trainflow training jobs (one at a time on this machine)" > /dev/null
 LOG="$TRAINFLOW_DATA_DIR/last-${KIND}-run.log"
-echo "[main] running ${KIND}_training with airflow dags test (full log: $LOG)"
-CONF="$("$VENV/bin/python" -c 'import json,sys; print(json.dumps({"source_url": sys.argv[1]}))' "$SOURCE")"
+echo "[main] running ${KIND}_training with airflow dags test: shard -> train -> evaluate -> register (log: $LOG)"
+EXTRA="${TRAINFLOW_MAIN_CONF:-}"; [ -n "$EXTRA" ] || EXTRA='{}'
+CONF="$("$VENV/bin/python" -c 'import json,sys; print(json.dumps({"source_url": sys.argv[1], **json.loads(sys.argv[2])}))' "$SOURCE" "$EXTRA")"
+START=$(date +%s)
 if ! "$VENV/bin/airflow" dags test "${KIND}_training" -c "$CONF" > "$LOG" 2>&1; then
   tail -60 "$LOG"; echo "[main] the DAG run failed; see $LOG" >&2; exit 1
 fi
-grep -E "cache hit|new version committed|splits:|DagRun Finished" "$LOG" | sed -E 's/^[^ ]+ \[[a-z ]+\] //' || true
-echo "[main] dataset manifest:"
-"$VENV/bin/python" -m tasks.cli manifest "$SOURCE" --kind "$KIND"
+if ! grep -q "DagRun Finished: dag_id=${KIND}_training.*state=success" "$LOG"; then
+  grep -E "ERROR|Error|Traceback" "$LOG" | tail -20; echo "[main] the DAG run did not succeed; see $LOG" >&2; exit 1
+fi
+echo "[main] finished in $(( $(date +%s) - START )) s"
+echo
+"$VENV/bin/python" -m tasks.cli report "${KIND}_training"
 cat <<MSG
 
-[main] done. To look around:
-  Airflow UI:  bash scripts/airflow-ui.sh     (airflow standalone on http://127.0.0.1:8080, this project's DAGs)
+[main] To look at the results:
+  Airflow UI:  bash scripts/airflow-ui.sh    -> http://127.0.0.1:8080 (DAG ${KIND}_training, its runs, task logs, MLflow links)
+  MLflow UI:   bash scripts/mlflow-ui.sh     -> http://127.0.0.1:5000 (experiment trainflow-${KIND}, model trainflow-${KIND})
+  Manifest:    .venv/bin/python -m tasks.cli manifest '$SOURCE' --kind $KIND
 MSG

@@ -2,6 +2,7 @@
 
     python -m tasks.cli shard SOURCE_URL --kind recommendation [--name NAME]
     python -m tasks.cli manifest SOURCE_URL --kind recommendation [--name NAME] [--full]
+    python -m tasks.cli report DAG_ID          # the last finished pipeline run, for people
 """
 
 from __future__ import annotations
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--name", default=None)
         if command == "manifest":
             p.add_argument("--full", action="store_true", help="print the whole manifest, shards included")
+    report = sub.add_parser("report")
+    report.add_argument("dag_id")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return print_report(args.dag_id, as_json=args.json)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "shard":
         print(json.dumps(shard_dataset(args.source_url, args.kind, name=args.name), indent=2))
@@ -49,6 +55,34 @@ def main(argv: list[str] | None = None) -> int:
             for split, entry in data["splits"].items()
         }
     print(json.dumps({"manifest_uri": manifest.uri, **data}, indent=2))
+    return 0
+
+
+def print_report(dag_id: str, as_json: bool = False) -> int:
+    """Print the last run report of ``dag_id``: dataset, training, metrics, registry."""
+    from tasks.pipeline import latest_run_report
+
+    report = latest_run_report(dag_id)
+    if report is None:
+        print(f"no finished run of {dag_id} yet")
+        return 1
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    d, t, r = report["dataset"], report["training"], report["registry"]
+    splits = ", ".join(f"{k} {v:,}" for k, v in (d.get("splits") or {}).items())
+    print(f"dataset   {d['name']} version {d['version']} ({'cache hit' if d['cache_hit'] else 'new version'}; {splits})")
+    print(
+        f"training  {t['world_size']} process(es), {t['parallelism']} on {t['device']}: {t['epochs']} epochs, "
+        f"{t['steps']} steps, {t['samples_per_s']:.0f} samples/s, {t['train_seconds']:.1f} s"
+    )
+    print(f"metrics   (eval split)      model   {report['baseline']}")
+    for key, pair in report["metrics"].items():
+        base = "" if pair["baseline"] is None else f"{pair['baseline']:.4f}"
+        print(f"          {key:<18} {pair['model']:.4f}   {base}")
+    print(f"registry  {r['name']} version {r['version']}, aliases {', '.join(r['aliases']) or '-'}: {r['decision']}")
+    print(f"          {r['reason']}")
+    print(f"mlflow    run {report['mlflow']['run_id']}, model {report['mlflow']['model_uri']}")
     return 0
 
 

@@ -7,6 +7,7 @@ and tested from a shell.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -69,7 +70,9 @@ def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, ru
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    experiment_id = (
+        exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=settings.mlflow_artifact_root)
+    )
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`trainflow.training_key` = '{training_key}'", max_results=1
     )
@@ -251,3 +254,61 @@ def register_model_step(
         },
         settings=settings,
     )
+
+
+# --- report ----------------------------------------------------------------------------------
+REPORT_NAME = "report.json"
+REPORT_KEYS = {
+    "recommendation": ("hr_at_10", "ndcg_at_10", "mrr", "coverage_at_10"),
+    "driving": ("ade", "fde", "miss_rate", "ade_1s", "fde_3s"),
+}
+
+
+def run_report(kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], registry: dict[str, Any]) -> dict[str, Any]:
+    """What one pipeline run produced, in a few lines a user reads first."""
+    metrics = evaluation["metrics"]
+    return {
+        "kind": kind,
+        "dataset": {k: dataset.get(k) for k in ("name", "version", "cache_hit", "splits", "manifest_uri")},
+        "training": {
+            k: train.get(k)
+            for k in (
+                "world_size", "parallelism", "device", "epochs", "steps", "samples_per_s", "train_seconds",
+                "best_epoch", "resumed_from_step", "run_dir", "checkpoint_uri",
+            )
+        },
+        "metrics": {k: {"model": metrics[k], "baseline": metrics.get(f"baseline_{k}")} for k in REPORT_KEYS[kind] if k in metrics},
+        "baseline": "ItemPop" if kind == "recommendation" else "constant velocity",
+        "registry": {
+            "name": registry["name"],
+            "version": registry["version"],
+            "aliases": registry["aliases"],
+            "decision": registry["decision"].get("outcome"),
+            "reason": registry["decision"].get("reason"),
+        },
+        "mlflow": {"run_id": train.get("mlflow_run_id"), "experiment_id": train.get("mlflow_experiment_id"), "model_uri": train.get("model_uri")},
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
+
+
+def write_run_report(report: dict[str, Any], dag_id: str, run_id: str, settings: Settings | None = None) -> str:
+    """Write ``report.json`` into the DAG run's directory; returns its URL."""
+    from tasks.launch import run_dir_url
+    from tasks.storage import Storage
+
+    settings = settings or get_settings()
+    store = Storage(run_dir_url(dag_id, run_id, settings), settings)
+    store.commit_bytes(REPORT_NAME, (json.dumps(report, indent=2, default=str) + "\n").encode())
+    return store.url(REPORT_NAME)
+
+
+def latest_run_report(dag_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
+    """The most recently finished run report of ``dag_id``, or ``None``."""
+    from tasks.storage import Storage, safe_name
+
+    settings = settings or get_settings()
+    store = Storage.from_settings(settings).child(f"runs/{safe_name(dag_id, 'dag_id')}")
+    reports = [
+        json.loads(store.read_bytes(path)) for path in store.list(recursive=True) if path.endswith("/" + REPORT_NAME)
+    ]
+    return max(reports, key=lambda r: r.get("finished_at", ""), default=None)

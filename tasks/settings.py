@@ -102,6 +102,8 @@ class Settings:
         download_dir: Where downloaded raw datasets are cached (local folder).
         shared_data_dir: Folder of real datasets used by tests and the demo when present.
         s3: How to reach S3 when ``storage_root`` or a source URL is ``s3://``.
+        mlflow_artifact_root: Artifact location of the experiments trainflow creates;
+            ``None`` lets an MLflow server choose (its ``--default-artifact-root``).
     """
 
     data_dir: Path
@@ -110,6 +112,7 @@ class Settings:
     download_dir: Path
     shared_data_dir: Path
     s3: S3Config = dataclasses.field(default_factory=S3Config)
+    mlflow_artifact_root: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -132,6 +135,10 @@ class Settings:
             connect_timeout=_positive_float(env, "TRAINFLOW_S3_CONNECT_TIMEOUT", 5.0),
             read_timeout=_positive_float(env, "TRAINFLOW_S3_READ_TIMEOUT", 60.0),
         )
+        artifact_root = env.get("TRAINFLOW_MLFLOW_ARTIFACT_ROOT") or None
+        if artifact_root is None and not tracking.startswith(("http://", "https://", "databricks")):
+            # A local store: keep artifacts beside it, never in the current directory.
+            artifact_root = (data_dir / "mlartifacts").resolve().as_uri()
         return cls(
             data_dir=data_dir,
             storage_root=storage_root.rstrip("/"),
@@ -139,6 +146,7 @@ class Settings:
             download_dir=download_dir,
             shared_data_dir=shared,
             s3=s3,
+            mlflow_artifact_root=artifact_root,
         )
 
     def with_s3_credentials(

@@ -44,8 +44,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def tf_env(tmp_path, monkeypatch):
-    """A private data dir and local storage root for one test; returns the data dir."""
+    """A private data dir and local storage root for one test; returns the data dir.
+
+    The test runs in ``tmp_path``, so anything written relative to the working directory
+    (MLflow's default ``mlruns``) stays out of the checkout.
+    """
     data_dir = tmp_path / "tfdata"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(data_dir))
     monkeypatch.delenv("TRAINFLOW_STORAGE_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

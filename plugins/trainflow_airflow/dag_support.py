@@ -147,7 +147,7 @@ def run_register(
     context: dict[str, Any], kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
 ) -> dict[str, Any]:
     """Body of the ``register`` task: a model version, the gate, and the model Asset event."""
-    from tasks.pipeline import register_model_step
+    from tasks.pipeline import register_model_step, run_report, write_run_report
     from trainflow_airflow.links import persist_mlflow_links
 
     dag_id, run_id, _ = _ids(context)
@@ -169,6 +169,8 @@ def run_register(
         model_name=result["name"],
         model_version=result["version"],
     )
+    report = run_report(kind, dataset, train, evaluation, result)
+    log.info("run report: %s", write_run_report(report, dag_id, run_id, settings_with_connections()))
     outlet_events = context.get("outlet_events")
     if outlet_events is not None:
         outlet_events[asset].extra = {

@@ -62,3 +62,12 @@ def test_bad_numbers_name_the_variable(name, value):
 def test_redact_url_leaves_plain_urls():
     assert redact_url("s3://bucket/a@b") == "s3://bucket/a@b"
     assert redact_url("http://u:p@h:1/x") == "http://u:***@h:1/x"
+
+
+def test_mlflow_artifacts_stay_beside_a_local_store(tmp_path):
+    local = Settings.from_env({"TRAINFLOW_DATA_DIR": str(tmp_path)})
+    assert local.mlflow_artifact_root == (tmp_path / "mlartifacts").resolve().as_uri()
+    server = Settings.from_env({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert server.mlflow_artifact_root is None
+    explicit = Settings.from_env({"MLFLOW_TRACKING_URI": "http://x", "TRAINFLOW_MLFLOW_ARTIFACT_ROOT": "s3://b/a"})
+    assert explicit.mlflow_artifact_root == "s3://b/a"
