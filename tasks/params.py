@@ -155,6 +155,12 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
                 "nproc_per_node" if devices else "device",
                 f"{values['nproc_per_node']} processes need as many CUDA devices, this machine has {devices}",
             )
+    if values["nnodes"] > 1:
+        raise ParamError(
+            "nnodes",
+            f"{values['nnodes']} nodes: this version launches training on the Airflow worker's own machine "
+            "only (nnodes=1); multi-node rendezvous is not wired into the DAGs yet",
+        )
     world = values["nnodes"] * values["nproc_per_node"]
     if values["parallelism"] == "none" and world > 1:
         raise ParamError("parallelism", f"'none' runs one process, but nnodes × nproc_per_node = {world}")

@@ -26,6 +26,7 @@ def test_defaults_are_valid(kind):
         ({"parallelism": "none"}, "parallelism", "one process"),
         ({"batch_size": 1}, "batch_size", "world size 2"),
         ({"epochz": 3}, "epochz", "unknown parameter"),
+        ({"nnodes": 2}, "nnodes", "nnodes=1"),
     ],
 )
 def test_bad_values_name_the_field(params, field, match):
