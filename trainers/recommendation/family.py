@@ -5,8 +5,9 @@ Training (what :class:`RecommendationFamily` gives the generic loop):
 * NCF: a sample is one training interaction (user, item); its batch row holds the positive
   and ``num_negatives`` sampled items (``items[:, 0]`` is the positive), BCE over all.
 * SASRec: a sample is a window of up to ``max_seq_len`` consecutive interactions of one user
-  in time order (long histories are cut into windows from the end, so each interaction is a
-  target exactly once per epoch); at each position the next item is the positive, with
+  in time order (long histories are cut into windows from the end, so each interaction but
+  the user's first, which has no history, is a target exactly once per epoch); at each
+  position the next item is the positive, with
   ``num_negatives`` sampled items, BCE over the real (non-padding) positions.
 
 Samples are shuffled by (seed, epoch), identically on every rank, then dealt to ranks by
@@ -216,6 +217,8 @@ class RecommendationFamily(ModelFamily):
         if split not in EVAL_SPLITS:
             raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
         if split not in self._holdouts:
+            if self.manifest is None:
+                raise ValueError(f"no {split!r} holdout: the family was built without a manifest or holdouts")
             table = self.manifest.read_table(split, columns=["user_idx", "item_idx", "neg_item_idx"])
             negatives = np.asarray(table.column("neg_item_idx").to_pylist(), dtype=np.int64)
             positives = table.column("item_idx").to_numpy().astype(np.int64)
