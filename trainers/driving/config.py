@@ -39,11 +39,11 @@ class DrivingConfig:
     context_dim: int = 128
     max_neighbours: int = 32
     dropout: float = 0.1
-    num_members: int = 1
+    num_members: int = 3
     train_on_all_tracks: bool = True
     min_other_displacement: float = 0.0
     focal_weight: float = 3.0
-    fde_weight: float = 0.0
+    fde_weight: float = 0.5
     mirror_probability: float = 0.5
     mirror_average: bool = True
     context_dropout: float = 0.1
