@@ -293,3 +293,32 @@ def test_mirror_averaged_model_is_reflection_equivariant():
         unaveraged = plain(history * flip, neighbours * flip)
     torch.testing.assert_close(mirrored, direct * flip, atol=1e-4, rtol=0)
     assert not torch.allclose(unaveraged, direct * flip, atol=1e-3)  # the averaging is what makes it so
+
+
+def test_entry_point_arguments():
+    from trainers.driving.__main__ import DEFAULT_TRAIN, driving_argv
+
+    argv = driving_argv(["--manifest-uri", "file:///m/_manifest.json", "--train.epochs=2"])
+    assert argv[-2:] == ["--train.manifest_uri=file:///m/_manifest.json", "--train.epochs=2"]
+    assert f"--train.epochs={DEFAULT_TRAIN['epochs']}" in argv[:-2]  # defaults first: overrides win
+    assert driving_argv(["--config", "run.json", "--manifest-uri=s3://b/m"]) == [
+        "--config", "run.json", "--train.manifest_uri=s3://b/m"]
+
+
+def test_entry_point_trains_and_exports_a_servable_model(synthetic_manifest, tmp_path, monkeypatch):
+    from trainers.driving.__main__ import main
+
+    monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_dir = (tmp_path / "run").as_uri()
+    result = main(["--manifest-uri", synthetic_manifest.uri, f"--train.run_dir={run_dir}", "--train.epochs=2",
+                   "--train.batch_size=64", "--train.log_to_mlflow=false", "--family.hidden_dim=16",
+                   "--family.context_dim=8", "--family.max_neighbours=4", "--family.num_members=1"])
+    assert result["family"] == "driving" and result["epochs"] == 2
+    assert set(result["metrics"]["eval"]) >= {"ade", "fde", "miss_rate", "baseline_ade", "baseline_fde"}
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    model = build_forecaster(config["export_config"])
+    model.load_state_dict(torch.load(tmp_path / "run" / "model" / "model.pt", weights_only=True))
+    history = moving_histories(5).astype(np.float32)
+    out = forecast(model, history)
+    assert out.shape == (5, 30, 2) and np.isfinite(out).all()
