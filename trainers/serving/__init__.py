@@ -45,6 +45,18 @@ class ServedRecommender(torch.nn.Module):
         return self.model(users, items.unsqueeze(1)).squeeze(1)
 
 
+class ServedForecaster(torch.nn.Module):
+    """(n, 20, 2) histories, re-centred on their last position → (n, 30, 2) forecasts in the same
+    frame; the served contract has no surrounding vehicles (the model's history-only path)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        return self.model(history)
+
+
 def build_recommender(config: dict[str, Any]) -> torch.nn.Module:
     """The recommendation model described by an exported ``config.json``."""
     from trainers.recommendation import models
@@ -71,9 +83,11 @@ def served_module(state: dict[str, torch.Tensor], config: dict[str, Any]) -> tup
         model.load_state_dict(state)
         module: torch.nn.Module = ServedRecommender(model, config["family_config"]["model"] == "sasrec")
     elif family == "driving":
-        from trainers.driving.model import served_forecaster
+        from trainers.driving.model import build_forecaster
 
-        module = served_forecaster(state, config["export_config"])
+        model = build_forecaster(config["export_config"])
+        model.load_state_dict(state)
+        module = ServedForecaster(model)
     else:
         raise ValueError(f"unknown model family {family!r}")
     return module.eval(), family
@@ -91,12 +105,15 @@ def _recommendation_example(manifest) -> tuple[tuple[torch.Tensor, ...], Any]:
     return (torch.from_numpy(users), torch.from_numpy(items)), frame
 
 
-def _driving_example(manifest) -> tuple[tuple[torch.Tensor, ...], Any]:
+def _driving_example(manifest) -> tuple[tuple[torch.Tensor, ...], Any, np.ndarray]:
+    """Model inputs (re-centred, as the pyfunc feeds them), the raw example, the origins."""
     from tasks.evaluation import focal_tracks
 
     _, tracks = focal_tracks(manifest, "eval")
     history = np.ascontiguousarray(tracks[:8, :20]).astype(np.float32)
-    return (torch.from_numpy(history),), history
+    origin = history[:, -1:, :].astype(np.float64)
+    local = (history.astype(np.float64) - origin).astype(np.float32)
+    return (torch.from_numpy(local),), history, origin
 
 
 def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | None = None) -> dict[str, Any]:
@@ -121,6 +138,7 @@ def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | Non
     batch = torch.export.Dim("batch", min=1)
     with tempfile.TemporaryDirectory(prefix="trainflow-serving-") as tmp:
         artifacts = {"program": os.path.join(tmp, "program.pt2")}
+        origin = 0.0
         if kind == "recommendation":
             inputs, example = _recommendation_example(manifest)
             dynamic = ({0: batch}, {0: batch})
@@ -130,11 +148,11 @@ def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | Non
             artifacts["item_ids"] = os.path.join(tmp, "item_ids.npy")
             code = os.path.join(HERE, "recommendation_pyfunc.py")
         else:
-            inputs, example = _driving_example(manifest)
+            inputs, example, origin = _driving_example(manifest)
             dynamic = ({0: batch},)
             code = os.path.join(HERE, "driving_pyfunc.py")
         with torch.no_grad():
-            expected = module(*inputs).float().numpy()
+            expected = (module(*inputs).double().numpy() + origin).astype(np.float32)
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic)
         torch.export.save(program, artifacts["program"])
         params = ParamSchema([ParamSpec("top_k", "long", 0)]) if kind == "recommendation" else None

@@ -20,16 +20,20 @@ class TrainflowForecaster(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        history = np.asarray(model_input, dtype=np.float32)
+        history = np.asarray(model_input, dtype=np.float64)
         if history.ndim != 3 or history.shape[1:] != (20, 2):
             raise ValueError(f"input must have shape (n, 20, 2), got {history.shape}")
         if not np.isfinite(history).all():
             raise ValueError("input histories contain NaN or infinite positions")
+        # Re-centre on the last position in float64 so city-frame coordinates keep their precision.
+        origin = history[:, -1:, :]
+        local = (history - origin).astype(np.float32)
         out = []
         with torch.no_grad():
-            for lo in range(0, len(history), 8192):
-                out.append(self.program(torch.from_numpy(history[lo : lo + 8192])).numpy())
-        return np.concatenate(out) if out else np.zeros((0, 30, 2), np.float32)
+            for lo in range(0, len(local), 8192):
+                forecast = self.program(torch.from_numpy(local[lo : lo + 8192])).double().numpy()
+                out.append(forecast + origin[lo : lo + 8192])
+        return (np.concatenate(out) if out else np.zeros((0, 30, 2))).astype(np.float32)
 
 
 mlflow.models.set_model(TrainflowForecaster())
