@@ -126,8 +126,8 @@ def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | Non
         RuntimeError: the logged model, loaded back, does not reproduce the trained outputs.
     """
     import mlflow
-    from mlflow.models import infer_signature
-    from mlflow.types.schema import ParamSchema, ParamSpec
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from trainers.loop import load_exported_model
 
@@ -155,10 +155,14 @@ def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | Non
             expected = (module(*inputs).double().numpy() + origin).astype(np.float32)
         program = torch.export.export(module, inputs, dynamic_shapes=dynamic)
         torch.export.save(program, artifacts["program"])
-        params = ParamSchema([ParamSpec("top_k", "long", 0)]) if kind == "recommendation" else None
-        signature = infer_signature(example, expected, params=None)
-        if params is not None:
-            signature.params = params
+        if kind == "recommendation":
+            # item_id is optional: with params={"top_k": K} the model ranks every item per user.
+            signature = ModelSignature(
+                inputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "item_id", required=False)]),
+                params=ParamSchema([ParamSpec("top_k", "long", 0)]),
+            )
+        else:
+            signature = infer_signature(example, expected)
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         requirements = [
             f"torch=={torch.__version__.split('+')[0]}",
