@@ -9,7 +9,8 @@ batches are made from the dataset manifest, the loss, evaluation and the exporte
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
