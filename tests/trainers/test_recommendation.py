@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.metrics import hit_ratio, ndcg, rank_of_positive, ranking_metrics
 from tests.conftest import shared_dataset
 from trainers.distributed import World
 from trainers.recommendation import RecommendationConfig, RecommendationFamily
 from trainers.recommendation.data import Interactions, is_positive, rank_batches, sample_negatives
-from trainers.recommendation.metrics import hit_ratio, ndcg, rank_of_positive, ranking_metrics
 
 NUM_USERS, NUM_ITEMS = 30, 150
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tasks.metrics import constant_velocity_forecast, displacement_metrics
 from trainers.driving.config import DrivingConfig
 from trainers.driving.data import ForecastSamples, load_samples
-from trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES, constant_velocity_forecast
-from trainers.driving.metrics import displacement_metrics
+from trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
 from trainers.driving.model import ForecastModel
 from trainers.family import ModelFamily
 

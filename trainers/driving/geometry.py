@@ -7,7 +7,6 @@ function so that the exported model, the metrics and the tests share one definit
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 HISTORY_FRAMES = 20
@@ -72,21 +71,3 @@ def from_agent_frame(points: torch.Tensor, origin: torch.Tensor, cos: torch.Tens
     c, s = _expand(cos, points), _expand(sin, points)
     x, y = points[..., 0], points[..., 1]
     return torch.stack([c * x - s * y, s * x + c * y], dim=-1) + origin.reshape(shape)
-
-
-def constant_velocity_forecast(history: np.ndarray, num_future: int = FUTURE_FRAMES) -> np.ndarray:
-    """The official Argoverse constant-velocity baseline: mean velocity over the history.
-
-    Args:
-        history: (n, T, 2) observed positions (T >= 2), any fixed frame.
-        num_future: Frames to forecast.
-
-    Returns:
-        (n, num_future, 2) positions: last position + k × mean per-frame displacement.
-    """
-    history = np.asarray(history, dtype=np.float64)
-    if history.ndim != 3 or history.shape[1] < 2 or history.shape[2] != 2:
-        raise ValueError(f"history must have shape (n, T>=2, 2), got {history.shape}")
-    velocity = (history[:, -1] - history[:, 0]) / (history.shape[1] - 1)
-    steps = np.arange(1, num_future + 1, dtype=np.float64)[None, :, None]
-    return history[:, -1:, :] + steps * velocity[:, None, :]

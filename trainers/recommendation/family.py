@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.metrics import rank_of_positive, ranking_metrics
 from trainers.family import ModelFamily
 from trainers.recommendation.config import RecommendationConfig
 from trainers.recommendation.data import Interactions, rank_batches, sample_negatives
-from trainers.recommendation.metrics import rank_of_positive, ranking_metrics
 
 if TYPE_CHECKING:
     import torch
