@@ -22,16 +22,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Asset, dag, task
-from trainflow_airflow.dag_support import (
-    build_params,
-    default_args,
-    run_evaluate,
-    run_register,
-    run_shard,
-    run_train,
-)
-from trainflow_airflow.operators import trainflow_task
+from airflow.sdk import Asset, dag
+from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
 
 KIND = "driving"
 TRAINING_POOL = "training"
@@ -51,29 +43,7 @@ MODEL = Asset(name="trainflow_driving_model", uri="trainflow://models/driving")
     doc_md=__doc__,
 )
 def driving_training():
-    @task(outlets=[DATASET])
-    def shard(**context):
-        """Shard the raw data (or reuse the committed version)."""
-        return run_shard(context, KIND, DATASET)
-
-    @trainflow_task(pool=TRAINING_POOL, execution_timeout=dt.timedelta(hours=6))
-    def train(dataset, **context):
-        """Train with torchrun; a retry resumes from the last committed checkpoint."""
-        return run_train(context, KIND, dataset)
-
-    @trainflow_task
-    def evaluate(train_result, **context):
-        """Score the model on the held-out split against the baseline; plots to MLflow."""
-        return run_evaluate(context, KIND, train_result)
-
-    @trainflow_task(outlets=[MODEL])
-    def register(dataset, train_result, evaluation, **context):
-        """Register a model version and apply the champion/challenger gate."""
-        return run_register(context, KIND, dataset, train_result, evaluation, MODEL)
-
-    dataset = shard()
-    trained = train(dataset)
-    register(dataset, trained, evaluate(trained))
+    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL)
 
 
 driving_training()

@@ -46,22 +46,35 @@ def shard_step(params: dict[str, Any], kind: str, settings: Settings | None = No
 
 
 # --- train -----------------------------------------------------------------------------------
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Tuned on the valid split of ML-100K (docs/quality.md); model_options override them.
+    "sasrec": {"max_seq_len": 50, "dropout": 0.2, "num_negatives": 1},
+    "neumf": {"num_negatives": 4},
+    "gmf": {"num_negatives": 4},
+    "mlp": {"num_negatives": 4},
+}
+
+
 def family_args(kind: str, values: dict[str, Any]) -> list[str]:
-    """The model family's command-line settings for the DAG params ``model`` and ``model_size``."""
+    """The model family's settings from the DAG params ``model``, ``model_size`` and
+    ``model_options`` (which win), as ``--family.FIELD=VALUE`` arguments."""
     size = int(values["model_size"])
+    settings: dict[str, Any] = {"seed": values["seed"]}
     if kind == "recommendation":
         model = values["model"]
-        args = [f"--family.model={model}", f"--family.seed={values['seed']}"]
+        settings["model"] = model
+        settings.update(MODEL_PRESETS.get(model, {}))
         if model == "sasrec":
-            args.append(f"--family.hidden_size={size}")
+            settings["hidden_size"] = size
         else:
-            layers = [max(2 * size, 8), max(size, 4), max(size // 2, 2), max(size // 4, 1)]
-            args += [f"--family.gmf_factors={size}", f"--family.mlp_layers={json.dumps(layers)}"]
-        return args
-    args = [f"--family.hidden_dim={size}", f"--family.seed={values['seed']}"]
-    if values["model"] == "mlp":
-        args.append("--family.max_neighbours=0")
-    return args
+            settings["gmf_factors"] = size
+            settings["mlp_layers"] = [max(2 * size, 8), max(size, 4), max(size // 2, 2), max(size // 4, 1)]
+    else:
+        settings["hidden_dim"] = size
+        if values["model"] == "mlp":
+            settings["max_neighbours"] = 0
+    settings.update(values.get("model_options") or {})
+    return [f"--family.{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
 def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:

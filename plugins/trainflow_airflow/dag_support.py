@@ -180,3 +180,34 @@ def run_register(
             "decision": result["decision"]["outcome"],
         }
     return result
+
+
+def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "training") -> None:
+    """Define shard → train → evaluate → register inside the current ``@dag`` body."""
+    from airflow.sdk import task
+
+    from trainflow_airflow.operators import trainflow_task
+
+    @task(outlets=[dataset_asset])
+    def shard(**context):
+        """Shard the raw data (or reuse the committed version)."""
+        return run_shard(context, kind, dataset_asset)
+
+    @trainflow_task(pool=training_pool, execution_timeout=dt.timedelta(hours=6))
+    def train(dataset, **context):
+        """Train with torchrun; a retry resumes from the last committed checkpoint."""
+        return run_train(context, kind, dataset)
+
+    @trainflow_task
+    def evaluate(train_result, **context):
+        """Score the model on the held-out split against the baseline; plots to MLflow."""
+        return run_evaluate(context, kind, train_result)
+
+    @trainflow_task(outlets=[model_asset])
+    def register(dataset, train_result, evaluation, **context):
+        """Register a model version and apply the champion/challenger gate."""
+        return run_register(context, kind, dataset, train_result, evaluation, model_asset)
+
+    dataset = shard()
+    trained = train(dataset)
+    register(dataset, trained, evaluate(trained))

@@ -160,16 +160,8 @@ def find_ncf_prefix(names: list[str]) -> str | None:
 
 
 # --- download ------------------------------------------------------------------------------
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
@@ -219,7 +211,7 @@ def download_release(name: str, download_dir: Path, base_url: str | None = None)
         md5_path = target_dir / (release.zip_name + ".md5")
         _fetch(url + ".md5", md5_path)
         expected = md5_path.read_text().split()[0].strip()
-    actual = _md5_file(archive)
+    actual = _file_digest(archive, "md5")
     if actual != expected:
         archive.unlink()
         raise ValueError(f"{url}: MD5 {actual} does not match the pinned {expected}; download removed")
@@ -229,7 +221,7 @@ def download_release(name: str, download_dir: Path, base_url: str | None = None)
         except KeyError:
             raise ValueError(f"{url}: archive has no {release.member}") from None
         extracted = Path(tmp) / release.member
-        if release.sha256 and _sha256_file(extracted) != release.sha256:
+        if release.sha256 and _file_digest(extracted, "sha256") != release.sha256:
             raise ValueError(f"{url}: {release.member} does not match its pinned sha256")
         ratings.parent.mkdir(parents=True, exist_ok=True)
         os.replace(extracted, ratings)

@@ -27,6 +27,9 @@ def test_defaults_are_valid(kind):
         ({"batch_size": 1}, "batch_size", "world size 2"),
         ({"epochz": 3}, "epochz", "unknown parameter"),
         ({"nnodes": 2}, "nnodes", "nnodes=1"),
+        ({"model_options": {"Bad-Key": 1}}, "model_options", "not a setting name"),
+        ({"model_options": {"seed": 1}}, "model_options", "its own param"),
+        ({"model_options": [1]}, "model_options", "expected object"),
     ],
 )
 def test_bad_values_name_the_field(params, field, match):
@@ -44,3 +47,18 @@ def test_cuda_with_enough_devices_passes():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         param_specs("weather")
+
+
+def test_family_args_presets_sizes_and_options():
+    from tasks.pipeline import family_args
+
+    values = validate_params({"model": "neumf", "model_size": 32}, "recommendation", cpu_count=2)
+    args = family_args("recommendation", values)
+    assert "--family.gmf_factors=32" in args and "--family.mlp_layers=[64, 32, 16, 8]" in args
+    assert "--family.num_negatives=4" in args
+    values = validate_params({"model_options": {"max_seq_len": 100, "dropout": 0.1}}, "recommendation", cpu_count=2)
+    args = family_args("recommendation", values)
+    assert "--family.model=\"sasrec\"" in args and "--family.hidden_size=64" in args
+    assert args.count("--family.max_seq_len=100") == 1 and "--family.max_seq_len=50" not in args
+    values = validate_params({"model": "mlp"}, "driving", cpu_count=2)
+    assert "--family.max_neighbours=0" in family_args("driving", values)
