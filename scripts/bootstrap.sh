@@ -5,6 +5,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${TRAINFLOW_PYTHON:-python3.11}"
+# One bootstrap at a time (the UI scripts and the main job may start together).
+exec 9>"$ROOT/.bootstrap.lock"
+flock 9
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating $VENV with $($PY --version 2>&1)"
