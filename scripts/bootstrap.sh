@@ -22,3 +22,4 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install --quiet -c "$ROOT/constraints.txt" -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
 fi
+exec 9>&-  # release the lock: the environment is ready
