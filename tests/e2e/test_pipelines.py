@@ -100,3 +100,25 @@ def test_cross_field_check_fails_the_first_task_naming_the_field(dagbag, tf_env,
     out, err = capfd.readouterr()
     assert "param 'nproc_per_node': 64 processes per node but this machine has" in out + err
     assert not (tf_env / "store").exists()
+
+
+def test_driving_pipeline(dagbag, tf_env):
+    settings = get_settings()
+    conf = {"source_url": "synthetic://driving?num_sequences=150&seed=3", "epochs": 2, "model_size": 32, "batch_size": 64}
+    run = _run(dagbag.dags["driving_training"], conf)
+    shard, train, evaluation, register = (_xcom(run, t) for t in ("shard", "train", "evaluate", "register"))
+    assert shard["splits"]["eval"] > 0 and train["world_size"] == 2
+    metrics = evaluation["metrics"]
+    assert {"ade", "fde", "miss_rate", "ade_1s", "fde_3s", "baseline_ade"} <= set(metrics)
+    assert metrics["num_samples"] == shard["splits"]["eval"]
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    assert {a.path for a in client.list_artifacts(train["mlflow_run_id"], "plots")} >= {
+        "plots/error_vs_horizon.png",
+        "plots/trajectories.png",
+    }
+    version = client.get_model_version("trainflow-driving", str(register["version"]))
+    beat = metrics["ade"] < metrics["baseline_ade"]
+    assert version.tags["trainflow.decision.outcome"] == ("promoted" if beat else "rejected")
+    assert ("champion" in register["aliases"]) == beat
+    report = json.loads((tf_env / "store" / "runs" / "driving_training" / run.run_id / "report.json").read_text())
+    assert report["registry"]["version"] == register["version"]
