@@ -54,6 +54,13 @@ def tf_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(data_dir))
     monkeypatch.delenv("TRAINFLOW_STORAGE_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # mlflow.set_experiment (called by in-process training runs) leaves the experiment id in
+    # module state and in os.environ; a later test with a fresh store must not inherit it.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    import mlflow.tracking.fluent
+
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     return data_dir
 
 

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.e2e
 def _run(dag, conf):
     from airflow.utils.state import DagRunState
 
-    run = dag.test(run_conf=conf)
+    # Only the shard step runs here; the whole pipeline is tests/e2e/test_pipelines.py.
+    run = dag.test(run_conf=conf, mark_success_pattern="^(train|evaluate|register)$")
     assert run.state == DagRunState.SUCCESS
     ti = next(t for t in run.get_task_instances() if t.task_id == "shard")
     return ti
@@ -39,9 +40,13 @@ def test_shard_task_commits_a_version_then_hits_the_cache(dagbag, tf_env, dag_id
     assert manifests[0].stat().st_mtime_ns == before  # nothing rewritten
 
 
-def test_bad_source_fails_the_shard_task_naming_it(dagbag, tf_env):
+def test_bad_source_fails_the_shard_task_naming_it(dagbag, tf_env, capfd):
     from airflow.utils.state import DagRunState
 
     run = dagbag.dags["recommendation_training"].test(run_conf={"source_url": "/no/such/place"})
     assert run.state == DagRunState.FAILED
+    states = {t.task_id: t.state for t in run.get_task_instances()}
+    assert states["shard"] == "failed" and states["train"] != "success"
+    out, err = capfd.readouterr()
+    assert "source_url /no/such/place: nothing there" in out + err
     assert not (tf_env / "store" / "datasets").exists()
