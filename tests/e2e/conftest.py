@@ -27,8 +27,10 @@ def airflow_db():
     return os.environ["AIRFLOW_HOME"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def dagbag(airflow_db):
+    """A freshly parsed DagBag per test: ``dag.test(run_conf=...)`` applies the conf to the DAG
+    object's params, so a shared DAG would carry one test's conf into the next."""
     from airflow.dag_processing.dagbag import DagBag
 
     from tasks.settings import PROJECT_DIR
