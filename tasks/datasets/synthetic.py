@@ -62,6 +62,11 @@ class SyntheticRecommendationConfig:
             )
         if items < 110:
             raise ValueError(f"num_items must be at least 110 (99 negatives + history), got {items}")
+        if self.num_interactions > users * (items // 2):
+            raise ValueError(
+                f"num_interactions ({self.num_interactions}) exceeds num_users × num_items/2 "
+                f"({users * (items // 2)}): a user interacts with at most half the items"
+            )
         if not 0 <= self.stickiness < 1:
             raise ValueError(f"stickiness must be in [0, 1), got {self.stickiness}")
         if self.num_topics < 1:
@@ -88,8 +93,18 @@ class SyntheticRecommendation:
         topic_weight = np.array([popularity[i].sum() if i.size else 0.0 for i in self._topic_items])
         self.topic_prior = topic_weight / topic_weight.sum()
         activity = rng.lognormal(mean=0.0, sigma=0.9, size=c.num_users)
-        activity = activity / activity.sum() * c.num_interactions
-        self.user_counts = np.maximum(5, np.round(activity)).astype(np.int64)
+        # At most half the catalogue per user, so every user keeps items to sample negatives
+        # from; what the cap removes from heavy users goes to the others, keeping the total.
+        cap = c.num_items // 2
+        counts = activity / activity.sum() * c.num_interactions
+        for _ in range(20):
+            counts = np.minimum(counts, cap)
+            free = counts < cap
+            deficit = c.num_interactions - counts.sum()
+            if deficit < 0.5 or not free.any():
+                break
+            counts = np.where(free, counts * (1 + deficit / counts[free].sum()), counts)
+        self.user_counts = np.clip(np.round(counts), 5, cap).astype(np.int64)
 
     @property
     def num_interactions(self) -> int:

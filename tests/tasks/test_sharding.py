@@ -224,3 +224,10 @@ def test_bad_config_names_the_field():
         ShardingConfig(num_negatives=0)
     with pytest.raises(ValueError, match="eval_fraction"):
         ShardingConfig(eval_fraction=1.5)
+
+
+def test_synthetic_defaults_shard_with_heavy_users(tf_env):
+    # 50 users over 200 items by default: the heaviest users must still leave 99 negatives.
+    summary = shard_dataset("synthetic://recommendation?num_interactions=5000", "recommendation")
+    manifest = load_manifest(summary["manifest_uri"])
+    assert all(len(n) == 99 for n in manifest.read_table("eval").column("neg_item_idx").to_pylist())
