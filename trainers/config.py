@@ -7,7 +7,8 @@ from typing import Any
 
 from tasks.storage import safe_name
 
-PARALLELISMS = ("none", "ddp", "fsdp")
+PARALLELISMS = ("none", "ddp", "fsdp", "sharded_embeddings")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -61,10 +62,21 @@ class TrainConfig:
     """Clip the global gradient norm to this value; ``None`` disables clipping."""
 
     parallelism: str = "ddp"
-    """``ddp`` (replicated), ``fsdp`` (FSDP2 ``fully_shard``) or ``none`` (one process only)."""
+    """``ddp`` (replicated), ``fsdp`` (FSDP2 ``fully_shard``: every parameter sharded, each
+    embedding table on its own), ``sharded_embeddings`` (the family's embedding tables split
+    row-wise across ranks, never gathered; the rest replicated with DDP) or ``none`` (one
+    process only)."""
 
     device: str = "cpu"
-    """``cpu`` or ``cuda`` (each rank takes ``cuda:LOCAL_RANK``; bf16 autocast)."""
+    """``cpu`` (gloo) or ``cuda`` (nccl; each rank takes ``cuda:LOCAL_RANK``)."""
+
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` (bf16 autocast on either) or
+    ``fp32`` (no autocast). Weights and optimizer state stay fp32 in every case."""
+
+    pin_memory: bool = False
+    """Copy batches into pinned (page-locked) host memory on a background thread and move them
+    to the GPU asynchronously; needs ``device='cuda'``."""
 
     seed: int = 0
     """Seed of model init, data order and per-batch randomness."""
@@ -94,7 +106,8 @@ class TrainConfig:
     """Let MLflow sample CPU/memory/GPU while training."""
 
     compile: bool = False
-    """Wrap the model in ``torch.compile``."""
+    """Wrap the model in ``torch.compile`` (the default inductor backend; the first steps
+    compile, so it pays off on long runs)."""
 
     num_workers: int = 0
     """DataLoader worker processes per rank for the train loader."""
@@ -123,9 +136,26 @@ class TrainConfig:
             ("device", DEVICES),
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", SCHEDULES),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+        for name in ("pin_memory", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.pin_memory and self.device != "cuda":
+            raise ValueError(f"pin_memory=True needs device='cuda' (pinned memory only speeds up copies to a GPU), "
+                             f"got device={self.device!r}")
+
+    @property
+    def autocast_dtype(self):
+        """The autocast dtype (``torch.bfloat16``) or ``None`` for fp32."""
+        import torch
+
+        if self.precision == "bf16" or (self.precision == "auto" and self.device == "cuda"):
+            return torch.bfloat16
+        return None
 
     def micro_batch_size(self, world_size: int) -> int:
         """Samples per micro batch on each rank.

@@ -44,6 +44,11 @@ class ModelFamily(abc.ABC):
         """Sub-modules to shard separately under FSDP (e.g. embedding tables); default none."""
         return []
 
+    def embedding_tables(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The ``nn.Embedding`` tables that ``parallelism='sharded_embeddings'`` splits row-wise
+        across ranks (the rest is replicated); default none (that parallelism is then refused)."""
+        return []
+
     @abc.abstractmethod
     def num_train_samples(self, epoch: int) -> int:
         """Training samples in ``epoch`` across the whole world (for progress and ETA)."""

@@ -50,6 +50,7 @@ from trainers.distributed import (
     world_from_env,
 )
 from trainers.family import ModelFamily
+from trainers.parallel import SHARDED_EMBEDDINGS, clip_grad_norm, memory_bytes, wrap_sharded_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,13 @@ class Trainer:
     def _parallelism(self) -> str:
         wanted = self.config.parallelism
         if self.world.world_size == 1 and wanted != "none":
-            # DDP of one replica is plain training; FSDP of one rank shards nothing.
+            # DDP of one replica is plain training; FSDP (or row sharding) of one rank shards nothing.
             level = logging.INFO if wanted == "ddp" else logging.WARNING
             log.log(level, "parallelism=%r ignored: a world of one process trains without wrapping", wanted)
             return "none"
         if self.world.world_size > 1 and wanted == "none":
-            raise ValueError(f"parallelism='none' cannot train on {self.world.world_size} ranks: use ddp or fsdp")
+            raise ValueError(f"parallelism='none' cannot train on {self.world.world_size} ranks: "
+                             "use ddp, fsdp or sharded_embeddings")
         return wanted
 
     def _wrap(self, model: torch.nn.Module, family: ModelFamily, parallelism: str) -> torch.nn.Module:
@@ -166,11 +168,22 @@ class Trainer:
             for sub in family.fsdp_modules(model):
                 fully_shard(sub)
             fully_shard(model)
+        if parallelism == SHARDED_EMBEDDINGS:
+            tables = family.embedding_tables(model)
+            if not tables:
+                raise ValueError(f"parallelism='sharded_embeddings': the {family.name} family has no embedding "
+                                 "tables to shard; use ddp or fsdp")
+            return wrap_sharded_embeddings(model, tables, self.device)
         return model
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         cls = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
-        return cls(model.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        # Row-sharded tables (DTensor) and replicated parameters in separate groups: the
+        # foreach kernels do not mix DTensor and plain tensors.
+        params = list(model.parameters())
+        groups = [g for g in ([p for p in params if not _is_dtensor(p)], [p for p in params if _is_dtensor(p)]) if g]
+        return cls([{"params": g} for g in groups], lr=self.config.learning_rate,
+                   weight_decay=self.config.weight_decay)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
         cfg = self.config
@@ -197,7 +210,11 @@ class Trainer:
         family = self.family_cls(self.family_config, manifest, world)
         parallelism = self._parallelism()
         raw = family.build_model().to(self.device)
+        table_params = {f"{name}.{p}" for name, module in raw.named_modules()
+                        if any(module is t for t in family.embedding_tables(raw))
+                        for p, _ in module.named_parameters(recurse=False)}
         state_model = self._wrap(raw, family, parallelism)
+        self._table_params = table_params
         model = torch.compile(state_model) if cfg.compile else state_model
         # Per-rank streams for dropout and the like, after the identical init.
         _seed_everything(cfg.seed + 7919 * world.rank)
@@ -235,8 +252,8 @@ class Trainer:
                            "dataset": manifest_tags(family.manifest)})
         logger.set_tags({"trainflow.dag_id": cfg.dag_id, "trainflow.run_id": cfg.run_id,
                          "trainflow.run_dir": redact_url(self.run_url), "trainflow.world_size": world.world_size})
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else contextlib.nullcontext())
+        dtype = cfg.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         metric_key, mode = family.selection_metric()
         step, samples = state["step"], state["samples"]
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.monotonic()
@@ -251,7 +268,10 @@ class Trainer:
             model.train()
             position, accum, pending_save = skip, 0, False
             epoch_start = time.monotonic()
-            for batch in family.train_batches(epoch, micro, skip_batches=skip):
+            batches = family.train_batches(epoch, micro, skip_batches=skip)
+            if cfg.pin_memory:
+                batches = _pinned(batches)
+            for batch in batches:
                 if pending_save:
                     self._save(ckpt, step, state_model, optimizer, scheduler, epoch, position, samples, state,
                                train_seconds + time.monotonic() - run_start)
@@ -266,7 +286,9 @@ class Trainer:
                 position += 1
                 if not last_micro:
                     continue
-                if cfg.max_grad_norm is not None:
+                if cfg.max_grad_norm is not None and parallelism == SHARDED_EMBEDDINGS:
+                    clip_grad_norm(list(state_model.parameters()), cfg.max_grad_norm)
+                elif cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(state_model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -330,6 +352,8 @@ class Trainer:
                                                (state["best"] or {}).get("valid", {}).items()}}, step=step)
         model_uri = self._write_model(family, state_model, MODEL_DIR)
         trained_steps = step - steps_at_start
+        memory = self._memory(state_model, optimizer)
+        logger.log_metrics({f"rank0_{k}": v for k, v in memory.items() if not isinstance(v, list)}, step=step)
         result = {
             "format": RESULT_FORMAT,
             "family": family.name,
@@ -350,6 +374,8 @@ class Trainer:
             "num_nodes": world.num_nodes,
             "parallelism": parallelism,
             "device": world.device,
+            "precision": "bf16" if cfg.autocast_dtype is not None else "fp32",
+            "memory": memory,
             "resumed_from_step": resumed_from,
             "train_seconds": round(train_seconds, 3),
             "wall_time_s": round(time.monotonic() - started, 3),
@@ -368,6 +394,22 @@ class Trainer:
                        "best": state["best"], "history": state["history"], "losses": state["losses"][-1000:],
                        "train_seconds": seconds}
         ckpt.save(step, state_model, optimizer, epoch=epoch, train_state=train_state, scheduler=scheduler)
+
+    def _memory(self, state_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Bytes of parameters and optimizer state each rank holds (local shards), in total and
+        for the family's embedding tables; ``*_per_rank`` lists every rank (collective)."""
+        inner = state_model.module if hasattr(state_model, "module") else state_model
+        mine = memory_bytes(inner, optimizer, self._table_params)
+        ranks = [mine]
+        if self.world.distributed:
+            import torch.distributed as dist
+
+            ranks = [None] * self.world.world_size
+            dist.all_gather_object(ranks, mine)
+        out: dict[str, Any] = dict(mine)
+        for key in mine:
+            out[f"{key}_per_rank"] = [r[key] for r in ranks]
+        return out
 
     def _evaluate(self, family: ModelFamily, model: torch.nn.Module, split: str) -> dict[str, float]:
         model.eval()
@@ -428,13 +470,61 @@ def manifest_tags(manifest) -> dict[str, Any]:
 # helpers ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _grad_sync(model: torch.nn.Module, parallelism: str, sync: bool):
-    if parallelism == "ddp" and not sync:
+    if parallelism in ("ddp", SHARDED_EMBEDDINGS) and not sync:
         with model.no_sync():
             yield
         return
     if parallelism == "fsdp":
         model.set_requires_gradient_sync(sync)
     yield
+
+
+def _is_dtensor(value: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def _pinned(batches, depth: int = 2):
+    """``batches`` with their tensors copied into pinned memory on a background thread
+    (``depth`` batches ahead), so that ``.to(cuda, non_blocking=True)`` overlaps compute."""
+    import queue
+    import threading
+
+    done = object()
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for batch in batches:
+                if not put({k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}):
+                    return
+            put(done)
+        except BaseException as exc:  # re-raised on the training thread
+            put(exc)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    thread = threading.Thread(target=fill, name="pin-memory", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _seed_everything(seed: int) -> None:

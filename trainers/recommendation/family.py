@@ -134,6 +134,11 @@ class RecommendationFamily(ModelFamily):
         """The embedding tables (the bulk of the parameters), each sharded on its own."""
         return list(unwrap(model).embedding_modules())
 
+    def embedding_tables(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The user/item tables (SASRec: the item table), split row-wise under
+        ``parallelism='sharded_embeddings'``."""
+        return list(unwrap(model).embedding_modules())
+
     # --- training data -------------------------------------------------------------------
     @staticmethod
     def _make_windows(train: Interactions, max_len: int) -> np.ndarray:

@@ -1,0 +1,226 @@
+"""Model parallelism beyond DDP/FSDP: embedding tables sharded row-wise across ranks.
+
+``parallelism="sharded_embeddings"`` replaces every embedding table a family names
+(:meth:`trainers.family.ModelFamily.embedding_tables`) with a :class:`RowShardedEmbedding`
+and wraps the rest of the model in DDP (the tables are excluded from DDP's gradient sync):
+
+* Rank ``r`` of ``W`` owns rows ``[r*c, min((r+1)*c, N))`` of an ``N``-row table, ``c =
+  ceil(N / W)`` (``torch.chunk`` layout). The weight is a ``DTensor`` with ``Shard(0)`` on a
+  1-D device mesh over all ranks, so its local tensor (and the optimizer's ``exp_avg`` /
+  ``exp_avg_sq``, which follow the parameter) holds only those rows. The full table is never
+  gathered while training: not for the forward, not for the backward, not for the step.
+* A lookup is collective (every rank calls it with its own indices): the ranks all-gather
+  their indices, each looks up the rows it owns (zeros for the others) and a reduce-scatter
+  sums the partial results back to the rank that asked (gloo and nccl both have it). The backward all-gathers the output gradients and each rank adds them into its own
+  rows, scaled by ``1 / W`` so that the update is the DDP update (DDP averages gradients).
+* Checkpoints: ``torch.distributed.checkpoint`` saves and loads the ``DTensor`` shards (and
+  re-shards on another number of ranks); a full state dict (the exported model) gathers them
+  into ordinary tensors with the same keys as the unsharded model, so serving is unchanged.
+
+On one rank there is nothing to shard: the loop trains the plain model (``parallelism`` is
+reported as ``none``), like ``fsdp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+SHARDED_EMBEDDINGS = "sharded_embeddings"
+
+
+def shard_rows(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[lo, hi)``: the rows of an ``num_rows``-row table that ``rank`` owns (``torch.chunk`` layout)."""
+    chunk = -(-num_rows // world_size)
+    lo = min(rank * chunk, num_rows)
+    return lo, min(lo + chunk, num_rows)
+
+
+class _RowShardedLookup(torch.autograd.Function):
+    """All-gather indices, look up own rows, reduce-scatter; backward all-gathers the grads."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, indices: torch.Tensor, lo: int, padding_idx: int | None,
+                group: Any) -> torch.Tensor:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        flat = indices.reshape(-1)
+        counts = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+        all_counts = [torch.zeros_like(counts) for _ in range(world)]
+        dist.all_gather(all_counts, counts, group=group)
+        sizes = [int(c) for c in all_counts]
+        longest = max(sizes)
+        padded = torch.full((longest,), -1, dtype=torch.int64, device=flat.device)
+        padded[: flat.numel()] = flat
+        gathered = torch.empty(world * longest, dtype=torch.int64, device=flat.device)
+        dist.all_gather_single(gathered, padded, group=group)
+        local = gathered - lo
+        owned = (local >= 0) & (local < weight.shape[0])
+        rows = torch.where(owned, local, torch.zeros_like(local))
+        if weight.shape[0]:
+            partial = F.embedding(rows, weight) * owned.unsqueeze(-1).to(weight.dtype)
+        else:  # more ranks than rows: this rank owns none
+            partial = weight.new_zeros((rows.numel(), weight.shape[1]))
+        out = _reduce_scatter(partial.contiguous(), world, rank, group)
+        ctx.save_for_backward(rows, owned)
+        ctx.meta = (world, rank, longest, flat.numel(), weight.shape, lo, padding_idx, group)
+        return out[: flat.numel()].reshape(*indices.shape, weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, owned = ctx.saved_tensors
+        world, rank, longest, count, shape, lo, padding_idx, group = ctx.meta
+        grad = torch.zeros((longest, shape[1]), dtype=grad_out.dtype, device=grad_out.device)
+        grad[:count] = grad_out.reshape(count, shape[1])
+        gathered = torch.empty((world * longest, shape[1]), dtype=grad.dtype, device=grad.device)
+        dist.all_gather_single(gathered, grad, group=group)
+        keep = owned
+        if padding_idx is not None and lo <= padding_idx < lo + shape[0]:
+            keep = keep & (rows != padding_idx - lo)
+        grad_weight = torch.zeros(shape, dtype=grad_out.dtype, device=grad_out.device)
+        grad_weight.index_add_(0, rows[keep], gathered[keep])
+        return grad_weight / world, None, None, None, None
+
+
+def _reduce_scatter(partial: torch.Tensor, world: int, rank: int, group: Any) -> torch.Tensor:
+    """Sum ``partial`` (``world`` equal blocks) over ranks and keep block ``rank``."""
+    out = torch.empty((partial.shape[0] // world, *partial.shape[1:]), dtype=partial.dtype, device=partial.device)
+    dist.reduce_scatter_single(out, partial, group=group)
+    return out
+
+
+class RowShardedEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose rows are split across the ranks (see the module docstring).
+
+    Built from an existing table (same init on every rank, so the shards form the same table
+    a replicated run starts from); ``weight`` keeps the name, so state-dict keys do not change.
+
+    Args:
+        table: The full table (read once, then dropped).
+        mesh: 1-D device mesh over all ranks.
+    """
+
+    def __init__(self, table: nn.Embedding, mesh: Any) -> None:
+        super().__init__()
+        from torch.distributed.tensor import DTensor, Shard
+
+        if table.max_norm is not None or table.sparse:
+            raise ValueError("sharded_embeddings supports plain tables only (no max_norm, no sparse gradients)")
+        self.num_embeddings, self.embedding_dim = table.num_embeddings, table.embedding_dim
+        self.padding_idx = table.padding_idx
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.row_range = shard_rows(self.num_embeddings, world, rank)
+        lo, hi = self.row_range
+        local = table.weight.detach()[lo:hi].clone()
+        weight = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                    shape=table.weight.shape, stride=table.weight.stride())
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        local = self.weight.to_local()
+        return _RowShardedLookup.apply(local, indices, self.row_range[0], self.padding_idx, self.group)
+
+    def extra_repr(self) -> str:
+        lo, hi = self.row_range
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows [{lo}, {hi}) on this rank"
+
+
+def shard_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device) -> list[str]:
+    """Replace each of ``tables`` (``nn.Embedding`` sub-modules of ``model``) in place by a
+    :class:`RowShardedEmbedding`; returns their parameter names (for DDP to ignore).
+
+    Raises:
+        ValueError: a table is not an ``nn.Embedding`` sub-module of ``model``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not tables:
+        raise ValueError("parallelism='sharded_embeddings' needs a model family with embedding tables")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = {id(m): name for name, m in model.named_modules()}
+    ignored = []
+    for table in tables:
+        if not isinstance(table, nn.Embedding) or id(table) not in names:
+            raise ValueError(f"sharded_embeddings: {type(table).__name__} is not an nn.Embedding of the model")
+        name = names[id(table)]
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, RowShardedEmbedding(table, mesh))
+        ignored.append(f"{name}.weight")
+    return ignored
+
+
+def wrap_sharded_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device) -> nn.Module:
+    """Shard ``tables`` row-wise and wrap the rest of ``model`` in DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = shard_embeddings(model, tables, device)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The part of ``value`` this rank stores (the local shard of a ``DTensor``)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 table_params: set[str] | None = None) -> dict[str, int]:
+    """Bytes this rank stores for parameters and optimizer state, measured on the local
+    tensors (the shard of a sharded parameter), in total and for ``table_params`` (parameter
+    names of the embedding tables; default: every ``nn.Embedding``/:class:`RowShardedEmbedding`)."""
+    if table_params is None:
+        table_params = {f"{name}.{p}" for name, m in model.named_modules()
+                        if isinstance(m, nn.Embedding | RowShardedEmbedding) for p, _ in m.named_parameters(recurse=False)}
+    tables = {id(p) for name, p in model.named_parameters() if name in table_params}
+    out = {"param_bytes": 0, "embedding_param_bytes": 0, "optimizer_bytes": 0, "embedding_optimizer_bytes": 0}
+    for param in model.parameters():
+        size = _nbytes(param)
+        out["param_bytes"] += size
+        if id(param) in tables:
+            out["embedding_param_bytes"] += size
+    if optimizer is not None:
+        for param, state in optimizer.state.items():
+            size = sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+            out["optimizer_bytes"] += size
+            if id(param) in tables:
+                out["embedding_optimizer_bytes"] += size
+    return out
+
+
+def _nbytes(value: torch.Tensor) -> int:
+    local = local_tensor(value)
+    return local.numel() * local.element_size()
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, group: Any = None) -> torch.Tensor:
+    """Clip the global gradient norm over replicated and row-sharded parameters alike.
+
+    ``torch.nn.utils.clip_grad_norm_`` cannot mix ``DTensor`` and plain gradients: the squared
+    norms of the shards are summed over ranks, the replicated ones (identical after DDP) not.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    shard_sq = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    if dist.is_initialized():
+        dist.all_reduce(shard_sq, group=group)
+    plain_sq = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
+    total = (shard_sq + plain_sq).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in sharded + plain:
+        g.mul_(scale.to(g.dtype))
+    return total
