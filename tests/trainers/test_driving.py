@@ -338,3 +338,35 @@ def test_entry_point_trains_and_exports_a_servable_model(synthetic_manifest, tmp
     history = moving_histories(5).astype(np.float32)
     out = forecast(model, history)
     assert out.shape == (5, 30, 2) and np.isfinite(out).all()
+
+
+@pytest.mark.slow  # ~70 s: two 2-rank torchrun launches
+def test_fsdp_matches_ddp(synthetic_manifest, tmp_path):
+    """The driving model sharded with FSDP2 trains like the replicated DDP run (real torchrun
+    processes, gloo): the same loss curve and eval metrics within float32 reordering noise."""
+    from tasks.launch import LaunchConfig, run_torchrun
+
+    results = {}
+    for parallelism in ("ddp", "fsdp"):
+        run_dir = tmp_path / parallelism
+        config = {
+            "train": {"manifest_uri": synthetic_manifest.uri, "run_dir": run_dir.as_uri(), "epochs": 2,
+                      "batch_size": 32, "learning_rate": 3e-3, "log_every_steps": 1, "log_to_mlflow": False,
+                      "parallelism": parallelism, "max_grad_norm": 1.0},
+            "family": {**SMALL, "num_members": 1},
+        }
+        path = tmp_path / f"{parallelism}.json"
+        path.write_text(json.dumps(config))
+        run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.driving", args=["--config", str(path)],
+                     env={"OMP_NUM_THREADS": "1"}, on_line=lambda line: None)
+        results[parallelism] = json.loads((run_dir / "result.json").read_text())
+    ddp, fsdp = results["ddp"], results["fsdp"]
+    assert (ddp["parallelism"], fsdp["parallelism"]) == ("ddp", "fsdp")
+    assert fsdp["steps"] == ddp["steps"] > 5
+    np.testing.assert_allclose([v for _, v in fsdp["losses"]], [v for _, v in ddp["losses"]], rtol=1e-3, atol=1e-4)
+    for key in ("ade", "fde", "miss_rate"):
+        assert fsdp["metrics"]["eval"][key] == pytest.approx(ddp["metrics"]["eval"][key], rel=1e-3, abs=1e-4), key
+    # FSDP shards every parameter: each rank holds about half of the replicated bytes.
+    full = ddp["memory"]["param_bytes"]
+    assert all(b <= full / 2 + 4096 for b in fsdp["memory"]["param_bytes_per_rank"])
+    assert sum(fsdp["memory"]["param_bytes_per_rank"]) >= full
