@@ -14,7 +14,10 @@ import re
 from typing import Any
 
 PARALLELISM = ("ddp", "fsdp", "none")
+# Row-sharded embedding tables: only the recommendation models have tables to shard.
+RECOMMENDATION_PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "none")
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 RECOMMENDATION_MODELS = ("neumf", "gmf", "mlp", "sasrec")
 DRIVING_MODELS = ("mlp", "context")
@@ -49,6 +52,13 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         epochs, batch, lr = 60, 256, 0.002
         registered, metric = "trainflow-recommendation", "ndcg_at_10"
         metrics = ["ndcg_at_10", "hr_at_10"]
+        parallelisms = RECOMMENDATION_PARALLELISM
+        parallelism_help = (
+            "ddp: the model replicated on every rank; fsdp: every parameter sharded (FSDP2), each table "
+            "gathered for its forward; sharded_embeddings: the user/item embedding tables split row-wise "
+            "across ranks and never gathered (each rank holds 1/world of their rows and optimizer state; "
+            "for tables too large for one rank), the rest replicated with DDP; none: a single process."
+        )
     elif kind == "driving":
         source = "synthetic://driving?num_sequences=2000"
         source_help = (
@@ -60,6 +70,8 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         epochs, batch, lr = 30, 128, 0.001
         registered, metric = "trainflow-driving", "ade"
         metrics = ["ade", "fde", "miss_rate"]
+        parallelisms = PARALLELISM
+        parallelism_help = "ddp: replicated model; fsdp: sharded parameters (FSDP2); none: a single process."
     else:
         raise ValueError(f"kind must be 'recommendation' or 'driving', got {kind!r}")
     size = 64 if kind == "recommendation" else 256
@@ -110,11 +122,29 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         ),
         "parallelism": _spec(
             "ddp",
-            {"type": "string", "enum": list(PARALLELISM)},
-            "ddp: replicated model; fsdp: sharded parameters (FSDP2); none: a single process.",
+            {"type": "string", "enum": list(parallelisms)},
+            parallelism_help,
             "Parallelism",
         ),
-        "device": _spec("cpu", {"type": "string", "enum": list(DEVICES)}, "cpu (gloo) or cuda (nccl).", "Device"),
+        "device": _spec(
+            "cpu",
+            {"type": "string", "enum": list(DEVICES)},
+            "cpu (gloo) or cuda (nccl; one GPU per process, cuda:LOCAL_RANK, batches from pinned memory).",
+            "Device",
+        ),
+        "precision": _spec(
+            "auto",
+            {"type": "string", "enum": list(PRECISIONS)},
+            "auto: bf16 autocast on cuda, fp32 on cpu; bf16: bf16 autocast on either; fp32: no autocast. "
+            "Weights and optimizer state stay fp32.",
+            "Precision",
+        ),
+        "compile": _spec(
+            False,
+            {"type": "boolean"},
+            "Compile the model with torch.compile (inductor): slower first steps, faster long runs.",
+            "torch.compile",
+        ),
         "registered_model_name": _spec(
             registered,
             {"type": "string", "minLength": 1, "maxLength": 256},

@@ -62,3 +62,18 @@ def test_family_args_presets_sizes_and_options():
     assert args.count("--family.max_seq_len=100") == 1 and "--family.max_seq_len=50" not in args
     values = validate_params({"model": "mlp"}, "driving", cpu_count=2)
     assert "--family.max_neighbours=0" in family_args("driving", values)
+
+
+def test_parallelism_precision_and_compile():
+    specs = param_specs("recommendation")
+    assert "sharded_embeddings" in specs["parallelism"]["schema"]["enum"]
+    assert "sharded_embeddings" not in param_specs("driving")["parallelism"]["schema"]["enum"]  # no tables
+    values = validate_params({"parallelism": "sharded_embeddings", "precision": "bf16", "compile": True},
+                             "recommendation", cpu_count=2)
+    assert (values["parallelism"], values["precision"], values["compile"]) == ("sharded_embeddings", "bf16", True)
+    for params, kind, field in [({"parallelism": "sharded_embeddings"}, "driving", "parallelism"),
+                                ({"precision": "fp16"}, "recommendation", "precision"),
+                                ({"compile": "yes"}, "recommendation", "compile")]:
+        with pytest.raises(ParamError) as err:
+            validate_params(params, kind, cpu_count=2)
+        assert err.value.field == field
