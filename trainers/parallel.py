@@ -130,18 +130,22 @@ class RowShardedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows [{lo}, {hi}) on this rank"
 
 
-def shard_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device) -> list[str]:
+def shard_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device, group: Any = None) -> list[str]:
     """Replace each of ``tables`` (``nn.Embedding`` sub-modules of ``model``) in place by a
-    :class:`RowShardedEmbedding`; returns their parameter names (for DDP to ignore).
+    :class:`RowShardedEmbedding` split over ``group`` (default: all ranks); returns their
+    parameter names (for DDP to ignore).
 
     Raises:
         ValueError: a table is not an ``nn.Embedding`` sub-module of ``model``.
     """
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     if not tables:
         raise ValueError("parallelism='sharded_embeddings' needs a model family with embedding tables")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if group is None:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    else:
+        mesh = DeviceMesh.from_group(group, device.type)
     names = {id(m): name for name, m in model.named_modules()}
     ignored = []
     for table in tables:
@@ -155,14 +159,16 @@ def shard_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.de
     return ignored
 
 
-def wrap_sharded_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device) -> nn.Module:
-    """Shard ``tables`` row-wise and wrap the rest of ``model`` in DDP."""
+def wrap_sharded_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device,
+                            group: Any = None) -> nn.Module:
+    """Shard ``tables`` row-wise over ``group`` (default: all ranks) and wrap the rest of
+    ``model`` in DDP over the same ranks."""
     from torch.nn.parallel import DistributedDataParallel
 
-    ignored = shard_embeddings(model, tables, device)
+    ignored = shard_embeddings(model, tables, device, group)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, process_group=group)
 
 
 def local_tensor(value: torch.Tensor) -> torch.Tensor:

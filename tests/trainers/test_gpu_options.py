@@ -90,8 +90,11 @@ def test_bf16_autocast_on_cpu_trains_close_to_fp32(toy_manifest, tmp_path):
     assert all(v.dtype == torch.float32 for v in state.values())  # weights stay fp32
 
 
-@pytest.mark.slow  # ~40-90 s: inductor compiles forward and backward with the C++ compiler
-def test_compile_on_cpu_matches_eager(toy_manifest, tmp_path):
+@pytest.mark.slow  # ~20-60 s: inductor compiles forward, backward and eval with the C++ compiler
+def test_compile_on_cpu_matches_eager(toy_manifest, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no compile worker pool for a tiny model
     runs = {}
     for compiled in (False, True):
         config = TrainConfig(manifest_uri=toy_manifest.uri, run_dir=(tmp_path / str(compiled)).as_uri(),
