@@ -121,6 +121,7 @@ class RowShardedEmbedding(nn.Module):
                                     shape=table.weight.shape, stride=table.weight.stride())
         self.weight = nn.Parameter(weight)
 
+    @torch.compiler.disable  # collectives inside: runs eager under torch.compile (a graph break)
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         local = self.weight.to_local()
         return _RowShardedLookup.apply(local, indices, self.row_range[0], self.padding_idx, self.group)
