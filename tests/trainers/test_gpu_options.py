@@ -142,3 +142,41 @@ def test_nccl_ddp_and_sharded_embeddings_on_two_gpus(toy_manifest, tmp_path):
     assert ddp["device"] == "cuda:0" and sharded["parallelism"] == "sharded_embeddings"
     np.testing.assert_allclose(_losses(sharded), _losses(ddp), rtol=1e-3, atol=1e-4)
     assert max(sharded["memory"]["embedding_param_bytes_per_rank"]) <= ddp["memory"]["embedding_param_bytes"] / 2 + 1024
+
+
+def test_pinned_batches_keep_order_stop_early_and_raise(monkeypatch):
+    """The pin-memory thread (CPU torch cannot pin: pin_memory is replaced by a marked copy)."""
+    from trainers.loop import _pinned
+
+    pinned = []
+
+    def fake_pin(self):
+        out = self.clone()
+        pinned.append(int(out[0]))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batches = [{"x": torch.tensor([i]), "name": f"b{i}"} for i in range(6)]
+    got = list(_pinned(iter(batches)))
+    assert [int(b["x"][0]) for b in got] == list(range(6)) and [b["name"] for b in got] == [f"b{i}" for i in range(6)]
+
+    pinned.clear()
+    stream = _pinned(iter(batches), depth=1)
+    assert int(next(stream)["x"][0]) == 0
+    stream.close()  # the loop stops early (max_steps): the thread ends instead of blocking on a full queue
+    import threading
+
+    threads = [t for t in threading.enumerate() if t.name == "pin-memory"]
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(pinned) <= 3  # depth 1: the one handed out, one queued, one waiting
+
+    def failing():
+        yield {"x": torch.tensor([0])}
+        raise OSError("shard gone")
+
+    stream = _pinned(failing())
+    assert int(next(stream)["x"][0]) == 0
+    with pytest.raises(OSError, match="shard gone"):
+        next(stream)
