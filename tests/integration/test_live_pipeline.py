@@ -108,6 +108,8 @@ def test_the_dataset_manifest_and_checkpoints_are_on_s3(live_stack, recommendati
         ({"model": "transformer-xl"}, "model", "is not one of"),
         ({"batch_size": "big"}, "batch_size", "is not of type 'integer'"),
         ({"source_url": ""}, "source_url", "non-empty"),
+        # Not a param at all: refused by trainflow's plugin middleware on the API server.
+        ({"epoch": 1}, "epoch", "unknown parameter (did you mean 'epochs'?"),
     ],
 )
 def test_an_invalid_conf_gets_400_naming_the_field(live_stack, conf, field, why):
