@@ -150,6 +150,10 @@ class Storage:
 
     # operations --------------------------------------------------------------------------
     def _call(self, what: str, path: str, fn, *args, **kwargs):
+        if self.protocol != "file" and what != "open":
+            # fsspec's sync wrapper cancels the call after this long: botocore's own timeouts
+            # do not cover a write to an endpoint that accepts the connection and then hangs.
+            kwargs["timeout"] = self.settings.s3.operation_timeout
         try:
             return fn(*args, **kwargs)
         except (FileNotFoundError, FileExistsError):
@@ -157,11 +161,13 @@ class Storage:
         except (ValueError, IsADirectoryError, NotADirectoryError):
             raise
         except Exception as exc:  # botocore, aiohttp, OSError...
-            message = f"{what} {redact_url(self.url(path))} failed: {type(exc).__name__}: {exc}"
+            detail = str(exc) or f"no answer within {self.settings.s3.operation_timeout:g} s"
+            message = f"{what} {redact_url(self.url(path))} failed: {type(exc).__name__}: {detail}"
             if _is_connection_error(exc):
                 raise StorageUnavailableError(
                     f"object store unreachable: {message} (after "
-                    f"{self.settings.s3.max_attempts} attempts with backoff)"
+                    f"{self.settings.s3.max_attempts} attempts with backoff, at most "
+                    f"{self.settings.s3.operation_timeout:g} s)"
                 ) from exc
             raise StorageError(message) from exc
 
@@ -391,6 +397,8 @@ def _is_connection_error(exc: BaseException) -> bool:
             "ServerDisconnectedError",
             "ConnectionRefusedError",
             "ConnectionError",
+            "FSTimeoutError",
+            "TimeoutError",
         }
     )
 

@@ -131,3 +131,79 @@ def test_mlflow_stopped_during_registration_then_the_retry_registers_once(restar
     from tasks.storage import Storage
 
     assert Storage.from_settings(settings).list("locks/registry") == []  # no lease left behind
+
+
+@pytest.fixture
+def own_s3(tf_env, monkeypatch):
+    """A moto S3 server of this test alone (it gets frozen), a bucket, trainflow pointed at it."""
+    import time
+
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                             aws_access_key_id="k", aws_secret_access_key="s").create_bucket(Bucket="faults")
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
+        for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL_S3": endpoint, "TRAINFLOW_S3_MAX_ATTEMPTS": "2",
+                           "TRAINFLOW_S3_CONNECT_TIMEOUT": "1", "TRAINFLOW_S3_READ_TIMEOUT": "2",
+                           "TRAINFLOW_S3_OPERATION_TIMEOUT": "15",
+                           "TRAINFLOW_STORAGE_ROOT": "s3://faults/root"}.items():
+            monkeypatch.setenv(key, value)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_s3_endpoint_stopped_mid_sharding_fails_clearly_then_the_retry_completes(own_s3, tmp_path, monkeypatch):
+    import dataclasses
+
+    from tasks.manifest import MANIFEST_NAME, load_manifest
+    from tasks.sharding import ShardingConfig, ShardWriter, shard_dataset
+    from tasks.storage import Storage, StorageUnavailableError
+
+    source = "synthetic://recommendation?num_interactions=6000&num_users=60&num_items=400&seed=3"
+    config = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500)
+    local = dataclasses.replace(get_settings(), storage_root=(tmp_path / "reference").as_uri())
+    reference = load_manifest(shard_dataset(source, "recommendation", config=config, settings=local)["manifest_uri"], local)
+
+    real_close = ShardWriter._close_shard
+    closes = {"n": 0}
+
+    def endpoint_stops_at_the_third_shard(self):
+        if self._writer is not None:
+            closes["n"] += 1
+            if closes["n"] == 3:
+                os.killpg(own_s3.pid, signal.SIGSTOP)  # the endpoint hangs: connections time out
+        return real_close(self)
+
+    monkeypatch.setattr(ShardWriter, "_close_shard", endpoint_stops_at_the_third_shard)
+    with pytest.raises(StorageUnavailableError,
+                       match=r"object store unreachable: upload s3://faults/root/datasets/.*part-0000\d\.parquet.*2 attempts"):
+        shard_dataset(source, "recommendation", config=config)
+    monkeypatch.setattr(ShardWriter, "_close_shard", real_close)
+    os.killpg(own_s3.pid, signal.SIGCONT)  # the endpoint is back, with what it had stored
+
+    root = Storage.from_settings(get_settings())
+    version_dir = f"datasets/{reference.name}/{reference.version}"
+    assert root.list(version_dir, recursive=True), "the shards written before the stop are there"
+    assert not root.exists(f"{version_dir}/{MANIFEST_NAME}")  # no reader sees the partial version
+    retried = shard_dataset(source, "recommendation", config=config)
+    assert retried["cache_hit"] is False and retried["version"] == reference.version
+    manifest = load_manifest(retried["manifest_uri"])
+    for split in reference.splits:
+        assert [s.sha256 for s in manifest.shards(split)] == [s.sha256 for s in reference.shards(split)]
+    assert manifest.read_table("train").num_rows == reference.num_rows("train")
