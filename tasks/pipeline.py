@@ -171,6 +171,9 @@ def train_step(
     log.info("training %s on %d process(es) (%s, %s): run dir %s", values["model"], nproc, values["parallelism"], values["device"], run_dir)
     run_torchrun(launch, module=f"trainers.{kind}", args=args, env=env, logger=log)
     result = read_result(run_dir, settings)
+    if result.get("resumed_from_step"):
+        log.info("training resumed from the committed checkpoint at step %d of %s (try %d)",
+                 result["resumed_from_step"], run_dir, try_number)
     log.info("logging the servable model to MLflow run %s", mlflow_run_id)
     out = subprocess.run(
         [sys.executable, "-m", "trainers.serving", "--run-dir", run_dir, "--mlflow-run-id", mlflow_run_id],

@@ -20,18 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import subprocess
 from collections.abc import Callable
 from typing import Any
 
-from tasks.settings import PROJECT_DIR, Settings, get_settings
+from tasks.settings import PROJECT_DIR, Settings, get_settings, redact_url
+from tasks.storage import Storage, lease
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG = "trainflow."
 LOWER_IS_BETTER = {"ade", "fde", "miss_rate", "loss"}
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The MLflow tracking/registry server could not be reached; the message names it."""
 
 
 def higher_is_better(metric: str) -> bool:
@@ -130,8 +136,12 @@ def find_version(client, name: str, training_key: str):
 
     try:
         versions = client.search_model_versions(f"name='{name}'")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # Only "no such model" means "no version yet"; an unreachable server must not look
+        # like an empty registry (a retry would register a second version).
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return None
+        raise
     for version in versions:
         if version.tags.get(TAG + "training_key") == training_key:
             return version
@@ -144,8 +154,10 @@ def champion_version(client, name: str):
 
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "INVALID_PARAMETER_VALUE" in str(exc.error_code):
+            return None
+        raise
 
 
 def decide(candidate: float, reference: float, metric: str, margin: float) -> bool:
@@ -236,12 +248,58 @@ def register_step(
 
     Returns:
         ``{"name", "version", "aliases", "decision", "model_uri", "created"}``.
+
+    Raises:
+        RegistryUnavailableError: MLflow could not be reached (after its HTTP retries); a
+            retry of the step registers the version once (found by its training key).
     """
     from mlflow.exceptions import MlflowException
 
     settings = settings or get_settings()
     if gate.metric not in metrics:
         raise ValueError(f"promotion_metric {gate.metric!r} is not among the evaluated metrics {sorted(metrics)}")
+    try:
+        # One registration of a model at a time, across processes and workers: two DAG runs
+        # racing would both compare against the same old champion and the last to write the
+        # alias would win, whatever the metrics said.
+        with lease(
+            Storage.from_settings(settings),
+            registry_lease_path(settings.mlflow_tracking_uri, registered_model_name),
+            owner=f"register {lineage.training_key}",
+        ):
+            return _register_locked(
+                model_uri, registered_model_name, metrics, lineage, gate, rescore, dataset, training, settings
+            )
+    except MlflowException as exc:
+        if _is_unreachable(exc):
+            raise RegistryUnavailableError(
+                f"MLflow at {redact_url(settings.mlflow_tracking_uri)} unreachable while registering "
+                f"{registered_model_name} for {lineage.training_key}: {exc.message[:500]}"
+            ) from exc
+        raise
+
+
+def registry_lease_path(tracking_uri: str, name: str) -> str:
+    """The lease file (under the storage root) that serialises registrations of ``name``."""
+    digest = hashlib.sha256(f"{tracking_uri}\n{name}".encode()).hexdigest()[:32]
+    return f"locks/registry/{digest}.lease"
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(
+        marker in text
+        for marker in ("Max retries exceeded", "Failed to establish a new connection", "Connection refused",
+                       "ConnectionError", "Read timed out", "RemoteDisconnected")
+    )
+
+
+def _register_locked(
+    model_uri, registered_model_name, metrics, lineage: Lineage, gate: GateConfig, rescore, dataset, training,
+    settings: Settings,
+) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+
     client = _client(settings)
     name = registered_model_name
     try:

@@ -44,6 +44,9 @@ class S3Config:
         max_attempts: botocore retry attempts (with exponential backoff) for each call.
         connect_timeout: Seconds to wait for a connection before a retry.
         read_timeout: Seconds to wait for a response before a retry.
+        operation_timeout: Upper bound in seconds on one storage call, retries included: a
+            hung endpoint (one that accepts connections but never answers a write) fails
+            with "object store unreachable" after this long instead of blocking forever.
     """
 
     endpoint_url: str | None = None
@@ -54,6 +57,7 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    operation_timeout: float = 900.0
 
     def storage_options(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem``; contains secrets, never log it."""
@@ -134,6 +138,7 @@ class Settings:
             max_attempts=_positive_int(env, "TRAINFLOW_S3_MAX_ATTEMPTS", 5),
             connect_timeout=_positive_float(env, "TRAINFLOW_S3_CONNECT_TIMEOUT", 5.0),
             read_timeout=_positive_float(env, "TRAINFLOW_S3_READ_TIMEOUT", 60.0),
+            operation_timeout=_positive_float(env, "TRAINFLOW_S3_OPERATION_TIMEOUT", 900.0),
         )
         artifact_root = env.get("TRAINFLOW_MLFLOW_ARTIFACT_ROOT") or None
         if artifact_root is None and not tracking.startswith(("http://", "https://", "databricks")):

@@ -16,10 +16,14 @@ Semantics that hold for both backends:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import posixpath
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
@@ -146,18 +150,24 @@ class Storage:
 
     # operations --------------------------------------------------------------------------
     def _call(self, what: str, path: str, fn, *args, **kwargs):
+        if self.protocol != "file" and what != "open":
+            # fsspec's sync wrapper cancels the call after this long: botocore's own timeouts
+            # do not cover a write to an endpoint that accepts the connection and then hangs.
+            kwargs["timeout"] = self.settings.s3.operation_timeout
         try:
             return fn(*args, **kwargs)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             raise
         except (ValueError, IsADirectoryError, NotADirectoryError):
             raise
         except Exception as exc:  # botocore, aiohttp, OSError...
-            message = f"{what} {redact_url(self.url(path))} failed: {type(exc).__name__}: {exc}"
+            detail = str(exc) or f"no answer within {self.settings.s3.operation_timeout:g} s"
+            message = f"{what} {redact_url(self.url(path))} failed: {type(exc).__name__}: {detail}"
             if _is_connection_error(exc):
                 raise StorageUnavailableError(
                     f"object store unreachable: {message} (after "
-                    f"{self.settings.s3.max_attempts} attempts with backoff)"
+                    f"{self.settings.s3.max_attempts} attempts with backoff, at most "
+                    f"{self.settings.s3.operation_timeout:g} s)"
                 ) from exc
             raise StorageError(message) from exc
 
@@ -195,6 +205,38 @@ class Storage:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` with ``data`` only if nothing is there (atomically, whole content).
+
+        Local: a hard link of a complete temporary file (fails if the name exists). S3: a PUT
+        with ``If-None-Match: *`` (AWS S3, MinIO, moto; stores without conditional writes
+        answer with an error, never with a silent overwrite).
+
+        Returns:
+            ``True`` if this call created the file, ``False`` if it already existed.
+        """
+        if self.protocol != "file":
+            try:
+                self._call("create", path, self.fs.pipe_file, self._abs(path), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        final = self._abs(path)
+        os.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -260,6 +302,88 @@ class Storage:
             raise FileNotFoundError(f"no such file: {redact_url(self.url(path))}") from None
 
 
+class LeaseTimeoutError(StorageError):
+    """A lease stayed held by someone else for longer than the caller would wait."""
+
+
+@contextlib.contextmanager
+def lease(
+    store: Storage,
+    path: str,
+    *,
+    owner: str,
+    ttl_s: float = 600.0,
+    timeout_s: float = 900.0,
+    poll_s: float = 0.5,
+) -> Iterator[None]:
+    """Hold an exclusive lease on ``path`` of ``store`` for the duration of the block.
+
+    The lease is a small JSON file created with :meth:`Storage.create_exclusive`, so it works
+    across processes and machines that share the store. A lease whose holder died is taken
+    over once it has expired (``ttl_s`` after it was taken) or, on the same host, as soon as
+    the holder's process is gone.
+
+    Args:
+        store: Where the lease file lives (the storage root every worker shares).
+        path: The lease file, relative to ``store``.
+        owner: Who holds it, for the log of whoever waits (no secrets).
+        ttl_s: After this many seconds a lease counts as abandoned.
+        timeout_s: How long to wait for a lease someone else holds.
+        poll_s: Seconds between attempts.
+
+    Raises:
+        LeaseTimeoutError: the lease stayed held for ``timeout_s``.
+    """
+    token = uuid.uuid4().hex
+    host = socket.gethostname()
+    deadline = time.monotonic() + timeout_s
+    waited = False
+    while True:
+        body = {"owner": owner, "token": token, "host": host, "pid": os.getpid(), "expires_at": time.time() + ttl_s}
+        if store.create_exclusive(path, json.dumps(body).encode()):
+            break
+        try:
+            held = json.loads(store.read_bytes(path))
+        except FileNotFoundError:
+            continue  # released between our attempt and the read
+        except ValueError:
+            held = {}
+        if _lease_abandoned(held, host):
+            log.warning("taking over the abandoned lease %s of %s", redact_url(store.url(path)), held.get("owner"))
+            store.delete(path)
+            continue
+        if time.monotonic() > deadline:
+            raise LeaseTimeoutError(
+                f"lease {redact_url(store.url(path))} still held by {held.get('owner')!r} after {timeout_s:.0f} s"
+            )
+        if not waited:
+            log.info("waiting for the lease %s held by %s", redact_url(store.url(path)), held.get("owner"))
+            waited = True
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        try:
+            current = json.loads(store.read_bytes(path))
+        except (FileNotFoundError, ValueError):
+            current = {}
+        if current.get("token") == token:
+            store.delete(path)
+
+
+def _lease_abandoned(held: dict[str, Any], host: str) -> bool:
+    if float(held.get("expires_at", 0)) < time.time():
+        return True
+    if held.get("host") == host and isinstance(held.get("pid"), int):
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     names = {type(e).__name__ for e in _chain(exc)}
     return bool(
@@ -273,6 +397,8 @@ def _is_connection_error(exc: BaseException) -> bool:
             "ServerDisconnectedError",
             "ConnectionRefusedError",
             "ConnectionError",
+            "FSTimeoutError",
+            "TimeoutError",
         }
     )
 

@@ -394,6 +394,7 @@ class Trainer:
                        "best": state["best"], "history": state["history"], "losses": state["losses"][-1000:],
                        "train_seconds": seconds}
         ckpt.save(step, state_model, optimizer, epoch=epoch, train_state=train_state, scheduler=scheduler)
+        _inject_fault_after_commit(step, self.world)
 
     def _memory(self, state_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Bytes of parameters and optimizer state each rank holds (local shards), in total and
@@ -468,6 +469,35 @@ def manifest_tags(manifest) -> dict[str, Any]:
 
 
 # helpers ----------------------------------------------------------------------------------
+FAULT_STEP_ENV = "TRAINFLOW_TEST_FAIL_AFTER_COMMIT_STEP"
+FAULT_MARKER_ENV = "TRAINFLOW_TEST_FAULT_MARKER"
+
+
+def _inject_fault_after_commit(step: int, world: World) -> None:
+    """Test hook, inert unless ``TRAINFLOW_TEST_FAIL_AFTER_COMMIT_STEP`` is set: once a
+    checkpoint at or after that step is committed, every rank exits with status 17, once
+    (the file ``TRAINFLOW_TEST_FAULT_MARKER`` records that it happened). Lets tests fail a
+    training after a commit the way a killed Airflow task does, then check that the retry
+    resumes from that commit."""
+    raw = os.environ.get(FAULT_STEP_ENV)
+    if not raw or step < int(raw):
+        return
+    marker = os.environ.get(FAULT_MARKER_ENV) or ""
+    if not marker:
+        raise ValueError(f"{FAULT_STEP_ENV} needs {FAULT_MARKER_ENV} (a file path)")
+    happened = os.path.exists(marker)
+    barrier(world)  # every rank looked before rank 0 writes the marker
+    if happened:
+        return
+    if world.is_main:
+        with open(marker, "w") as handle:
+            handle.write(str(step))
+        log.error("test fault injection: exiting after the committed checkpoint of step %d", step)
+    barrier(world)
+    sys.stdout.flush()
+    os._exit(17)
+
+
 @contextlib.contextmanager
 def _grad_sync(model: torch.nn.Module, parallelism: str, sync: bool):
     if parallelism in ("ddp", SHARDED_EMBEDDINGS) and not sync:

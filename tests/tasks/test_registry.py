@@ -146,3 +146,58 @@ def test_unknown_promotion_metric_is_rejected(mlflow_env):
         register_step(
             model_uri=uri, registered_model_name=NAME, metrics={"ndcg_at_10": 0.3}, lineage=lin, gate=GateConfig("ade")
         )
+
+
+def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypatch):
+    """Two DAG runs register at once: without the registry lease both compare against "no
+    champion" and the slower one (here the worse model) overwrites the alias last."""
+    import threading
+    import time
+
+    import tasks.registry as registry
+
+    (uri_a, lin_a), (uri_b, lin_b) = _train("run-fast-better", 0.5), _train("run-slow-worse", 0.4)
+    real_decide = registry.decide
+
+    def slow_for_the_worse(candidate, reference, metric, margin):
+        if candidate == pytest.approx(0.40):
+            time.sleep(2.0)  # B read the champion, then decides slowly: A's promotion lands meanwhile
+        return real_decide(candidate, reference, metric, margin)
+
+    monkeypatch.setattr(registry, "decide", slow_for_the_worse)
+    results, errors = {}, []
+
+    def register(key, uri, lin, value, delay):
+        try:
+            time.sleep(delay)
+            results[key] = _register(uri, lin, value)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=register, args=("b", uri_b, lin_b, 0.40, 0.0)),
+        threading.Thread(target=register, args=("a", uri_a, lin_a, 0.50, 0.3)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    client = MlflowClient()
+    versions = {v.tags[TAG + "run_id"]: v for v in client.search_model_versions(f"name='{NAME}'")}
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.tags[TAG + "run_id"] == "run-fast-better"  # the better model, whoever came last
+    # Both decisions are recorded and form one chain: B was decided first (it started first and
+    # held the lease), then A was compared against B, not against the baseline.
+    b, a = versions["run-slow-worse"], versions["run-fast-better"]
+    assert b.tags[TAG + "decision.outcome"] == "promoted"
+    assert b.tags[TAG + "decision.compared_against"] == "baseline"
+    assert a.tags[TAG + "decision.outcome"] == "promoted"
+    assert a.tags[TAG + "decision.compared_against"] == f"champion v{b.version}"
+    assert b.tags[TAG + "superseded_by"] == str(a.version)
+    assert results["a"]["aliases"] == ["challenger", "champion"] and b.aliases == []
+    # The lease is released.
+    from tasks.storage import Storage
+
+    assert Storage.from_settings(mlflow_env).list("locks/registry") == []

@@ -127,3 +127,61 @@ def test_unreachable_s3_fails_clearly_after_bounded_retries(tf_env, monkeypatch)
     store = Storage("s3://nowhere-bucket/root", get_settings())
     with pytest.raises(StorageUnavailableError, match="unreachable.*2 attempts"):
         store.write_bytes("a.txt", b"x")
+
+
+def test_create_exclusive_creates_once(store):
+    assert store.create_exclusive("locks/x.lease", b"first") is True
+    assert store.create_exclusive("locks/x.lease", b"second") is False
+    assert store.read_bytes("locks/x.lease") == b"first"  # never overwritten
+    assert store.list("locks") == ["locks/x.lease"]
+
+
+def test_lease_is_exclusive_and_released(store):
+    import time
+
+    from tasks.storage import LeaseTimeoutError, lease
+
+    inside: list[str] = []
+    overlaps: list[int] = []
+    active = {"n": 0}
+
+    def worker(name):
+        with lease(store, "locks/m.lease", owner=name, poll_s=0.05, timeout_s=60):
+            active["n"] += 1
+            overlaps.append(active["n"])
+            inside.append(name)
+            time.sleep(0.2)
+            active["n"] -= 1
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(inside) == ["w0", "w1", "w2"] and max(overlaps) == 1
+    assert not store.exists("locks/m.lease")
+    # A live holder (this process) is waited for, then the waiter gives up naming the holder.
+    with lease(store, "locks/m.lease", owner="holder"):
+        with pytest.raises(LeaseTimeoutError, match="held by 'holder'"):
+            with lease(store, "locks/m.lease", owner="waiter", timeout_s=0.3, poll_s=0.05):
+                pass
+
+
+def test_abandoned_lease_is_taken_over(store):
+    from tasks.storage import lease
+
+    # A holder that died: its lease expired (another host) or its process is gone (this host).
+    store.write_bytes("locks/a.lease", json.dumps({"owner": "dead", "host": "elsewhere", "pid": 1,
+                                                   "expires_at": 0}).encode())
+    with lease(store, "locks/a.lease", owner="next", timeout_s=5):
+        assert json.loads(store.read_bytes("locks/a.lease"))["owner"] == "next"
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store.write_bytes("locks/a.lease", json.dumps({"owner": "dead", "host": socket.gethostname(),
+                                                   "pid": int(gone.stdout), "expires_at": 4e9}).encode())
+    with lease(store, "locks/a.lease", owner="next", timeout_s=5):
+        pass
+    assert not store.exists("locks/a.lease")

@@ -192,12 +192,31 @@ def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(toy_manifest, 
 @pytest.mark.slow  # ~30 s: a SIGKILL, torchrun's restart and a second rendezvous
 def test_killed_rank_restarts_and_resumes_from_last_commit(toy_manifest, tmp_path, ddp_reference):
     lines: list[str] = []
-    family = {"die_at_batch": 12, "die_rank": 1, "die_marker_dir": str(tmp_path)}
+    record = tmp_path / "batches"
+    record.mkdir()
+    family = {"die_at_batch": 12, "die_rank": 1, "die_marker_dir": str(tmp_path), "record_dir": str(record)}
     result = _launch(toy_manifest, tmp_path / "killed", 2, family=family, max_restarts=1, lines=lines,
                      parallelism="ddp", checkpoint_every_steps=5)
     assert (tmp_path / "died").exists()  # rank 1 really was SIGKILLed once
     assert any("resuming from step 10 " in line for line in lines)
     assert result["resumed_from_step"] == 10
+    # Sample accounting: what the first attempt trained up to the resume point plus what the
+    # restarted attempt trained from it covers every row of the epoch exactly once (the rows of
+    # batches 10-11, handed out after the commit and before the kill, are trained again, and
+    # only those); each rank resumes at exactly the resume point.
+    entries = [json.loads(line) for path in record.glob("rank*.jsonl") for line in path.read_text().splitlines()]
+    first = [e for e in entries if e["restart"] == 0]
+    second = [e for e in entries if e["restart"] == 1]
+    assert {e["restart"] for e in entries} == {0, 1}
+    for rank_file in record.glob("rank*.jsonl"):
+        rank_entries = [json.loads(line) for line in rank_file.read_text().splitlines()]
+        assert min(e["position"] for e in rank_entries if e["restart"] == 1) == 10
+    replayed = {e["position"] for e in first if e["position"] >= 10}
+    assert replayed <= {10, 11, 12}
+    trained = [r for e in first if e["position"] < 10 for r in e["rows"]] + [r for e in second for r in e["rows"]]
+    steps = toy_manifest.num_rows("train") // 64
+    assert len(trained) == len(set(trained)) == steps * 64
+    assert set(trained) <= set(range(toy_manifest.num_rows("train")))
     assert result["steps"] == ddp_reference["steps"]
     assert result["metrics"]["eval"]["mse"] == pytest.approx(ddp_reference["metrics"]["eval"]["mse"], rel=1e-4)
     np.testing.assert_allclose(_losses(result), _losses(ddp_reference), rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ Runnable as a script under torchrun (``python -m torch.distributed.run ... toy_f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ class ToyConfig:
         die_rank: The rank that dies.
         die_marker_dir: Folder of the "already died" marker.
         selection_mode: ``min`` picks the lowest valid MSE; ``max`` (a test hook) the highest.
+        record_dir: Test hook: when set, each rank appends every train batch it hands out
+            (restart count, epoch, position, row indices) to ``rank<N>.jsonl`` there.
     """
 
     embedding_dim: int = 4
@@ -42,6 +45,7 @@ class ToyConfig:
     die_rank: int = 1
     die_marker_dir: str = ""
     selection_mode: str = "min"
+    record_dir: str = ""
 
 
 class ToyModel(torch.nn.Module):
@@ -70,11 +74,18 @@ class ToyFamily(ModelFamily):
         return self.manifest.num_rows("train")
 
     def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        record = self.config.record_dir
         loader = ShardLoader(self.manifest, "train", batch_size, world=self.world, columns=COLUMNS,
-                             seed=7, num_workers=self.config.num_workers, window_row_groups=2)
+                             seed=7, num_workers=self.config.num_workers, window_row_groups=2,
+                             with_row_index=bool(record))
         loader.load_state_dict({"epoch": epoch, "position": skip_batches})
         for batch in loader:
             self._maybe_die(epoch, loader.position - 1)
+            if record:
+                entry = {"restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "epoch": epoch,
+                         "position": loader.position - 1, "rows": batch.pop("row_index").tolist()}
+                with open(os.path.join(record, f"rank{self.world.rank}.jsonl"), "a") as handle:
+                    handle.write(json.dumps(entry) + "\n")
             yield batch
 
     def _maybe_die(self, epoch: int, batch_index: int) -> None:
