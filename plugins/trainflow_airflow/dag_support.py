@@ -276,13 +276,14 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
         return run_train(context, kind, dataset)
 
     @task
-    def nodes(**context):
+    def plan_nodes(**context):
         """Node ranks 1..nnodes-1 (none for one node or launcher=kubernetes): one train_node each."""
         return peer_node_ranks(dict(context["params"]))
 
-    @task(pool=training_pool, execution_timeout=dt.timedelta(hours=6), map_index_template="node {{ node_rank }}")
+    @task(pool=training_pool, execution_timeout=dt.timedelta(hours=6), map_index_template="{{ node_label }}")
     def train_node(node_rank, dataset, **context):
         """Node node_rank of a multi-node training: joins node 0's rendezvous (runs with train)."""
+        context["node_label"] = f"node {node_rank}"
         return run_train_node(context, kind, node_rank)
 
     @trainflow_task(trigger_rule="none_failed")
@@ -297,7 +298,7 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
 
     dataset = shard()
     trained = train(dataset)
-    peers = train_node.partial(dataset=dataset).expand(node_rank=nodes())
+    peers = train_node.partial(dataset=dataset).expand(node_rank=plan_nodes())
     # Every node's task must succeed; with one node the mapped train_node is skipped (empty).
     evaluation = evaluate(trained)
     peers >> evaluation
