@@ -140,7 +140,7 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         "kubernetes_image": _spec(
             None,
             {"type": ["null", "string"], "maxLength": 512},
-            "launcher=kubernetes: container image with trainflow installed (docker/trainer.Dockerfile).",
+            "launcher=kubernetes: container image with trainflow installed (docker/trainer-cuda.Dockerfile builds one).",
             "Kubernetes: image",
         ),
         "kubernetes_namespace": _spec(
