@@ -171,7 +171,7 @@ def train_step(
         nnodes = values["nnodes"]
         launch = LaunchConfig(nnodes=1, nproc_per_node=nproc, max_restarts=values.get("max_restarts", 1), rdzv_id="trainflow")
         if nnodes > 1:
-            launch = _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number, nodes)
+            launch, plan = _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number, nodes)
         log.info("training %s on %d node(s) x %d process(es) (%s, %s): run dir %s", values["model"], nnodes, nproc,
                  values["parallelism"], values["device"], run_dir)
         try:
@@ -180,6 +180,9 @@ def train_step(
             if nnodes > 1:
                 _raise_rendezvous_error(exc, nodes, launch, node_rank=0)
             raise
+        if nnodes > 1:
+            # A node task retried after this point must not join the finished rendezvous.
+            nodes.publish({**plan, "state": "finished"})
     result = read_result(run_dir, settings)
     serving = _export_servable(run_dir, mlflow_run_id, env)
     summary = {k: result.get(k) for k in ("steps", "epochs", "samples_per_s", "world_size", "num_nodes", "train_seconds", "best_epoch", "resumed_from_step")}
@@ -205,7 +208,8 @@ def train_node_step(
     run this node's torchrun in the same rendezvous. Node 0's task returns the result.
 
     Returns:
-        ``{"node_rank", "nnodes", "rdzv_endpoint", "rdzv_id", "nproc_per_node"}``.
+        ``{"node_rank", "nnodes", "rdzv_endpoint", "rdzv_id", "nproc_per_node", "already_finished"}``
+        (``already_finished``: a retry that found node 0's training done and ran nothing).
 
     Raises:
         tasks.rendezvous.NodeFailed: node 0 failed before training started.
@@ -219,6 +223,12 @@ def train_node_step(
     if not 1 <= node_rank < values["nnodes"]:
         raise ValueError(f"node_rank must be in [1, {values['nnodes']}), got {node_rank}")
     plan = wait_for_plan(nodes, node_rank, values["rdzv_join_timeout_s"])
+    summary = {"node_rank": node_rank, "nnodes": plan["nnodes"], "nproc_per_node": plan["nproc_per_node"],
+               "rdzv_endpoint": plan["rdzv_endpoint"], "rdzv_id": plan["rdzv_id"]}
+    if plan.get("state") == "finished":
+        # A retry of this task after the whole world finished (e.g. it failed after torchrun).
+        log.info("node %d: node 0 reports training %s finished; nothing left to run", node_rank, plan["rdzv_id"])
+        return {**summary, "already_finished": True}
     launch = LaunchConfig(
         nnodes=plan["nnodes"],
         nproc_per_node=plan["nproc_per_node"],
@@ -238,13 +248,7 @@ def train_node_step(
         _raise_rendezvous_error(exc, nodes, launch, node_rank=node_rank)
         raise
     log.info("node %d done: node 0's task returns the training result", node_rank)
-    return {
-        "node_rank": node_rank,
-        "nnodes": launch.nnodes,
-        "nproc_per_node": launch.nproc_per_node,
-        "rdzv_endpoint": launch.rdzv_endpoint,
-        "rdzv_id": launch.rdzv_id,
-    }
+    return {**summary, "already_finished": False}
 
 
 def trainer_args(
@@ -309,7 +313,7 @@ def _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number
     log.info("node 0 of %d: rendezvous %s (id %s, %s), waiting up to %d s for the other nodes",
              launch.nnodes, endpoint, launch.rdzv_id, "picked here" if auto else "from the rdzv_endpoint param",
              launch.rdzv_join_timeout_s)
-    return launch
+    return launch, plan
 
 
 def _raise_rendezvous_error(exc, nodes, launch, node_rank: int) -> None:

@@ -9,7 +9,9 @@ Each runs ``torchrun --nnodes N --rdzv-backend c10d`` on its own worker. They ag
   port it picks there. Node 0 hosts the c10d store (``is_host=1``);
 * the **training plan**: endpoint, rendezvous id, the trainer's arguments (run directory,
   MLflow run, dataset) and the process count. Node 0 publishes it (the DAG side puts it in
-  XCom) just before it starts torchrun; the other nodes wait for it, then join.
+  XCom) just before it starts torchrun; the other nodes wait for it, then join. Once torchrun
+  succeeded node 0 marks the plan ``finished``, so a node task retried after that (it failed
+  after its part was done) succeeds without joining a rendezvous that no longer exists.
 
 What can go wrong is reported by name instead of hanging: a node whose task never starts
 makes torchrun's join timeout (``rdzv_join_timeout_s``) fire on the nodes that did start, and
@@ -136,6 +138,7 @@ def make_plan(
         "auto_endpoint": node0_host_is_auto,
         "node0_try": try_number,
         "published_at": time.time(),
+        "state": "open",
     }
 
 
@@ -152,6 +155,9 @@ def wait_for_plan(channel: NodeChannel, node_rank: int, timeout_s: int, poll_s: 
         states = dict(channel.node_states())
         state0 = states.get(0)
         plan = channel.fetch()
+        if plan and plan.get("format") == PLAN_FORMAT and plan.get("state") == "finished":
+            log.info("node %d: node 0 reports rendezvous %s finished", node_rank, plan["rdzv_id"])
+            return plan
         # A plan left from node 0's previous try is not used: node 0 must be running now.
         if plan and plan.get("format") == PLAN_FORMAT and state0 == "running":
             log.info("node %d: node 0 published rendezvous %s (id %s)", node_rank, plan["rdzv_endpoint"], plan["rdzv_id"])

@@ -280,10 +280,13 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
         """Node ranks 1..nnodes-1 (none for one node or launcher=kubernetes): one train_node each."""
         return peer_node_ranks(dict(context["params"]))
 
-    @task(pool=training_pool, execution_timeout=dt.timedelta(hours=6), map_index_template="{{ node_label }}")
+    @task(
+        pool=training_pool,
+        execution_timeout=dt.timedelta(hours=6),
+        map_index_template="node {{ task.op_kwargs['node_rank'] }}",
+    )
     def train_node(node_rank, dataset, **context):
         """Node node_rank of a multi-node training: joins node 0's rendezvous (runs with train)."""
-        context["node_label"] = f"node {node_rank}"
         return run_train_node(context, kind, node_rank)
 
     @trainflow_task(trigger_rule="none_failed")

@@ -50,6 +50,8 @@ def test_two_nodes_train_one_model_through_the_scheduler(live_stack):
     train, node = tis[("train", -1)], tis[("train_node", 0)]
     assert train["pool"] == node["pool"] == "training"
     assert node["start_date"] < train["end_date"] and train["start_date"] < node["end_date"]
+    assert train["try_number"] == 1 and node["try_number"] == 1, (train["try_number"], node["try_number"])
+    assert node["rendered_map_index"] == "node 1"
     result = api.xcom(DAG_ID, run_id, "train")
     assert result["world_size"] == 2 and result["num_nodes"] == 2 and result["parallelism"] == "ddp"
 

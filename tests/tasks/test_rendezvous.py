@@ -92,6 +92,16 @@ def test_waiting_node_gives_up_after_the_timeout_naming_node_0():
     assert info.value.missing == [0]
 
 
+def test_a_retried_node_after_the_training_finished_joins_nothing(tf_env):
+    from tasks.pipeline import train_node_step
+
+    mem = MemoryChannel(2)
+    mem.plan = {**_plan(), "state": "finished"}
+    mem.states[0] = "success"  # node 0 done, exporting or already finished
+    result = train_node_step({**SMALL_REC, "nnodes": 2}, 1, kind="recommendation", nodes=mem.channel())
+    assert result["already_finished"] is True and result["rdzv_id"] == "r"
+
+
 def test_waiting_node_stops_at_once_when_node_0_failed():
     mem = MemoryChannel(2)
     mem.states[0] = "failed"
@@ -171,6 +181,7 @@ def test_two_nodes_train_one_model_through_the_task_functions(tf_env, caplog):
     train = results[0]
     assert train["world_size"] == 2 and train["num_nodes"] == 2 and train["parallelism"] == "ddp"
     assert results[1]["node_rank"] == 1 and results[1]["rdzv_endpoint"] == mem.plan["rdzv_endpoint"]
+    assert results[1]["already_finished"] is False and mem.plan["state"] == "finished"
     # One training: one run directory, one committed final checkpoint, one exported model in MLflow.
     run_dir = Path(tf_env / "store" / "runs" / "recommendation_training" / "two_nodes")
     committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step-*/_COMMITTED"))
