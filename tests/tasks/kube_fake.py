@@ -6,7 +6,8 @@ client to talk to it. Job status follows a scripted ``scenario``:
 
 * ``succeed``: the job reports its completion condition after ``polls_before_end`` status reads;
 * ``fail``: it reports ``Failed`` with a reason and message instead;
-* ``hang``: it runs for ever (for the cancel test).
+* ``hang``: it runs for ever (for the cancel test);
+* ``no_crd``: the job's API group is not served (the operator is not installed): 404.
 
 Every request is recorded in ``requests`` as ``(method, path, query, body)``.
 """
@@ -94,6 +95,9 @@ class FakeKubernetes:
                 if m:
                     return self._object(method, f"secret/{m[1]}/{m[2] or (body or {}).get('metadata', {}).get('name')}", body)
                 m = re.fullmatch(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?", path)
+                if m and fake.scenario == "no_crd":
+                    return self._send(404, {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                                            "message": "the server could not find the requested resource"})
                 if m:
                     name = m[5] or (body or {}).get("metadata", {}).get("name")
                     return self._object(method, f"{m[4]}/{m[3]}/{name}", body, job=True)

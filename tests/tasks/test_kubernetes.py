@@ -249,11 +249,14 @@ def test_cancel_deletes_the_job_and_its_secret():
 
 
 def test_missing_crd_is_explained():
-    spec = _spec("trainjob", kubernetes_namespace="ml")
-    with FakeKubernetes("succeed") as fake:
-        runner = KubernetesJobRunner(_client(fake.url + "/nowhere"), poll_s=0.05)
-        with pytest.raises(RuntimeError, match=r"creating Secret ml/.* failed with HTTP 404"):
+    spec = _spec("trainjob")
+    with FakeKubernetes("no_crd") as fake:
+        runner = KubernetesJobRunner(_client(fake.url), poll_s=0.05)
+        with pytest.raises(RuntimeError, match=r"creating TrainJob ml/tf-recom-\w+-t1 failed with HTTP 404: the server "
+                                               r"could not find the requested resource \(is the TrainJob CRD installed\? "
+                                               r"kubernetes_job_kind=trainjob\)"):
             runner.run(spec)
+    assert fake.objects == {}  # the Secret created first was removed again
 
 
 def test_run_through_the_provider_hook_and_a_connection(monkeypatch, tmp_path):
