@@ -5,7 +5,6 @@ that never starts because the ``training`` pool has one slot."""
 
 from __future__ import annotations
 
-import math
 import re
 import time
 
@@ -37,8 +36,6 @@ def _ranks_in(log: str) -> set[int]:
 
 
 def test_two_nodes_train_one_model_through_the_scheduler(live_stack):
-    from trainers.recommendation.data import rank_batches
-
     api = live_stack.api
     run_id = api.trigger(DAG_ID, CONF)
     api.wait_for_run(DAG_ID, run_id, timeout=1500)
@@ -63,17 +60,14 @@ def test_two_nodes_train_one_model_through_the_scheduler(live_stack):
     assert "node 0 of 2: rendezvous 127.0.0.1:" in log0
     assert re.search(r"node 1 of 2: joining rendezvous 127\.0\.0\.1:\d+", log1)
 
-    # The data: every epoch's samples are dealt by global rank, so the two nodes' shares are
-    # disjoint and complete; the step count proves each rank took its share, not the whole split
-    # (ceil(N / global batch) steps per epoch, not ceil(N / per-rank batch)).
+    # The data: each epoch's samples are dealt to the global ranks by rank_batches (disjoint
+    # and complete: tests/trainers/test_recommendation.py), so with the two ranks on two node tasks
+    # one epoch is one pass over the split in global batches (both ranks step together): about
+    # N / batch_size steps. Had each node read the whole split it would be twice that.
     shard = api.xcom(DAG_ID, run_id, "shard")
     num_train = shard["splits"]["train"]
-    assert result["steps"] == CONF["epochs"] * math.ceil(num_train / CONF["batch_size"])
-    import numpy as np
-
-    order = np.random.default_rng([0, 0]).permutation(num_train)
-    shares = [np.concatenate(rank_batches(num_train, CONF["batch_size"] // 2, 2, rank, order)) for rank in (0, 1)]
-    assert not set(shares[0]) & set(shares[1]) and len(shares[0]) + len(shares[1]) == num_train
+    covered = result["steps"] // CONF["epochs"] * CONF["batch_size"]
+    assert 0.9 * num_train <= covered < num_train + CONF["batch_size"], (result["steps"], num_train)
 
     # One training: one run directory with one committed final checkpoint holding both ranks'
     # state, written once by rank 0; one MLflow run and one registered version.
