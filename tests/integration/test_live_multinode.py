@@ -84,9 +84,13 @@ def test_two_nodes_train_one_model_through_the_scheduler(live_stack):
 
 
 def _set_pool_slots(api, slots: int) -> int:
-    before = api.json("GET", "pools/training")["slots"]
-    api.json("PATCH", "pools/training", json={"name": "training", "slots": slots}, params={"update_mask": "slots"})
-    return before
+    """Set the ``training`` pool's slots through the REST API; returns the previous number."""
+    before = api.json("GET", "pools/training")
+    body = {"pool": "training", "slots": slots, "include_deferred": before["include_deferred"],
+            "description": before.get("description")}
+    api.json("PATCH", "pools/training", json=body)
+    assert api.json("GET", "pools/training")["slots"] == slots
+    return before["slots"]
 
 
 def test_node_that_never_starts_fails_within_the_timeout(live_stack):
