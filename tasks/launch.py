@@ -65,6 +65,9 @@ class LaunchConfig:
             ``None`` shows every rank.
         master_port: Port of the static rendezvous (``--master-port``) when ``rdzv_endpoint``
             is not given with more than one node.
+        rdzv_is_host: c10d: whether this node hosts the rendezvous store (``is_host`` in
+            ``--rdzv-conf``); ``None`` lets torchrun guess from the endpoint's host name (wrong
+            when several nodes share one machine or the name resolves oddly).
     """
 
     nnodes: int = 1
@@ -79,6 +82,7 @@ class LaunchConfig:
     monitor_interval_s: float = 1.0
     local_ranks_filter: str | None = None
     master_port: int | None = None
+    rdzv_is_host: bool | None = None
 
     def __post_init__(self) -> None:
         if self.nnodes < 1:
@@ -192,6 +196,8 @@ def build_torchrun_command(
             cmd += ["--node-rank", str(config.node_rank), "--master-addr", host, "--master-port", port]
         else:
             conf = f"join_timeout={config.rdzv_join_timeout_s},last_call_timeout={config.rdzv_last_call_timeout_s}"
+            if config.rdzv_is_host is not None:
+                conf += f",is_host={int(config.rdzv_is_host)}"
             cmd += [
                 "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", str(config.rdzv_endpoint),

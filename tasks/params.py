@@ -18,6 +18,9 @@ PARALLELISM = ("ddp", "fsdp", "none")
 RECOMMENDATION_PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "none")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+LAUNCHERS = ("local", "kubernetes")
+KUBERNETES_JOB_KINDS = ("trainjob", "pytorchjob")
+ENDPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}$"
 
 RECOMMENDATION_MODELS = ("neumf", "gmf", "mlp", "sasrec")
 DRIVING_MODELS = ("mlp", "context")
@@ -106,7 +109,11 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             lr, {"type": "number", "exclusiveMinimum": 0, "maximum": 10}, "Adam learning rate.", "Learning rate"
         ),
         "nnodes": _spec(
-            1, {"type": "integer", "minimum": 1, "maximum": 1024}, "Machines (torchrun nodes) to train on.", "Nodes"
+            1,
+            {"type": "integer", "minimum": 1, "maximum": 1024},
+            "Machines (torchrun nodes) to train on. launcher=local: one Airflow task per node, all in the "
+            "training pool at the same time (the pool needs at least nnodes free slots); kubernetes: one pod per node.",
+            "Nodes",
         ),
         "nproc_per_node": _spec(
             2,
@@ -119,6 +126,66 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             {"type": "integer", "minimum": 0, "maximum": 10},
             "How often torchrun restarts the training processes after a rank fails; they resume from the last checkpoint.",
             "Max restarts",
+        ),
+        "launcher": _spec(
+            "local",
+            {"type": "string", "enum": list(LAUNCHERS)},
+            "local: torchrun on the Airflow worker(s), one task per node; kubernetes: a Kubeflow training job "
+            "(TrainJob or PyTorchJob) on the cluster of the Kubernetes connection, submitted and watched by the train task.",
+            "Launcher",
+        ),
+        "rdzv_endpoint": _spec(
+            None,
+            {"type": ["null", "string"], "pattern": ENDPOINT_PATTERN, "maxLength": 260},
+            "Multi-node (launcher=local): host:port of the c10d rendezvous, reachable from every node's worker "
+            "(node 0's task hosts it). Empty: node 0's task picks a free port on its own machine and publishes "
+            "host:port to the other node tasks through XCom.",
+            "Rendezvous endpoint",
+        ),
+        "rdzv_join_timeout_s": _spec(
+            600,
+            {"type": "integer", "minimum": 5, "maximum": 86400},
+            "Multi-node: seconds every node waits for all nnodes nodes to join before failing with the missing "
+            "node(s) named (a node whose task never starts).",
+            "Rendezvous join timeout (s)",
+        ),
+        "kubernetes_image": _spec(
+            None,
+            {"type": ["null", "string"], "maxLength": 512},
+            "launcher=kubernetes: container image with trainflow installed (docker/trainer-cuda.Dockerfile builds one).",
+            "Kubernetes: image",
+        ),
+        "kubernetes_namespace": _spec(
+            "default",
+            {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+            "launcher=kubernetes: namespace of the training job.",
+            "Kubernetes: namespace",
+        ),
+        "kubernetes_job_kind": _spec(
+            "trainjob",
+            {"type": "string", "enum": list(KUBERNETES_JOB_KINDS)},
+            "launcher=kubernetes: trainjob (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1) or pytorchjob "
+            "(the older Training Operator, kubeflow.org/v1).",
+            "Kubernetes: job kind",
+        ),
+        "kubernetes_gpus_per_node": _spec(
+            None,
+            {"type": ["null", "integer"], "minimum": 0, "maximum": 64},
+            "launcher=kubernetes: nvidia.com/gpu requested per node (pod); empty: nproc_per_node with device=cuda, "
+            "0 with cpu.",
+            "Kubernetes: GPUs per node",
+        ),
+        "kubernetes_cpu_per_node": _spec(
+            None,
+            {"type": ["null", "string"], "pattern": r"^[0-9]+(\.[0-9]+)?m?$", "maxLength": 16},
+            "launcher=kubernetes: CPU request/limit per pod (Kubernetes quantity, e.g. \"8\" or \"7500m\"); empty: none.",
+            "Kubernetes: CPU per node",
+        ),
+        "kubernetes_memory_per_node": _spec(
+            None,
+            {"type": ["null", "string"], "pattern": r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eE][0-9]+)?$", "maxLength": 16},
+            "launcher=kubernetes: memory request/limit per pod (e.g. \"32Gi\"); empty: none.",
+            "Kubernetes: memory per node",
         ),
         "parallelism": _spec(
             "ddp",
@@ -204,6 +271,34 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
         _check_schema(key, values[key], spec["schema"])
     if cpu_count is None:
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = values["launcher"] == "local"
+    if local:
+        _check_local_machine(values, cpu_count, cuda_devices)
+    else:
+        _check_kubernetes(values)
+    for key in values["model_options"]:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(key)):
+            raise ParamError("model_options", f"{key!r} is not a setting name")
+        if key in ("seed", "model"):
+            raise ParamError("model_options", f"set {key!r} with its own param, not in model_options")
+    if values["rdzv_endpoint"] is not None:
+        port = int(values["rdzv_endpoint"].rpartition(":")[2])
+        if not 1 <= port <= 65535:
+            raise ParamError("rdzv_endpoint", f"port {port} is not in 1-65535")
+    world = values["nnodes"] * values["nproc_per_node"]
+    if values["parallelism"] == "none" and world > 1:
+        raise ParamError("parallelism", f"'none' runs one process, but nnodes × nproc_per_node = {world}")
+    if values["batch_size"] < world:
+        raise ParamError("batch_size", f"{values['batch_size']} is smaller than the world size {world}")
+    source = values["source_url"].strip()
+    if not source:
+        raise ParamError("source_url", "must not be empty")
+    values["source_url"] = source
+    return values
+
+
+def _check_local_machine(values: dict[str, Any], cpu_count: int, cuda_devices: int | None) -> None:
+    """launcher=local: the processes of one node run on this worker's machine."""
     if values["device"] == "cpu" and values["nproc_per_node"] > cpu_count:
         raise ParamError(
             "nproc_per_node",
@@ -216,27 +311,29 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
                 "nproc_per_node" if devices else "device",
                 f"{values['nproc_per_node']} processes need as many CUDA devices, this machine has {devices}",
             )
-    for key in values["model_options"]:
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(key)):
-            raise ParamError("model_options", f"{key!r} is not a setting name")
-        if key in ("seed", "model"):
-            raise ParamError("model_options", f"set {key!r} with its own param, not in model_options")
-    if values["nnodes"] > 1:
-        raise ParamError(
-            "nnodes",
-            f"{values['nnodes']} nodes: this version launches training on the Airflow worker's own machine "
-            "only (nnodes=1); multi-node rendezvous is not wired into the DAGs yet",
-        )
-    world = values["nnodes"] * values["nproc_per_node"]
-    if values["parallelism"] == "none" and world > 1:
-        raise ParamError("parallelism", f"'none' runs one process, but nnodes × nproc_per_node = {world}")
-    if values["batch_size"] < world:
-        raise ParamError("batch_size", f"{values['batch_size']} is smaller than the world size {world}")
-    source = values["source_url"].strip()
-    if not source:
-        raise ParamError("source_url", "must not be empty")
-    values["source_url"] = source
-    return values
+
+
+def _check_kubernetes(values: dict[str, Any]) -> None:
+    """launcher=kubernetes: what the job needs; this machine's CPUs and GPUs do not matter."""
+    image = (values["kubernetes_image"] or "").strip()
+    if not image:
+        raise ParamError("kubernetes_image", "launcher=kubernetes needs the image the training pods run")
+    if any(c.isspace() for c in image):
+        raise ParamError("kubernetes_image", f"{image!r} contains whitespace")
+    values["kubernetes_image"] = image
+    gpus = values["kubernetes_gpus_per_node"]
+    if values["device"] == "cuda":
+        if gpus is None:
+            values["kubernetes_gpus_per_node"] = values["nproc_per_node"]
+        elif gpus < values["nproc_per_node"]:
+            raise ParamError(
+                "kubernetes_gpus_per_node",
+                f"{gpus} GPUs per node for nproc_per_node={values['nproc_per_node']} processes (one GPU each) with device=cuda",
+            )
+    elif gpus is None:
+        values["kubernetes_gpus_per_node"] = 0
+    if values["rdzv_endpoint"] is not None:
+        raise ParamError("rdzv_endpoint", "launcher=kubernetes: the job's own service is the rendezvous; leave it empty")
 
 
 def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from tasks.params import validate_params
+from tasks.rendezvous import NodeChannel
 from tasks.settings import Settings, get_settings
 from tasks.sharding import ShardingConfig, shard_dataset
 
@@ -118,21 +119,28 @@ def train_step(
     run_id: str,
     try_number: int,
     settings: Settings | None = None,
+    nodes: NodeChannel | None = None,
+    kubernetes: Any | None = None,
 ) -> dict[str, Any]:
     """Train with torchrun on the dataset version, then log the servable model to MLflow.
 
     A retry of the same DAG run reuses its run directory (so training resumes from the last
-    committed checkpoint) and its MLflow run.
+    committed checkpoint) and its MLflow run. With ``nnodes > 1`` this is node 0: it publishes
+    the rendezvous plan through ``nodes`` (see :mod:`tasks.rendezvous`) and runs its share of
+    the ranks; the other nodes run :func:`train_node_step`. With ``launcher=kubernetes`` the
+    training runs as a job on the cluster of the ``kubernetes`` client (see
+    :mod:`tasks.kubernetes`).
 
     Returns:
         The trainer's result (metrics, model and checkpoint URIs, steps, samples/s, world
         size...) plus ``mlflow_run_id``, ``mlflow_experiment_id``, ``model_uri`` (the pyfunc
         model) and ``try_number``.
-    """
-    import subprocess
-    import sys
 
-    from tasks.launch import LaunchConfig, read_result, run_dir_url, run_torchrun
+    Raises:
+        ValueError: ``nnodes > 1`` without ``nodes``, or ``launcher=kubernetes`` without a client.
+        tasks.rendezvous.RendezvousTimeout: a node never joined; names it and the timeout.
+    """
+    from tasks.launch import LaunchConfig, LaunchError, read_result, run_dir_url, run_torchrun
 
     settings = settings or get_settings()
     values = validate_params(params, kind)
@@ -146,9 +154,119 @@ def train_step(
     )
     run_dir = run_dir_url(dag_id, run_id, settings)
     nproc = 1 if values["parallelism"] == "none" else values["nproc_per_node"]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cpus // nproc) if values["device"] == "cpu" else 4
-    args = [
+    threads = _threads_per_rank(values, nproc)
+    args = trainer_args(kind, values, dataset, run_dir=run_dir, dag_id=dag_id, run_id=run_id,
+                        settings=settings, mlflow_run_id=mlflow_run_id)
+    env = child_environment(settings, threads)
+    if values["launcher"] == "kubernetes":
+        from tasks.kubernetes import run_kubernetes_training
+
+        if kubernetes is None:
+            raise ValueError("launcher=kubernetes needs a Kubernetes client (the DAG side builds it from the connection)")
+        run_kubernetes_training(
+            kubernetes, kind=kind, values=values, args=args, dag_id=dag_id, run_id=run_id, try_number=try_number,
+            settings=settings, logger=log,
+        )
+    else:
+        nnodes = values["nnodes"]
+        launch = LaunchConfig(nnodes=1, nproc_per_node=nproc, max_restarts=values.get("max_restarts", 1), rdzv_id="trainflow")
+        if nnodes > 1:
+            launch, plan = _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number, nodes)
+        log.info("training %s on %d node(s) x %d process(es) (%s, %s): run dir %s", values["model"], nnodes, nproc,
+                 values["parallelism"], values["device"], run_dir)
+        try:
+            run_torchrun(launch, module=f"trainers.{kind}", args=args, env=env, logger=log)
+        except LaunchError as exc:
+            if nnodes > 1:
+                _raise_rendezvous_error(exc, nodes, launch, node_rank=0)
+            raise
+        if nnodes > 1:
+            # A node task retried after this point must not join the finished rendezvous.
+            nodes.publish({**plan, "state": "finished"})
+    result = read_result(run_dir, settings)
+    if result.get("resumed_from_step"):
+        log.info("training resumed from the committed checkpoint at step %d of %s (try %d)",
+                 result["resumed_from_step"], run_dir, try_number)
+    serving = _export_servable(run_dir, mlflow_run_id, env)
+    summary = {k: result.get(k) for k in ("steps", "epochs", "samples_per_s", "world_size", "num_nodes", "train_seconds", "best_epoch", "resumed_from_step")}
+    log.info("training done: %s", summary)
+    return {
+        **{k: v for k, v in result.items() if k not in ("history", "losses")},
+        "mlflow_run_id": mlflow_run_id,
+        "mlflow_experiment_id": experiment_id,
+        "model_uri": serving["model_uri"],
+        "try_number": try_number,
+    }
+
+
+def train_node_step(
+    params: dict[str, Any],
+    node_rank: int,
+    *,
+    kind: str,
+    nodes: NodeChannel,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Node ``node_rank`` (1..nnodes-1) of a multi-node training: wait for node 0's plan, then
+    run this node's torchrun in the same rendezvous. Node 0's task returns the result.
+
+    Returns:
+        ``{"node_rank", "nnodes", "rdzv_endpoint", "rdzv_id", "nproc_per_node", "already_finished"}``
+        (``already_finished``: a retry that found node 0's training done and ran nothing).
+
+    Raises:
+        tasks.rendezvous.NodeFailed: node 0 failed before training started.
+        tasks.rendezvous.RendezvousTimeout: node 0 (or another node) never joined.
+    """
+    from tasks.launch import LaunchConfig, LaunchError, run_torchrun
+    from tasks.rendezvous import wait_for_plan
+
+    settings = settings or get_settings()
+    values = validate_params(params, kind)
+    if not 1 <= node_rank < values["nnodes"]:
+        raise ValueError(f"node_rank must be in [1, {values['nnodes']}), got {node_rank}")
+    plan = wait_for_plan(nodes, node_rank, values["rdzv_join_timeout_s"])
+    summary = {"node_rank": node_rank, "nnodes": plan["nnodes"], "nproc_per_node": plan["nproc_per_node"],
+               "rdzv_endpoint": plan["rdzv_endpoint"], "rdzv_id": plan["rdzv_id"]}
+    if plan.get("state") == "finished":
+        # A retry of this task after the whole world finished (e.g. it failed after torchrun).
+        log.info("node %d: node 0 reports training %s finished; nothing left to run", node_rank, plan["rdzv_id"])
+        return {**summary, "already_finished": True}
+    launch = LaunchConfig(
+        nnodes=plan["nnodes"],
+        nproc_per_node=plan["nproc_per_node"],
+        node_rank=node_rank,
+        rdzv_endpoint=plan["rdzv_endpoint"],
+        rdzv_id=plan["rdzv_id"],
+        rdzv_join_timeout_s=plan["rdzv_join_timeout_s"],
+        max_restarts=plan["max_restarts"],
+        rdzv_is_host=False if plan["auto_endpoint"] else None,
+    )
+    env = child_environment(settings, int(plan["threads"]))
+    log.info("node %d of %d: joining rendezvous %s (id %s) with %d process(es)", node_rank, launch.nnodes,
+             launch.rdzv_endpoint, launch.rdzv_id, launch.nproc_per_node)
+    try:
+        run_torchrun(launch, module=f"trainers.{kind}", args=plan["args"], env=env, logger=log)
+    except LaunchError as exc:
+        _raise_rendezvous_error(exc, nodes, launch, node_rank=node_rank)
+        raise
+    log.info("node %d done: node 0's task returns the training result", node_rank)
+    return {**summary, "already_finished": False}
+
+
+def trainer_args(
+    kind: str,
+    values: dict[str, Any],
+    dataset: dict[str, Any],
+    *,
+    run_dir: str,
+    dag_id: str,
+    run_id: str,
+    settings: Settings,
+    mlflow_run_id: str,
+) -> list[str]:
+    """The trainer's command-line arguments (the same on every node and every pod)."""
+    return [
         f"--train.manifest_uri={dataset['manifest_uri']}",
         f"--train.run_dir={run_dir}",
         f"--train.dag_id={dag_id}",
@@ -166,14 +284,69 @@ def train_step(
         f"--train.mlflow_run_id={mlflow_run_id}",
         *family_args(kind, values),
     ]
-    launch = LaunchConfig(nnodes=1, nproc_per_node=nproc, max_restarts=values.get("max_restarts", 1), rdzv_id="trainflow")
-    env = child_environment(settings, threads)
-    log.info("training %s on %d process(es) (%s, %s): run dir %s", values["model"], nproc, values["parallelism"], values["device"], run_dir)
-    run_torchrun(launch, module=f"trainers.{kind}", args=args, env=env, logger=log)
-    result = read_result(run_dir, settings)
-    if result.get("resumed_from_step"):
-        log.info("training resumed from the committed checkpoint at step %d of %s (try %d)",
-                 result["resumed_from_step"], run_dir, try_number)
+
+
+def _threads_per_rank(values: dict[str, Any], nproc: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // nproc) if values["device"] == "cpu" else 4
+
+
+def _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number, nodes):
+    """Node 0: choose the rendezvous, publish the plan, and return its launch config."""
+    from tasks.launch import LaunchConfig
+    from tasks.rendezvous import free_port, make_plan, node_address, rendezvous_id
+
+    if nodes is None:
+        raise ValueError("nnodes > 1 needs the node channel of the orchestrator (one task per node)")
+    auto = values["rdzv_endpoint"] is None
+    endpoint = values["rdzv_endpoint"] or f"{node_address()}:{free_port()}"
+    launch = LaunchConfig(
+        nnodes=values["nnodes"],
+        nproc_per_node=nproc,
+        node_rank=0,
+        rdzv_endpoint=endpoint,
+        rdzv_id=rendezvous_id(dag_id, run_id, try_number),
+        rdzv_join_timeout_s=values["rdzv_join_timeout_s"],
+        max_restarts=values.get("max_restarts", 1),
+        rdzv_is_host=True if auto else None,
+    )
+    plan = make_plan(
+        nnodes=launch.nnodes, nproc_per_node=nproc, endpoint=endpoint, rdzv_id=launch.rdzv_id,
+        join_timeout_s=launch.rdzv_join_timeout_s, max_restarts=launch.max_restarts, args=args, threads=threads,
+        node0_host_is_auto=auto, try_number=try_number,
+    )
+    nodes.publish(plan)
+    log.info("node 0 of %d: rendezvous %s (id %s, %s), waiting up to %d s for the other nodes",
+             launch.nnodes, endpoint, launch.rdzv_id, "picked here" if auto else "from the rdzv_endpoint param",
+             launch.rdzv_join_timeout_s)
+    return launch, plan
+
+
+def _raise_rendezvous_error(exc, nodes, launch, node_rank: int) -> None:
+    """Turn torchrun's rendezvous failures into an error naming the missing nodes."""
+    from tasks.rendezvous import (
+        RendezvousTimeout,
+        is_rendezvous_timeout,
+        is_rendezvous_unreachable,
+        missing_nodes_error,
+    )
+
+    if is_rendezvous_timeout(exc.output_tail):
+        raise missing_nodes_error(nodes, launch.nnodes, node_rank, str(launch.rdzv_endpoint), launch.rdzv_join_timeout_s) from exc
+    if is_rendezvous_unreachable(exc.output_tail):
+        raise RendezvousTimeout(
+            f"node {node_rank}: the rendezvous store at {launch.rdzv_endpoint} is unreachable (node 0 stopped, or the "
+            "address is not reachable from this worker; set TRAINFLOW_NODE_ADDRESS on the workers)",
+            [0],
+            launch.rdzv_join_timeout_s,
+        ) from exc
+
+
+def _export_servable(run_dir: str, mlflow_run_id: str, env: dict[str, str]) -> dict[str, Any]:
+    """Log the exported model as an MLflow pyfunc model (a subprocess: keeps torch out of the task)."""
+    import subprocess
+    import sys
+
     log.info("logging the servable model to MLflow run %s", mlflow_run_id)
     out = subprocess.run(
         [sys.executable, "-m", "trainers.serving", "--run-dir", run_dir, "--mlflow-run-id", mlflow_run_id],
@@ -185,16 +358,7 @@ def train_step(
         log.info("serving: %s", line)
     if out.returncode != 0:
         raise RuntimeError(f"exporting the servable model failed (exit {out.returncode}): {out.stderr[-2000:]}")
-    serving = json.loads(out.stdout.strip().splitlines()[-1])
-    summary = {k: result.get(k) for k in ("steps", "epochs", "samples_per_s", "world_size", "train_seconds", "best_epoch", "resumed_from_step")}
-    log.info("training done: %s", summary)
-    return {
-        **{k: v for k, v in result.items() if k not in ("history", "losses")},
-        "mlflow_run_id": mlflow_run_id,
-        "mlflow_experiment_id": experiment_id,
-        "model_uri": serving["model_uri"],
-        "try_number": try_number,
-    }
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # --- evaluate --------------------------------------------------------------------------------

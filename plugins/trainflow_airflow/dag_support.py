@@ -112,26 +112,102 @@ def airflow_run_url(context: dict[str, Any]) -> str:
     return f"{base}/dags/{dag_id}/runs/{run_id}"
 
 
+TRAIN_TASK = "train"
+TRAIN_NODE_TASK = "train_node"
+RENDEZVOUS_XCOM_KEY = "rendezvous"
+
+
+def node_channel(context: dict[str, Any]):
+    """The node tasks' channel (:class:`tasks.rendezvous.NodeChannel`) over this DAG run:
+    node 0's plan in XCom (key ``rendezvous`` of ``train``), the node tasks' states from the
+    execution API. Node ``r > 0`` is map index ``r - 1`` of ``train_node``."""
+    from tasks.rendezvous import NodeChannel
+
+    ti = context["ti"]
+    dag_id, run_id = ti.dag_id, ti.run_id
+
+    def publish(plan: dict[str, Any]) -> None:
+        ti.xcom_push(key=RENDEZVOUS_XCOM_KEY, value=plan)
+
+    def fetch() -> dict[str, Any] | None:
+        value = ti.xcom_pull(task_ids=TRAIN_TASK, key=RENDEZVOUS_XCOM_KEY, map_indexes=-1)
+        if isinstance(value, list):  # several tries' values are never kept; be lenient anyway
+            value = next((v for v in value if v), None)
+        return value or None
+
+    def node_states() -> dict[int, str | None]:
+        states = ti.get_task_states(dag_id=dag_id, task_ids=[TRAIN_TASK, TRAIN_NODE_TASK], run_ids=[run_id])
+        by_task = (states or {}).get(run_id, {})
+        nnodes = int(context["params"].get("nnodes", 1))
+        out: dict[int, str | None] = {0: _state(by_task.get(TRAIN_TASK))}
+        for rank in range(1, nnodes):
+            out[rank] = _state(by_task.get(f"{TRAIN_NODE_TASK}_{rank - 1}"))
+        return out
+
+    def describe(rank: int) -> str:
+        return f"task {TRAIN_TASK}" if rank == 0 else f"task {TRAIN_NODE_TASK}[{rank - 1}]"
+
+    return NodeChannel(publish=publish, fetch=fetch, node_states=node_states, describe=describe)
+
+
+def _state(value: Any) -> str | None:
+    return None if value is None else str(getattr(value, "value", value))
+
+
+def kubernetes_client():
+    """A ``kubernetes.client.ApiClient`` for the Airflow connection ``TRAINFLOW_KUBERNETES_CONN_ID``
+    (default ``kubernetes_default``; in-cluster config or a kube config, as the provider's
+    ``KubernetesHook`` resolves it)."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    conn_id = os.environ.get("TRAINFLOW_KUBERNETES_CONN_ID", "kubernetes_default")
+    log.info("Kubernetes client from Airflow connection %r", conn_id)
+    return KubernetesHook(conn_id=conn_id).get_conn()
+
+
 def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> dict[str, Any]:
-    """Body of the ``train`` task: torchrun on this machine, resuming on a retry."""
+    """Body of the ``train`` task: torchrun on this machine (node 0 when ``nnodes > 1``) or a
+    Kubernetes job; resumes on a retry."""
     from tasks.pipeline import train_step
     from trainflow_airflow.links import persist_mlflow_links
 
     dag_id, run_id, try_number = _ids(context)
+    params = dict(context["params"])
     if try_number > 1:
         log.info("try %d: training resumes from the last committed checkpoint of this DAG run", try_number)
+    launcher = params.get("launcher", "local")
+    multi_node = launcher == "local" and int(params.get("nnodes", 1)) > 1
     with fail_fast_on_bad_input():
         result = train_step(
-            dict(context["params"]),
+            params,
             dataset,
             kind=kind,
             dag_id=dag_id,
             run_id=run_id,
             try_number=try_number,
             settings=settings_with_connections(),
+            nodes=node_channel(context) if multi_node else None,
+            kubernetes=kubernetes_client() if launcher == "kubernetes" else None,
         )
     persist_mlflow_links(context, experiment_id=result["mlflow_experiment_id"], run_id=result["mlflow_run_id"])
     return result
+
+
+def run_train_node(context: dict[str, Any], kind: str, node_rank: int) -> dict[str, Any]:
+    """Body of a ``train_node`` task: node ``node_rank`` joins node 0's rendezvous."""
+    from tasks.pipeline import train_node_step
+
+    with fail_fast_on_bad_input():
+        return train_node_step(
+            dict(context["params"]), node_rank, kind=kind, nodes=node_channel(context), settings=settings_with_connections()
+        )
+
+
+def peer_node_ranks(params: dict[str, Any]) -> list[int]:
+    """Node ranks that get a ``train_node`` task: ``1..nnodes-1`` with the local launcher."""
+    if params.get("launcher", "local") != "local":
+        return []
+    return list(range(1, int(params.get("nnodes", 1))))
 
 
 def run_evaluate(context: dict[str, Any], kind: str, train: dict[str, Any]) -> dict[str, Any]:
@@ -195,10 +271,25 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
 
     @trainflow_task(pool=training_pool, execution_timeout=dt.timedelta(hours=6))
     def train(dataset, **context):
-        """Train with torchrun; a retry resumes from the last committed checkpoint."""
+        """Train with torchrun (node 0 with nnodes > 1) or a Kubernetes job; a retry resumes
+        from the last committed checkpoint."""
         return run_train(context, kind, dataset)
 
-    @trainflow_task
+    @task
+    def plan_nodes(**context):
+        """Node ranks 1..nnodes-1 (none for one node or launcher=kubernetes): one train_node each."""
+        return peer_node_ranks(dict(context["params"]))
+
+    @task(
+        pool=training_pool,
+        execution_timeout=dt.timedelta(hours=6),
+        map_index_template="node {{ task.op_kwargs['node_rank'] }}",
+    )
+    def train_node(node_rank, dataset, **context):
+        """Node node_rank of a multi-node training: joins node 0's rendezvous (runs with train)."""
+        return run_train_node(context, kind, node_rank)
+
+    @trainflow_task(trigger_rule="none_failed")
     def evaluate(train_result, **context):
         """Score the model on the held-out split against the baseline; plots to MLflow."""
         return run_evaluate(context, kind, train_result)
@@ -210,4 +301,8 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
 
     dataset = shard()
     trained = train(dataset)
-    register(dataset, trained, evaluate(trained))
+    peers = train_node.partial(dataset=dataset).expand(node_rank=plan_nodes())
+    # Every node's task must succeed; with one node the mapped train_node is skipped (empty).
+    evaluation = evaluate(trained)
+    peers >> evaluation
+    register(dataset, trained, evaluation)

@@ -12,8 +12,8 @@ import pytest
 from tasks.settings import PROJECT_DIR
 
 DAGS = {
-    "recommendation_training": {"shard", "train", "evaluate", "register"},
-    "driving_training": {"shard", "train", "evaluate", "register"},
+    "recommendation_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register"},
+    "driving_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register"},
 }
 DAG_FILES = sorted((PROJECT_DIR / "dags").glob("*.py"))
 
@@ -115,3 +115,28 @@ def test_parsing_imports_nothing_heavy_and_opens_no_connection(path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HEAVY []" in out.stdout, out.stdout
     assert "CONNECT []" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("dag_id", sorted(DAGS))
+def test_multi_node_wiring(dagbag, dag_id):
+    """Node 0 is `train` (its result feeds evaluate); nodes 1..n-1 are the mapped `train_node`,
+    in the same pool, started with it (both only wait for shard), and evaluate waits for all of
+    them (none_failed: with one node train_node is skipped, being mapped over an empty list)."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    dag = dagbag.dags[dag_id]
+    train, node, evaluate = dag.get_task("train"), dag.get_task("train_node"), dag.get_task("evaluate")
+    assert isinstance(node, MappedOperator)
+    assert node.pool == train.pool == "training"
+    assert node.upstream_task_ids == {"shard", "plan_nodes"} and train.upstream_task_ids == {"shard"}
+    assert evaluate.upstream_task_ids == {"train", "train_node"}
+    assert evaluate.trigger_rule == "none_failed"
+    assert dag.get_task("register").trigger_rule == "all_success"
+
+
+def test_peer_node_ranks():
+    from trainflow_airflow.dag_support import peer_node_ranks
+
+    assert peer_node_ranks({}) == [] and peer_node_ranks({"nnodes": 1}) == []
+    assert peer_node_ranks({"nnodes": 3}) == [1, 2]
+    assert peer_node_ranks({"nnodes": 3, "launcher": "kubernetes"}) == []  # pods, not tasks

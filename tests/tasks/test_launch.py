@@ -37,6 +37,13 @@ def test_multi_node_command_uses_c10d_rendezvous():
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "10.0.0.5:29400"
     assert cmd[cmd.index("--rdzv-id") + 1] == "dag-run-7"
     assert "join_timeout=60" in cmd[cmd.index("--rdzv-conf") + 1]
+    assert "is_host" not in cmd[cmd.index("--rdzv-conf") + 1]  # torchrun guesses from the host name
+    import dataclasses
+
+    hosting = build_torchrun_command(dataclasses.replace(config, rdzv_is_host=True), script="train.py")
+    assert hosting[hosting.index("--rdzv-conf") + 1].endswith(",is_host=1")
+    joining = build_torchrun_command(dataclasses.replace(config, rdzv_is_host=False), script="train.py")
+    assert joining[joining.index("--rdzv-conf") + 1].endswith(",is_host=0")
     assert cmd[-1] == "train.py"
     assert config.world_size == 8
 

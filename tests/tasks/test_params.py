@@ -26,7 +26,20 @@ def test_defaults_are_valid(kind):
         ({"parallelism": "none"}, "parallelism", "one process"),
         ({"batch_size": 1}, "batch_size", "world size 2"),
         ({"epochz": 3}, "epochz", "unknown parameter"),
-        ({"nnodes": 2}, "nnodes", "nnodes=1"),
+        ({"nnodes": 2, "batch_size": 3}, "batch_size", "world size 4"),
+        ({"rdzv_endpoint": "no-port"}, "rdzv_endpoint", "does not match"),
+        ({"rdzv_endpoint": "node0:99999"}, "rdzv_endpoint", "not in 1-65535"),
+        ({"rdzv_join_timeout_s": 1}, "rdzv_join_timeout_s", "below the minimum"),
+        ({"launcher": "slurm"}, "launcher", "not one of"),
+        ({"launcher": "kubernetes"}, "kubernetes_image", "needs the image"),
+        ({"launcher": "kubernetes", "kubernetes_image": "a b"}, "kubernetes_image", "whitespace"),
+        ({"launcher": "kubernetes", "kubernetes_image": "img:1", "device": "cuda", "kubernetes_gpus_per_node": 1},
+         "kubernetes_gpus_per_node", "one GPU each"),
+        ({"launcher": "kubernetes", "kubernetes_image": "img:1", "rdzv_endpoint": "h:1"}, "rdzv_endpoint", "leave it empty"),
+        ({"launcher": "kubernetes", "kubernetes_image": "img:1", "kubernetes_namespace": "Bad_NS"},
+         "kubernetes_namespace", "does not match"),
+        ({"launcher": "kubernetes", "kubernetes_image": "img:1", "kubernetes_memory_per_node": "lots"},
+         "kubernetes_memory_per_node", "does not match"),
         ({"model_options": {"Bad-Key": 1}}, "model_options", "not a setting name"),
         ({"model_options": {"seed": 1}}, "model_options", "its own param"),
         ({"model_options": [1]}, "model_options", "expected object"),
@@ -37,6 +50,19 @@ def test_bad_values_name_the_field(params, field, match):
         validate_params(params, "recommendation", cpu_count=2)
     assert info.value.field == field
     assert f"param {field!r}" in str(info.value)
+
+
+def test_multi_node_and_kubernetes_values_pass():
+    values = validate_params({"nnodes": 2, "rdzv_endpoint": "node-0.example:29400", "rdzv_join_timeout_s": 60},
+                             "recommendation", cpu_count=2)
+    assert values["nnodes"] == 2 and values["rdzv_endpoint"] == "node-0.example:29400"
+    # The pods' machines count, not this one's: 8 CUDA processes per node pass here, GPUs default to them.
+    values = validate_params({"launcher": "kubernetes", "kubernetes_image": " reg/trainflow:1 ", "device": "cuda",
+                              "nproc_per_node": 8, "nnodes": 4, "kubernetes_memory_per_node": "64Gi"},
+                             "recommendation", cpu_count=2, cuda_devices=0)
+    assert values["kubernetes_image"] == "reg/trainflow:1" and values["kubernetes_gpus_per_node"] == 8
+    values = validate_params({"launcher": "kubernetes", "kubernetes_image": "img:1"}, "driving", cpu_count=2)
+    assert values["kubernetes_gpus_per_node"] == 0
 
 
 def test_cuda_with_enough_devices_passes():
