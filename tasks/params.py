@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 PARALLELISM = ("ddp", "fsdp", "none")
+APPROVAL_MODES = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 
 RECOMMENDATION_MODELS = ("neumf", "gmf", "mlp", "sasrec")
@@ -130,6 +131,36 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             "How much better (absolute) the challenger must be than the champion to be promoted.",
             "Promotion margin",
         ),
+        "require_approval": _spec(
+            "auto",
+            {
+                "type": "string",
+                "enum": list(APPROVAL_MODES),
+                "values_display": {
+                    "auto": "auto: manual runs wait for a reviewer, scheduled runs do not",
+                    "always": "always: wait for a reviewer",
+                    "never": "never: the automated gate alone decides",
+                },
+            },
+            "Whether a human approves the promotion to champion (in the Airflow UI, task 'approve') after "
+            "the automated gate has passed. auto: yes for a manually triggered run, no for a scheduled or "
+            "Asset-triggered one.",
+            "Require approval",
+        ),
+        "approval_timeout_hours": _spec(
+            72,
+            {"type": "number", "exclusiveMinimum": 0, "maximum": 720},
+            "How long the approval waits for a reviewer (fractions allowed); with no answer by then the "
+            "version is rejected, recorded as a timeout.",
+            "Approval timeout (hours)",
+        ),
+        "allow_gate_override": _spec(
+            False,
+            {"type": "boolean"},
+            "Let a reviewer promote a version that failed the automated gate (recorded as an override). "
+            "Off: a failed gate is final and no approval is asked.",
+            "Allow gate override",
+        ),
         "seed": _spec(0, {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "Seed of sampling and training.", "Seed"),
     }
 
@@ -151,7 +182,7 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
         ParamError: naming the first bad field.
     """
     specs = param_specs(kind)
-    unknown = sorted(set(params) - set(specs) - {"require_approval"})
+    unknown = sorted(set(params) - set(specs))
     if unknown:
         raise ParamError(unknown[0], f"unknown parameter (known: {', '.join(specs)})")
     values = {key: params.get(key, spec["default"]) for key, spec in specs.items()}
@@ -210,6 +241,8 @@ def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
         raise ParamError(key, f"expected {' or '.join(types)}, got {type(value).__name__} {value!r}")
     if value is None:
         return
+    if isinstance(value, bool) and "boolean" in types:
+        return
     if "enum" in schema and value not in schema["enum"]:
         raise ParamError(key, f"{value!r} is not one of {schema['enum']}")
     if "minimum" in schema and value < schema["minimum"]:
@@ -225,3 +258,23 @@ def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
     if "pattern" in schema:
         if not re.fullmatch(schema["pattern"], value):
             raise ParamError(key, f"{value!r} does not match {schema['pattern']}")
+
+
+def approval_required(mode: str, run_type: str) -> bool:
+    """Whether a run waits for a reviewer before ``champion`` moves.
+
+    Args:
+        mode: The ``require_approval`` param: ``auto``, ``always`` or ``never``.
+        run_type: The DAG run's type (``manual``, ``scheduled``, ``asset_triggered``, ``backfill``...).
+
+    Returns:
+        ``always`` → True, ``never`` → False, ``auto`` → True only for a manually triggered run.
+
+    Raises:
+        ParamError: for an unknown mode.
+    """
+    if mode not in APPROVAL_MODES:
+        raise ParamError("require_approval", f"{mode!r} is not one of {list(APPROVAL_MODES)}")
+    if mode == "auto":
+        return str(getattr(run_type, "value", run_type)) == "manual"
+    return mode == "always"
