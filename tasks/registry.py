@@ -678,7 +678,10 @@ def approval_request(
     header = f"| metric (eval split) | candidate v{version} |" + (f" {champion_col} |" if champion_col else "") + f" {baseline_name} |"
     sep = "|---|---:|" + ("---:|" if champion_col else "") + "---:|"
     rows = []
-    for key, row in result.get("comparison", {}).items():
+    comparison = result.get("comparison", {})
+    ordered = sorted(comparison, key=lambda k: k != metric)  # the gate's metric first
+    for key in ordered:
+        row = comparison[key]
         label = f"**{key}**" if key == metric else key
         rows.append(
             f"| {label} | {_fmt(row['candidate'])} |"

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import urllib.parse
 from typing import Any
 
 from airflow.sdk import Param
@@ -109,7 +110,7 @@ def airflow_run_url(context: dict[str, Any]) -> str:
     """Link to the DAG run in the Airflow UI (``AIRFLOW__API__BASE_URL``, default local)."""
     base = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080").rstrip("/")
     dag_id, run_id, _ = _ids(context)
-    return f"{base}/dags/{dag_id}/runs/{run_id}"
+    return f"{base}/dags/{urllib.parse.quote(dag_id, safe='')}/runs/{urllib.parse.quote(run_id, safe=':')}"
 
 
 def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> dict[str, Any]:

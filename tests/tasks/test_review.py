@@ -218,7 +218,7 @@ def test_approval_request_shows_the_comparison_verdict_dataset_and_links(mlflow_
     )
     assert subject == f"Promote {NAME} v2 to champion? (gate passed)"
     assert "| metric (eval split) | candidate v2 | champion v1 | ItemPop |" in body
-    assert "| **ndcg_at_10** | 0.3500 | 0.3000 | 0.2000 |" in body
+    assert "| ItemPop |\n|---|---:|---:|---:|\n| **ndcg_at_10** | 0.3500 | 0.3000 | 0.2000 |" in body  # gate metric first
     assert "Automated gate: PASSED" in body and "improvement +0.0500" in body and "margin > 0.01" in body
     assert "`x` version `d1` (train 1,000, eval 60)" in body and "world size 2" in body
     for url in (links["mlflow_run"], links["model_version"], links["airflow_run"], links["plots"]["hr_at_k.png"]):
