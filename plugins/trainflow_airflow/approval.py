@@ -72,11 +72,11 @@ class ModelApprovalOperator(ApprovalOperator):
         params = params if isinstance(params, ParamsDict) else ParamsDict(params or {})
         if "comment" not in params:
             params["comment"] = Param(
-                "",
-                type="string",
+                None,
+                type=["null", "string"],
                 maxLength=5000,
                 title="Comment",
-                description="Why you approve or reject; recorded on the MLflow model version.",
+                description="Why you approve or reject (optional); recorded on the MLflow model version.",
                 source="task",
             )
         kwargs["params"] = params
