@@ -165,6 +165,21 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
     }
 
 
+def unknown_params(params: dict[str, Any], kind: str) -> list[str]:
+    """The keys of ``params`` (a DAG run's conf) that are no param of the ``kind`` pipeline, sorted."""
+    return sorted(set(params) - set(param_specs(kind)))
+
+
+def unknown_param_message(key: str, kind: str) -> str:
+    """Why ``key`` is refused, with the closest known name when there is one."""
+    import difflib
+
+    known = list(param_specs(kind))
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown parameter ({hint}known: {', '.join(known)})"
+
+
 def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = None, cuda_devices: int | None = None) -> dict[str, Any]:
     """Check the values and the combinations a JSON schema cannot express.
 
@@ -182,9 +197,9 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
         ParamError: naming the first bad field.
     """
     specs = param_specs(kind)
-    unknown = sorted(set(params) - set(specs))
+    unknown = unknown_params(params, kind)
     if unknown:
-        raise ParamError(unknown[0], f"unknown parameter (known: {', '.join(specs)})")
+        raise ParamError(unknown[0], unknown_param_message(unknown[0], kind))
     values = {key: params.get(key, spec["default"]) for key, spec in specs.items()}
     for key, spec in specs.items():
         _check_schema(key, values[key], spec["schema"])

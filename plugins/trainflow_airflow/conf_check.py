@@ -1,0 +1,70 @@
+"""Refuse a DAG run ``conf`` with a key that is no param of the pipeline, at trigger time.
+
+Airflow validates the values of the declared params (type, range, enum) when a run is created and
+answers 400 naming the param, but it accepts keys no param declares: a typo such as ``epoch`` would
+create a run that trains with the default ``epochs`` (or, with trainflow, fails at its first task).
+This ASGI middleware, registered by the plugin on the API server, answers those triggers of
+trainflow's DAGs with the same 400 shape: ``{"detail": "Invalid input for param epoch: unknown
+parameter (did you mean 'epochs'? known: ...)"}``. Everything else passes through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+KIND_BY_DAG_ID = {"recommendation_training": "recommendation", "driving_training": "driving"}
+TRIGGER_PATH = re.compile(r"/api/v2/dags/(?P<dag_id>[^/]+)/dagRuns/?$")
+
+
+class RejectUnknownConfKeys:
+    """ASGI middleware: 400 for ``POST /api/v2/dags/{trainflow dag}/dagRuns`` with an unknown conf key."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        match = TRIGGER_PATH.search(scope.get("path", "")) if scope["type"] == "http" else None
+        kind = KIND_BY_DAG_ID.get(match["dag_id"]) if match and scope.get("method") == "POST" else None
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        messages = []
+        body = b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        detail = _unknown_key_detail(body, kind)
+        if detail is not None:
+            payload = json.dumps({"detail": detail}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+
+        async def replay() -> dict[str, Any]:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _unknown_key_detail(body: bytes, kind: str) -> str | None:
+    """The 400 detail for the first unknown conf key, or ``None`` (also for a body Airflow itself
+    should judge: not JSON, no ``conf`` object)."""
+    from tasks.params import unknown_param_message, unknown_params
+
+    try:
+        conf = json.loads(body or b"{}").get("conf")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(conf, dict):
+        return None
+    unknown = unknown_params(conf, kind)
+    if not unknown:
+        return None
+    return f"Invalid input for param {unknown[0]}: {unknown_param_message(unknown[0], kind)}"
