@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 DAG = "recommendation_training"
 APPROVE_TASK = "approve"
@@ -201,7 +201,7 @@ def test_approval_form_in_the_airflow_ui_shows_the_summary_and_approving_there_w
     assert f"{stack.mlflow_url}/#/models/{model_name}/versions/{version}" in hrefs
     assert any(h and h.startswith(f"{stack.mlflow_url}/#/experiments/") and "/artifactPath/plots/" in h for h in hrefs)
     assert browser.find_elements(By.CSS_SELECTOR, "table")
-    comment = ui.wait_visible(browser, By.CSS_SELECTOR, "textarea, input[type='text']")
+    comment = ui.wait_visible(browser, By.CSS_SELECTOR, "input[name='element_comment']")  # the form's param
     comment.send_keys("approved in the browser")
     ui.save_screenshot(browser, "approval-form", artifacts_dir)
     button = ui.wait_visible(browser, By.XPATH, "//button[normalize-space()='Approve']")
