@@ -291,7 +291,8 @@ def register_model_step(
     )
     result["review"] = {
         "dataset": {"name": dataset["name"], "version": dataset["version"], **dataset_facts},
-        "training": {**training, "device": train.get("device", values["device"])},
+        # [label, value] pairs: XCom on PostgreSQL (JSONB) does not keep the order of keys.
+        "training": [[k, v] for k, v in {**training, "device": train.get("device", values["device"])}.items()],
         "mlflow_run_id": train["mlflow_run_id"],
         "mlflow_experiment_id": train.get("mlflow_experiment_id"),
         "plots": list(evaluation.get("plots", [])),

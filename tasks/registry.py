@@ -319,7 +319,8 @@ def register_step(
 
     Returns:
         ``{"name", "version", "aliases", "decision", "model_uri", "created", "approval",
-        "comparison"}``; ``approval["required"]`` says whether a reviewer must answer.
+        "comparison"}``; ``approval["required"]`` says whether a reviewer must answer;
+        ``comparison`` is ``[{"metric", "candidate", "reference", "baseline"}, ...]``.
     """
     from mlflow.exceptions import MlflowException
 
@@ -372,9 +373,13 @@ def register_step(
             "allow_override": decision.get("allow_override") == "true",
             "reason": decision.get("approval_note", ""),
         },
-        "comparison": comparison_table(
-            metrics, reference if str(decision.get("compared_against", "")).startswith("champion") else None
-        ),
+        # A list, not a dict: XCom on PostgreSQL (JSONB) does not keep the order of keys.
+        "comparison": [
+            {"metric": key, **row}
+            for key, row in comparison_table(
+                metrics, reference if str(decision.get("compared_against", "")).startswith("champion") else None
+            ).items()
+        ],
     }
 
 
@@ -646,7 +651,8 @@ def approval_request(
     Args:
         result: What :func:`register_step` returned (decision, comparison, version).
         dataset: The dataset version (``name``, ``version``, ``splits``).
-        training: World size, parallelism, device, epochs, time.
+        training: World size, parallelism, device, epochs, time: a dict or ``[label, value]``
+            pairs (pairs keep their order through XCom on PostgreSQL).
         links: ``mlflow_run``, ``model_version``, ``airflow_run`` URLs and ``plots``
             (``{name: url}``); missing ones are left out.
         timeout_hours: The response timeout, said in the body.
@@ -678,10 +684,9 @@ def approval_request(
     header = f"| metric (eval split) | candidate v{version} |" + (f" {champion_col} |" if champion_col else "") + f" {baseline_name} |"
     sep = "|---|---:|" + ("---:|" if champion_col else "") + "---:|"
     rows = []
-    comparison = result.get("comparison", {})
-    ordered = sorted(comparison, key=lambda k: k != metric)  # the gate's metric first
-    for key in ordered:
-        row = comparison[key]
+    rows_in = sorted(result.get("comparison", []), key=lambda r: r["metric"] != metric)  # the gate's metric first
+    for row in rows_in:
+        key = row["metric"]
         label = f"**{key}**" if key == metric else key
         rows.append(
             f"| {label} | {_fmt(row['candidate'])} |"
@@ -689,12 +694,16 @@ def approval_request(
             + f" {_fmt(row['baseline'])} |"
         )
     lines += ["", header, sep, *rows, ""]
-    splits = ", ".join(f"{k} {v:,}" for k, v in dataset.get("splits", {}).items())
+    order = {"train": 0, "valid": 1, "eval": 2}
+    splits = ", ".join(
+        f"{k} {v:,}" for k, v in sorted(dataset.get("splits", {}).items(), key=lambda kv: (order.get(kv[0], 3), kv[0]))
+    )
     lines.append(
         f"**Dataset**: `{dataset.get('name', '?')}` version `{dataset.get('version', '?')}`" + (f" ({splits})" if splits else "") + "."
     )
     if training:
-        lines += ["", "**Training**: " + ", ".join(f"{k} {v}" for k, v in training.items() if v not in (None, "")) + "."]
+        pairs = training.items() if isinstance(training, dict) else training
+        lines += ["", "**Training**: " + ", ".join(f"{k} {v}" for k, v in pairs if v not in (None, "")) + "."]
     link_parts = [f"[{label}]({links[key]})" for key, label in (
         ("mlflow_run", "MLflow run"), ("model_version", "MLflow model version"), ("airflow_run", "Airflow DAG run")
     ) if links.get(key)]

@@ -6,6 +6,7 @@ every decision is on the model version. The browser test answers in the Airflow 
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.parse
 import uuid
@@ -88,8 +89,11 @@ def _check_request(detail, register, stack):
     if against.startswith("champion"):
         assert f"{against} |" in body
     assert f"Automated gate: {register['decision']['gate_verdict'].upper()}" in body
-    ndcg = register["comparison"]["ndcg_at_10"]
-    assert f"| **ndcg_at_10** | {ndcg['candidate']:.4f} |" in body
+    ndcg = next(row for row in register["comparison"] if row["metric"] == "ndcg_at_10")
+    header_end = "---:|---:|\n" if not against.startswith("champion") else "---:|---:|---:|\n"
+    assert f"{header_end}| **ndcg_at_10** | {ndcg['candidate']:.4f} |" in body  # the gate's metric first
+    assert re.search(r"\(train [\d,]+, valid [\d,]+, eval [\d,]+\)", body)  # splits in their natural order
+    assert "**Training**: world size 2, parallelism ddp, epochs 1," in body  # in the order written
     assert f"version `{register['review']['dataset']['version']}`" in body
     run_id = register["review"]["mlflow_run_id"]
     assert f"{stack.mlflow_url}/#/experiments/" in body and f"/runs/{run_id})" in body

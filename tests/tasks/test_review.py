@@ -108,8 +108,9 @@ def test_approve_promotes_and_records_who_when_comment_and_both_sides(mlflow_env
     assert float(tags[TAG + "decision.reference.ndcg_at_10"]) == pytest.approx(0.30)  # the champion's side
     assert float(tags[TAG + "metric.ndcg_at_10"]) == pytest.approx(0.35)  # the candidate's side
     # The comparison shown to the reviewer: candidate, champion and baseline per metric.
-    assert pending["comparison"]["ndcg_at_10"] == {"candidate": 0.35, "reference": 0.30, "baseline": 0.2}
-    assert pending["comparison"]["hr_at_10"]["reference"] == pytest.approx(0.60)
+    rows = {row["metric"]: row for row in pending["comparison"]}
+    assert rows["ndcg_at_10"] == {"metric": "ndcg_at_10", "candidate": 0.35, "reference": 0.30, "baseline": 0.2}
+    assert rows["hr_at_10"]["reference"] == pytest.approx(0.60)
 
     # A retried register does not decide again or move anything.
     retry = _register(uri2, lin2, 0.35, approval=True)
@@ -210,8 +211,8 @@ def test_approval_request_shows_the_comparison_verdict_dataset_and_links(mlflow_
     }
     subject, body = approval_request(
         pending,
-        dataset={"name": "x", "version": "d1", "splits": {"train": 1000, "eval": 60}},
-        training={"world size": 2, "parallelism": "ddp", "epochs": 3},
+        dataset={"name": "x", "version": "d1", "splits": {"eval": 60, "train": 1000}},  # any key order
+        training=[["world size", 2], ["parallelism", "ddp"], ["epochs", 3]],
         links=links,
         timeout_hours=72,
         baseline_name="ItemPop",
@@ -220,7 +221,8 @@ def test_approval_request_shows_the_comparison_verdict_dataset_and_links(mlflow_
     assert "| metric (eval split) | candidate v2 | champion v1 | ItemPop |" in body
     assert "| ItemPop |\n|---|---:|---:|---:|\n| **ndcg_at_10** | 0.3500 | 0.3000 | 0.2000 |" in body  # gate metric first
     assert "Automated gate: PASSED" in body and "improvement +0.0500" in body and "margin > 0.01" in body
-    assert "`x` version `d1` (train 1,000, eval 60)" in body and "world size 2" in body
+    assert "`x` version `d1` (train 1,000, eval 60)" in body
+    assert "**Training**: world size 2, parallelism ddp, epochs 3." in body
     for url in (links["mlflow_run"], links["model_version"], links["airflow_run"], links["plots"]["hr_at_k.png"]):
         assert f"({url})" in body
     assert "72 h rejects it" in body
