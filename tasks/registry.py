@@ -167,7 +167,7 @@ def comparison_table(
             eval set); ``None`` when it was compared with the baseline.
         limit: At most this many rows.
     """
-    keys = [k for k in metrics if not k.startswith("baseline_") and f"baseline_{k}" in metrics][:limit]
+    keys = sorted((k for k in metrics if not k.startswith("baseline_") and f"baseline_{k}" in metrics), key=_metric_order)[:limit]
     reference = reference or {}
     return {
         k: {
@@ -177,6 +177,20 @@ def comparison_table(
         }
         for k in keys
     }
+
+
+HEADLINE_METRICS = ("ndcg_at_10", "hr_at_10", "mrr", "ade", "fde", "miss_rate")
+
+
+def _metric_order(key: str) -> tuple:
+    """Headline metrics first, then by name with K / seconds in numeric order (hr_at_5 < hr_at_10);
+    a stable order whatever order the metrics arrived in (JSONB reorders XCom keys)."""
+    if key in HEADLINE_METRICS:
+        return (0, HEADLINE_METRICS.index(key), "", 0)
+    match = re.fullmatch(r"(.*?)(\d+)(s?)", key)
+    if match:
+        return (1, 0, match.group(1) + match.group(3), int(match.group(2)))
+    return (1, 0, key, 0)
 
 
 def _fmt(value: float | None) -> str:
