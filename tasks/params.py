@@ -16,6 +16,7 @@ from typing import Any
 PARALLELISM = ("ddp", "fsdp", "none")
 # Row-sharded embedding tables: only the recommendation models have tables to shard.
 RECOMMENDATION_PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "none")
+APPROVAL_MODES = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LAUNCHERS = ("local", "kubernetes")
@@ -227,13 +228,43 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             "How much better (absolute) the challenger must be than the champion to be promoted.",
             "Promotion margin",
         ),
+        "require_approval": _spec(
+            "auto",
+            {
+                "type": "string",
+                "enum": list(APPROVAL_MODES),
+                "values_display": {
+                    "auto": "auto: manual runs wait for a reviewer, scheduled runs do not",
+                    "always": "always: wait for a reviewer",
+                    "never": "never: the automated gate alone decides",
+                },
+            },
+            "Whether a human approves the promotion to champion (in the Airflow UI, task 'approve') after "
+            "the automated gate has passed. auto: yes for a manually triggered run, no for a scheduled or "
+            "Asset-triggered one.",
+            "Require approval",
+        ),
+        "approval_timeout_hours": _spec(
+            72,
+            {"type": "number", "exclusiveMinimum": 0, "maximum": 720},
+            "How long the approval waits for a reviewer (fractions allowed); with no answer by then the "
+            "version is rejected, recorded as a timeout.",
+            "Approval timeout (hours)",
+        ),
+        "allow_gate_override": _spec(
+            False,
+            {"type": "boolean"},
+            "Let a reviewer promote a version that failed the automated gate (recorded as an override). "
+            "Off: a failed gate is final and no approval is asked.",
+            "Allow gate override",
+        ),
         "seed": _spec(0, {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "Seed of sampling and training.", "Seed"),
     }
 
 
 def unknown_params(params: dict[str, Any], kind: str) -> list[str]:
     """The keys of ``params`` (a DAG run's conf) that are no param of the ``kind`` pipeline, sorted."""
-    return sorted(set(params) - set(param_specs(kind)) - {"require_approval"})
+    return sorted(set(params) - set(param_specs(kind)))
 
 
 def unknown_param_message(key: str, kind: str) -> str:
@@ -352,6 +383,8 @@ def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
         raise ParamError(key, f"expected {' or '.join(types)}, got {type(value).__name__} {value!r}")
     if value is None:
         return
+    if isinstance(value, bool) and "boolean" in types:
+        return
     if "enum" in schema and value not in schema["enum"]:
         raise ParamError(key, f"{value!r} is not one of {schema['enum']}")
     if "minimum" in schema and value < schema["minimum"]:
@@ -367,3 +400,23 @@ def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
     if "pattern" in schema:
         if not re.fullmatch(schema["pattern"], value):
             raise ParamError(key, f"{value!r} does not match {schema['pattern']}")
+
+
+def approval_required(mode: str, run_type: str) -> bool:
+    """Whether a run waits for a reviewer before ``champion`` moves.
+
+    Args:
+        mode: The ``require_approval`` param: ``auto``, ``always`` or ``never``.
+        run_type: The DAG run's type (``manual``, ``scheduled``, ``asset_triggered``, ``backfill``...).
+
+    Returns:
+        ``always`` → True, ``never`` → False, ``auto`` → True only for a manually triggered run.
+
+    Raises:
+        ParamError: for an unknown mode.
+    """
+    if mode not in APPROVAL_MODES:
+        raise ParamError("require_approval", f"{mode!r} is not one of {list(APPROVAL_MODES)}")
+    if mode == "auto":
+        return str(getattr(run_type, "value", run_type)) == "manual"
+    return mode == "always"

@@ -372,6 +372,9 @@ def evaluate_model_step(kind: str, train: dict[str, Any], settings: Settings | N
 
 
 # --- register --------------------------------------------------------------------------------
+BASELINE_NAMES = {"recommendation": "ItemPop", "driving": "constant velocity"}
+
+
 def register_model_step(
     params: dict[str, Any],
     dataset: dict[str, Any],
@@ -382,11 +385,18 @@ def register_model_step(
     dag_id: str,
     run_id: str,
     airflow_run_url: str = "",
+    run_type: str = "manual",
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """Register the model version with lineage and apply the champion/challenger gate."""
+    """Register the model version with lineage and apply the champion/challenger gate.
+
+    ``run_type`` (the DAG run's) resolves ``require_approval=auto``: a manual run waits for a
+    reviewer (the gate's verdict is recorded, ``champion`` does not move yet), a scheduled one
+    does not. The result carries what the approval request shows (dataset, training, plots).
+    """
     from tasks.evaluation import evaluate_driving, evaluate_recommendation, load_predictor
     from tasks.manifest import load_manifest
+    from tasks.params import approval_required
     from tasks.registry import GateConfig, Lineage, code_version, register_step
 
     settings = settings or get_settings()
@@ -421,22 +431,45 @@ def register_model_step(
         code_version=code_version(),
         airflow_run_url=airflow_run_url,
     )
-    return register_step(
+    shards = [s for split in manifest.splits for s in manifest.shards(split)]
+    dataset_facts = {
+        "splits": dataset.get("splits", {}),
+        "num_bytes": sum(s.num_bytes for s in shards),
+        "num_shards": len(shards),
+    }
+    training = {
+        "world size": train.get("world_size"),
+        "parallelism": train.get("parallelism"),
+        "epochs": train.get("epochs"),
+        "steps": train.get("steps"),
+        "train time": f"{train.get('train_seconds', 0):.0f} s",
+        "samples/s": train.get("samples_per_s"),
+    }
+    approval = approval_required(values["require_approval"], run_type)
+    result = register_step(
         model_uri=train["model_uri"],
         registered_model_name=values["registered_model_name"],
         metrics=evaluation["metrics"],
         lineage=lineage,
         gate=GateConfig(values["promotion_metric"], values["promotion_margin"]),
         rescore=rescore,
-        dataset={"splits": dataset.get("splits", {})},
-        training={
-            "epochs": train.get("epochs"),
-            "steps": train.get("steps"),
-            "train time": f"{train.get('train_seconds', 0):.0f} s",
-            "samples/s": train.get("samples_per_s"),
-        },
+        dataset=dataset_facts,
+        training={k: v for k, v in training.items() if k not in ("world size", "parallelism")},
+        approval=approval,
+        allow_override=bool(values["allow_gate_override"]),
         settings=settings,
     )
+    result["review"] = {
+        "dataset": {"name": dataset["name"], "version": dataset["version"], **dataset_facts},
+        # [label, value] pairs: XCom on PostgreSQL (JSONB) does not keep the order of keys.
+        "training": [[k, v] for k, v in {**training, "device": train.get("device", values["device"])}.items()],
+        "mlflow_run_id": train["mlflow_run_id"],
+        "mlflow_experiment_id": train.get("mlflow_experiment_id"),
+        "plots": list(evaluation.get("plots", [])),
+        "baseline_name": BASELINE_NAMES[kind],
+        "airflow_run_url": airflow_run_url,
+    }
+    return result
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -461,13 +494,14 @@ def run_report(kind: str, dataset: dict[str, Any], train: dict[str, Any], evalua
             )
         },
         "metrics": {k: {"model": metrics[k], "baseline": metrics.get(f"baseline_{k}")} for k in REPORT_KEYS[kind] if k in metrics},
-        "baseline": "ItemPop" if kind == "recommendation" else "constant velocity",
+        "baseline": BASELINE_NAMES[kind],
         "registry": {
             "name": registry["name"],
             "version": registry["version"],
             "aliases": registry["aliases"],
             "decision": registry["decision"].get("outcome"),
             "reason": registry["decision"].get("reason"),
+            "approval_required": bool(registry.get("approval", {}).get("required")),
         },
         "mlflow": {"run_id": train.get("mlflow_run_id"), "experiment_id": train.get("mlflow_experiment_id"), "model_uri": train.get("model_uri")},
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(),
@@ -483,6 +517,25 @@ def write_run_report(report: dict[str, Any], dag_id: str, run_id: str, settings:
     store = Storage(run_dir_url(dag_id, run_id, settings), settings)
     store.commit_bytes(REPORT_NAME, (json.dumps(report, indent=2, default=str) + "\n").encode())
     return store.url(REPORT_NAME)
+
+
+def update_run_report_registry(dag_id: str, run_id: str, registry: dict[str, Any], settings: Settings | None = None) -> str | None:
+    """Put a reviewer's decision into the run's ``report.json`` (written by ``register``)."""
+    from tasks.launch import run_dir_url
+    from tasks.storage import Storage
+
+    settings = settings or get_settings()
+    store = Storage(run_dir_url(dag_id, run_id, settings), settings)
+    if not store.exists(REPORT_NAME):
+        return None
+    report = json.loads(store.read_bytes(REPORT_NAME))
+    report["registry"].update(
+        aliases=registry["aliases"],
+        decision=registry["decision"].get("outcome"),
+        reason=registry["decision"].get("reason"),
+        decided_by=registry["decision"].get("decided_by"),
+    )
+    return write_run_report(report, dag_id, run_id, settings)
 
 
 def latest_run_report(dag_id: str, settings: Settings | None = None) -> dict[str, Any] | None:

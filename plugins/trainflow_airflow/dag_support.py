@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import urllib.parse
 from typing import Any
 
 from airflow.sdk import Param
@@ -109,7 +110,7 @@ def airflow_run_url(context: dict[str, Any]) -> str:
     """Link to the DAG run in the Airflow UI (``AIRFLOW__API__BASE_URL``, default local)."""
     base = os.environ.get("AIRFLOW__API__BASE_URL", "http://127.0.0.1:8080").rstrip("/")
     dag_id, run_id, _ = _ids(context)
-    return f"{base}/dags/{dag_id}/runs/{run_id}"
+    return f"{base}/dags/{urllib.parse.quote(dag_id, safe='')}/runs/{urllib.parse.quote(run_id, safe=':')}"
 
 
 TRAIN_TASK = "train"
@@ -236,6 +237,7 @@ def run_register(
         dag_id=dag_id,
         run_id=run_id,
         airflow_run_url=airflow_run_url(context),
+        run_type=run_type(context),
         settings=settings_with_connections(),
     )
     persist_mlflow_links(
@@ -258,10 +260,58 @@ def run_register(
     return result
 
 
+def run_type(context: dict[str, Any]) -> str:
+    """The DAG run's type as a plain string (``manual``, ``scheduled``, ``asset_triggered``...)."""
+    value = getattr(context.get("dag_run"), "run_type", "") or ""
+    return str(getattr(value, "value", value))
+
+
+def run_promote(context: dict[str, Any], registered: dict[str, Any], answer: dict[str, Any], asset) -> dict[str, Any]:
+    """Body of the ``promote`` task: apply the reviewer's answer to the version and record it."""
+    from tasks.pipeline import update_run_report_registry
+    from tasks.registry import ReviewResponse, record_review
+    from trainflow_airflow.links import persist_mlflow_links
+
+    user = answer.get("responded_by_user") or {}
+    chosen = list(answer.get("chosen_options") or [])
+    if len(chosen) != 1:
+        raise ValueError(f"expected one chosen option from the approval, got {chosen!r}")
+    response = ReviewResponse(
+        choice=chosen[0],
+        responded_at=str(answer.get("responded_at") or ""),
+        responded_by=str(user.get("name", "")),
+        responded_by_id=str(user.get("id", "")),
+        comment=str((answer.get("params_input") or {}).get("comment") or ""),
+        timed_out=bool(answer.get("timed_out")),
+    )
+    persist_mlflow_links(context, model_name=registered["name"], model_version=registered["version"])
+    with fail_fast_on_bad_input():
+        result = record_review(registered["name"], registered["version"], response, settings_with_connections())
+    dag_id, run_id_, _ = _ids(context)
+    try:
+        update_run_report_registry(dag_id, run_id_, result, settings_with_connections())
+    except Exception:  # the report is a convenience; the decision is already on the version
+        log.warning("could not update the run report", exc_info=True)
+    outlet_events = context.get("outlet_events")
+    if outlet_events is not None:
+        outlet_events[asset].extra = {
+            "registered_model": result["name"],
+            "version": result["version"],
+            "aliases": result["aliases"],
+            "decision": result["decision"]["outcome"],
+        }
+    return result
+
+
 def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "training") -> None:
-    """Define shard → train → evaluate → register inside the current ``@dag`` body."""
+    """Define shard → train → evaluate → register → approve → promote inside the current ``@dag`` body.
+
+    ``approve`` and ``promote`` run only when the run requires approval (``require_approval``);
+    otherwise ``register``'s gate decides alone and both are skipped.
+    """
     from airflow.sdk import task
 
+    from trainflow_airflow.approval import ModelApprovalOperator
     from trainflow_airflow.operators import trainflow_task
 
     @task(outlets=[dataset_asset])
@@ -299,10 +349,18 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
         """Register a model version and apply the champion/challenger gate."""
         return run_register(context, kind, dataset, train_result, evaluation, model_asset)
 
+    @trainflow_task(outlets=[model_asset])
+    def promote(registered, answer, **context):
+        """Apply the reviewer's answer: champion on Approve; recorded on the version either way."""
+        return run_promote(context, registered, answer, model_asset)
+
     dataset = shard()
     trained = train(dataset)
     peers = train_node.partial(dataset=dataset).expand(node_rank=plan_nodes())
     # Every node's task must succeed; with one node the mapped train_node is skipped (empty).
     evaluation = evaluate(trained)
     peers >> evaluation
-    register(dataset, trained, evaluation)
+    registered = register(dataset, trained, evaluation)
+    approve = ModelApprovalOperator(task_id="approve", register_task_id="register")
+    registered >> approve
+    promote(registered, approve.output)

