@@ -197,6 +197,54 @@ def write_side_file(storage: Storage, path: str, table, tmp_dir: str) -> ShardIn
     )
 
 
+def shard_batches(
+    batches,
+    schema,
+    store: Storage,
+    *,
+    name: str,
+    kind: str,
+    split: str = "train",
+    config: ShardingConfig | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write record batches of ``schema`` as one split and commit a manifest in ``store``.
+
+    The generic path for records that need no per-kind protocol (benchmarks, images): the
+    same :class:`ShardWriter` and manifest as :func:`shard_dataset`, readable by
+    :class:`trainers.loader.ShardLoader`. ``store`` is the version folder; its version id is
+    its last path component.
+
+    Raises:
+        ValueError: a batch whose schema differs from ``schema`` (the field is named).
+    """
+    config = config or ShardingConfig()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="trainflow-shard-") as tmp_dir:
+        writer = ShardWriter(store, split, schema, config, tmp_dir)
+        for batch in batches:
+            if not batch.schema.equals(schema):
+                theirs = {f.name: str(f.type) for f in batch.schema}
+                mine = {f.name: str(f.type) for f in schema}
+                bad = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+                raise ValueError(f"batch schema differs from the dataset schema in field(s) {bad}")
+            writer.write_batch(batch)
+        entry = writer.close()
+    data = {
+        "format": MANIFEST_FORMAT,
+        "name": safe_name(name, "dataset name"),
+        "version": store.url().rstrip("/").rsplit("/", 1)[-1],
+        "kind": kind,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "sharder_version": SHARDER_VERSION,
+        "config": dataclasses.asdict(config),
+        "splits": {split: entry},
+        "stats": {**(stats or {}), "sharding_seconds": round(time.monotonic() - started, 3)},
+    }
+    store.commit_bytes(MANIFEST_NAME, dumps(data))
+    return Manifest(data, store)
+
+
 # --- entry point -------------------------------------------------------------------------
 def dataset_version(source: RecommendationSource | DrivingSource, config: ShardingConfig) -> str:
     """The content-addressed version id of sharding ``source`` with ``config``."""
