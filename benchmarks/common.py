@@ -71,7 +71,7 @@ def pin_threads(threads: int = THREADS) -> None:
 
     torch.set_num_threads(threads)
     try:
-        torch.set_interop_threads(threads)
+        torch.set_num_interop_threads(threads)
     except RuntimeError:  # already set (inter-op threads can be set once per process)
         pass
 

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -125,33 +126,48 @@ class ShardWriter:
             fd, self._tmp_path = tempfile.mkstemp(suffix=".parquet", dir=self.tmp_dir)
             os.close(fd)
             compression = None if self.config.compression == "none" else self.config.compression
-            self._writer = pq.ParquetWriter(self._tmp_path, self.schema, compression=compression)
+            # Large binary values (images) gain nothing from dictionaries or min/max statistics,
+            # which cost more than the rest of the write (measured in benchmarks/sharding_write.py).
+            plain = [f.name for f in self.schema if _is_blob(f.type)]
+            keep = [f.name for f in self.schema if f.name not in plain]
+            self._sink = _HashingFile(self._tmp_path)
+            self._writer = pq.ParquetWriter(
+                self._sink,
+                self.schema,
+                compression=compression,
+                use_dictionary=keep if plain else True,
+                write_statistics=keep if plain else True,
+            )
+            self._row_groups = []
         self._writer.write_table(head, row_group_size=rows)
-        if os.path.getsize(self._tmp_path) >= self.config.target_shard_bytes:
+        self._row_groups.append(head.num_rows)
+        if self._sink.size >= self.config.target_shard_bytes:
             self._close_shard()
 
     def _close_shard(self) -> None:
-        import pyarrow.parquet as pq
-
         if self._writer is None:
             return
         self._writer.close()
         self._writer = None
+        self._sink.close()
         path = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        digest = hashlib.sha256()
-        with open(self._tmp_path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(chunk)
-        meta = pq.ParquetFile(self._tmp_path).metadata
+        # The sha256 is computed as the bytes are written: the file is never read back.
         info = ShardInfo(
             path=path,
-            num_rows=meta.num_rows,
-            num_bytes=os.path.getsize(self._tmp_path),
-            sha256=digest.hexdigest(),
-            row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+            num_rows=sum(self._row_groups),
+            num_bytes=self._sink.size,
+            sha256=self._sink.digest.hexdigest(),
+            row_groups=tuple(self._row_groups),
         )
-        self.storage.put_file(self._tmp_path, path)
-        os.remove(self._tmp_path)
+        if os.path.getsize(self._tmp_path) != info.num_bytes:
+            raise RuntimeError(f"shard {path}: wrote {info.num_bytes} bytes, the file has {os.path.getsize(self._tmp_path)}")
+        if self.storage.protocol == "file":  # a local store: move the file rather than copy it
+            target = self.storage._abs(path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(self._tmp_path, target)
+        else:
+            self.storage.put_file(self._tmp_path, path)
+            os.remove(self._tmp_path)
         self._tmp_path = None
         self.shards.append(info)
         log.info("wrote %s: %d rows, %.1f MB", path, info.num_rows, info.num_bytes / 1e6)
@@ -167,6 +183,43 @@ class ShardWriter:
             "schema": schema_fields(self.schema),
             "shards": [s.to_dict() for s in self.shards],
         }
+
+
+class _HashingFile:
+    """A write-only local file that keeps the sha256 and size of what was written."""
+
+    def __init__(self, path: str) -> None:
+        self._handle = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._handle.write(view)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+            self.closed = True
+
+
+def _is_blob(typ) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_fixed_size_binary(typ) or pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
 
 
 def schema_fields(schema) -> list[dict[str, str]]:
