@@ -3,11 +3,13 @@
     python -m benchmarks._project_io write SOURCE ROOT_URL --compression zstd [--row-group 32768]
     python -m benchmarks._project_io read MANIFEST_URI --batch 64 --workers 0
     python -m benchmarks._project_io memory SOURCE --batch 64
+    python -m benchmarks._project_io copy SOURCE TARGET
 
 ``write`` shards an Arrow IPC source with :func:`tasks.sharding.shard_batches` (the same
 ShardWriter and manifest as the DAG's shard step) and prints seconds, rows and bytes; ``read``
 iterates one shuffled epoch of :class:`trainers.loader.ShardLoader` into torch batches;
-``memory`` is the limit: the same rows as pre-built tensors, one shuffled gather per batch.
+``memory`` is the limit: the same rows as pre-built tensors, one shuffled gather per batch;
+``copy`` copies the source file (the limit of a write).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def write(source: str, root: str, compression: str, row_group: int, target_mb: i
     from tasks.sharding import ShardingConfig, shard_batches
     from tasks.storage import Storage
 
+    import pyarrow.parquet  # noqa: F401  (imports outside the timed part, as for the peers)
+
     table = read_source(source)
     config = ShardingConfig(compression=compression, row_group_rows=row_group, target_shard_bytes=target_mb << 20)
     store = Storage(root)
@@ -36,6 +40,16 @@ def write(source: str, root: str, compression: str, row_group: int, target_mb: i
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "rows": manifest.num_rows("train"), "bytes": sum(s.num_bytes for s in manifest.shards("train")),
             "manifest_uri": manifest.uri}
+
+
+def copy(source: str, target: str) -> dict:
+    import os
+    import shutil
+
+    started = time.perf_counter()
+    shutil.copyfile(source, target)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": os.path.getsize(target)}
 
 
 def read(manifest_uri: str, batch: int, workers: int, seed: int) -> dict:
@@ -79,7 +93,7 @@ def main() -> None:
     from benchmarks.common import pin_threads
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["write", "read", "memory"])
+    parser.add_argument("command", choices=["write", "read", "memory", "copy"])
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--compression", default="zstd")
     parser.add_argument("--row-group", type=int, default=32768)
@@ -93,6 +107,8 @@ def main() -> None:
         result = write(args.paths[0], args.paths[1], args.compression, args.row_group, args.target_mb)
     elif args.command == "read":
         result = read(args.paths[0], args.batch, args.workers, args.seed)
+    elif args.command == "copy":
+        result = copy(args.paths[0], args.paths[1])
     else:
         result = memory(args.paths[0], args.batch, args.seed)
     print(json.dumps(result), flush=True)

@@ -100,7 +100,7 @@ def peer_python(library: str) -> tuple[str | None, str]:
     """The interpreter of ``library``'s benchmark virtualenv, or ``(None, why not)``."""
     env = PEER_ENVS[library]
     py = env / "bin" / "python"
-    if not py.exists():
+    if not (env / ".stamp").exists():  # written by setup_peers.sh once the install succeeded
         return None, f"{library} not installed: run benchmarks/setup_peers.sh (creates {env.relative_to(ROOT)})"
     return str(py), ""
 
@@ -112,6 +112,21 @@ def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[s
         for name, fn in variants.items():
             values[name].append(fn())
     return values
+
+
+def guarded(fn: Callable[[], float], errors: dict[str, str], name: str) -> Callable[[], float]:
+    """``fn``, but a failure is recorded in ``errors[name]`` (and gives NaN) instead of raised."""
+
+    def call() -> float:
+        if name in errors:
+            return float("nan")
+        try:
+            return fn()
+        except Exception as exc:  # a peer that breaks is reported as skipped, with its error
+            errors[name] = f"{type(exc).__name__}: {str(exc)[-400:]}"
+            return float("nan")
+
+    return call
 
 
 def median(values: list[float]) -> float:

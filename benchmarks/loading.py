@@ -23,7 +23,7 @@ import shutil
 import sys
 
 from benchmarks import _data
-from benchmarks.common import BENCH_DIR, emit, interleave, machine, median, peer_python, run_json, skip, spread
+from benchmarks.common import BENCH_DIR, emit, guarded, interleave, machine, median, peer_python, run_json, skip, spread
 
 PEERS = {"webdataset": "webdataset", "mds": "streaming", "hf": "datasets"}
 
@@ -71,11 +71,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "memory": lambda: run_json([sys.executable, "-m", "benchmarks._project_io", "memory", str(source),
                                         "--batch", str(args.batch)])["rows_per_s"],
         }
+        errors: dict[str, str] = {}
         for lib, py in peers.items():
-            variants[lib] = lambda lib=lib, py=py, nw=nw: run_json(
+            variants[lib] = guarded(lambda lib=lib, py=py, nw=nw: run_json(
                 [py, str(BENCH_DIR / "peers" / "peer_io.py"), "read", lib, str(work / lib), "--batch", str(args.batch),
-                 "--workers", str(nw)])["rows_per_s"]
+                 "--workers", str(nw)])["rows_per_s"], errors, lib)
         values = interleave(variants, rounds)
+        for lib, error in errors.items():
+            lines.append(skip(f"loading_images_{lib}_nw{nw}", "rows/s", f"{lib} failed: {error}"))
+            values.pop(lib)
         med = {k: median(v) for k, v in values.items()}
         limit = med["memory"]
         for name, value in med.items():
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               "rows/s", round(limit), {**common, "num_workers": nw, "baseline_is": "memory (the limit)",
                                                        "runs": [round(x) for x in values[name]],
                                                        "min_max": spread(values[name])}))
-        for lib in peers:
+        for lib in [p for p in peers if p in med]:
             lines.append(emit(f"loading_images_trainflow_vs_{lib}_nw{nw}", round(med["trainflow"]), "rows/s",
                               round(med[lib]), {**common, "num_workers": nw, "baseline_is": lib}))
     shutil.rmtree(work, ignore_errors=True)
