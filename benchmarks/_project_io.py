@@ -22,11 +22,11 @@ import numpy as np
 
 
 def write(source: str, root: str, compression: str, row_group: int, target_mb: int) -> dict:
+    import pyarrow.parquet  # noqa: F401  (imports outside the timed part, as for the peers)
+
     from benchmarks._data import read_source
     from tasks.sharding import ShardingConfig, shard_batches
     from tasks.storage import Storage
-
-    import pyarrow.parquet  # noqa: F401  (imports outside the timed part, as for the peers)
 
     table = read_source(source)
     config = ShardingConfig(compression=compression, row_group_rows=row_group, target_shard_bytes=target_mb << 20)

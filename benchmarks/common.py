@@ -98,6 +98,8 @@ def run_json(cmd: list[str], env: dict[str, str] | None = None, timeout: float =
 
 def peer_python(library: str) -> tuple[str | None, str]:
     """The interpreter of ``library``'s benchmark virtualenv, or ``(None, why not)``."""
+    if os.environ.get("TRAINFLOW_BENCH_PEERS", "1") == "0":
+        return None, "peers disabled (TRAINFLOW_BENCH_PEERS=0)"
     env = PEER_ENVS[library]
     py = env / "bin" / "python"
     if not (env / ".stamp").exists():  # written by setup_peers.sh once the install succeeded

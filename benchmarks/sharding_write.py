@@ -25,7 +25,18 @@ import shutil
 import sys
 
 from benchmarks import _data
-from benchmarks.common import BENCH_DIR, emit, guarded, interleave, machine, median, peer_python, run_json, skip, spread
+from benchmarks.common import (
+    BENCH_DIR,
+    emit,
+    guarded,
+    interleave,
+    machine,
+    median,
+    peer_python,
+    run_json,
+    skip,
+    spread,
+)
 
 PEERS = {"parquet": "pyarrow", "webdataset": "webdataset", "mds": "streaming", "hf": "datasets"}
 
