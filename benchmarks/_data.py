@@ -77,7 +77,7 @@ def source(kind: str, num_rows: int) -> Path:
     if path.exists():
         return path
     batches = image_batches(num_rows) if kind == "images" else interaction_batches(num_rows)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two cases may generate it at once
     writer = None
     for batch in batches:
         if writer is None:
