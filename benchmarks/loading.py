@@ -47,12 +47,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", type=int, nargs="+")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--compression", default="none")
+    parser.add_argument("--peers", nargs="*", choices=list(PEERS), help="peers to compare (default: all)")
     args = parser.parse_args(argv)
     rows = args.rows or (512 if args.quick else 20_000)
     rounds = args.rounds or (1 if args.quick else 5)
     workers = args.workers or ([0] if args.quick else [0, 2])
     source = _data.source("images", rows)
-    work = _data.cache_dir() / f"loading-{rows}"
+    work = _data.cache_dir() / f"loading-{rows}-{'-'.join(args.peers) if args.peers is not None else 'all'}"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     manifest_uri = written["manifest_uri"]
     peers = {}
     for lib, module in PEERS.items():
+        if args.peers is not None and lib not in args.peers:
+            continue
         py, why = peer_python(module)
         if py is None:
             lines.append(skip(f"loading_images_{lib}", "rows/s", why, {"rows": rows}))

@@ -185,6 +185,7 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
             rows += len(b[names[0]])
     elif lib == "hf":
         import datasets
+        import pyarrow as pa
 
         datasets.disable_progress_bars()
         ds = datasets.load_from_disk(out).with_format("arrow")
@@ -196,7 +197,11 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
             result = {}
             for k in names:
                 arr = t.column(k).combine_chunks()
-                if widths[k]:  # binary: the values buffer holds the rows back to back
+                if widths[k] and pa.types.is_fixed_size_binary(arr.type):
+                    w = widths[k]
+                    vals = np.frombuffer(arr.buffers()[1], np.uint8, len(arr) * w, arr.offset * w)
+                    result[k] = torch.from_numpy(vals.reshape(len(arr), w).copy())
+                elif widths[k]:  # binary: the values buffer holds the rows back to back
                     off = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset]
                     vals = np.frombuffer(arr.buffers()[2], np.uint8)[off:off + len(arr) * widths[k]]
                     result[k] = torch.from_numpy(vals.reshape(len(arr), widths[k]).copy())
