@@ -40,6 +40,8 @@ def table(lines: list[dict]) -> str:
             pass
         elif isinstance(p.get("runs"), list) and p["runs"] and not isinstance(p["runs"][0], dict):
             note = f"{note}; runs {p['runs']}"
+        note = " ".join(str(note).split()).replace("|", "/")
+        note = note if len(note) <= 160 else note[:157] + "..."
         ratio = "—" if x["ratio"] is None else f"**{x['ratio']:.2f}**"
         out.append(f"| `{x['name']}` | {fmt(x['value'])} | {x['unit']} | {fmt(x['baseline'])} | {ratio} | {note} |")
     return "\n".join(out)
