@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -125,33 +126,48 @@ class ShardWriter:
             fd, self._tmp_path = tempfile.mkstemp(suffix=".parquet", dir=self.tmp_dir)
             os.close(fd)
             compression = None if self.config.compression == "none" else self.config.compression
-            self._writer = pq.ParquetWriter(self._tmp_path, self.schema, compression=compression)
+            # Large binary values (images) gain nothing from dictionaries or min/max statistics,
+            # which cost more than the rest of the write (measured in benchmarks/sharding_write.py).
+            plain = [f.name for f in self.schema if _is_blob(f.type)]
+            keep = [f.name for f in self.schema if f.name not in plain]
+            self._sink = _HashingFile(self._tmp_path)
+            self._writer = pq.ParquetWriter(
+                self._sink,
+                self.schema,
+                compression=compression,
+                use_dictionary=keep if plain else True,
+                write_statistics=keep if plain else True,
+            )
+            self._row_groups = []
         self._writer.write_table(head, row_group_size=rows)
-        if os.path.getsize(self._tmp_path) >= self.config.target_shard_bytes:
+        self._row_groups.append(head.num_rows)
+        if self._sink.size >= self.config.target_shard_bytes:
             self._close_shard()
 
     def _close_shard(self) -> None:
-        import pyarrow.parquet as pq
-
         if self._writer is None:
             return
         self._writer.close()
         self._writer = None
+        self._sink.close()
         path = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        digest = hashlib.sha256()
-        with open(self._tmp_path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(chunk)
-        meta = pq.ParquetFile(self._tmp_path).metadata
+        # The sha256 is computed as the bytes are written: the file is never read back.
         info = ShardInfo(
             path=path,
-            num_rows=meta.num_rows,
-            num_bytes=os.path.getsize(self._tmp_path),
-            sha256=digest.hexdigest(),
-            row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+            num_rows=sum(self._row_groups),
+            num_bytes=self._sink.size,
+            sha256=self._sink.digest.hexdigest(),
+            row_groups=tuple(self._row_groups),
         )
-        self.storage.put_file(self._tmp_path, path)
-        os.remove(self._tmp_path)
+        if os.path.getsize(self._tmp_path) != info.num_bytes:
+            raise RuntimeError(f"shard {path}: wrote {info.num_bytes} bytes, the file has {os.path.getsize(self._tmp_path)}")
+        if self.storage.protocol == "file":  # a local store: move the file rather than copy it
+            target = self.storage._abs(path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(self._tmp_path, target)
+        else:
+            self.storage.put_file(self._tmp_path, path)
+            os.remove(self._tmp_path)
         self._tmp_path = None
         self.shards.append(info)
         log.info("wrote %s: %d rows, %.1f MB", path, info.num_rows, info.num_bytes / 1e6)
@@ -167,6 +183,43 @@ class ShardWriter:
             "schema": schema_fields(self.schema),
             "shards": [s.to_dict() for s in self.shards],
         }
+
+
+class _HashingFile:
+    """A write-only local file that keeps the sha256 and size of what was written."""
+
+    def __init__(self, path: str) -> None:
+        self._handle = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._handle.write(view)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._handle.close()
+            self.closed = True
+
+
+def _is_blob(typ) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_fixed_size_binary(typ) or pa.types.is_binary(typ) or pa.types.is_large_binary(typ)
 
 
 def schema_fields(schema) -> list[dict[str, str]]:
@@ -195,6 +248,54 @@ def write_side_file(storage: Storage, path: str, table, tmp_dir: str) -> ShardIn
         sha256=hashlib.sha256(data).hexdigest(),
         row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
     )
+
+
+def shard_batches(
+    batches,
+    schema,
+    store: Storage,
+    *,
+    name: str,
+    kind: str,
+    split: str = "train",
+    config: ShardingConfig | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write record batches of ``schema`` as one split and commit a manifest in ``store``.
+
+    The generic path for records that need no per-kind protocol (benchmarks, images): the
+    same :class:`ShardWriter` and manifest as :func:`shard_dataset`, readable by
+    :class:`trainers.loader.ShardLoader`. ``store`` is the version folder; its version id is
+    its last path component.
+
+    Raises:
+        ValueError: a batch whose schema differs from ``schema`` (the field is named).
+    """
+    config = config or ShardingConfig()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="trainflow-shard-") as tmp_dir:
+        writer = ShardWriter(store, split, schema, config, tmp_dir)
+        for batch in batches:
+            if not batch.schema.equals(schema):
+                theirs = {f.name: str(f.type) for f in batch.schema}
+                mine = {f.name: str(f.type) for f in schema}
+                bad = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+                raise ValueError(f"batch schema differs from the dataset schema in field(s) {bad}")
+            writer.write_batch(batch)
+        entry = writer.close()
+    data = {
+        "format": MANIFEST_FORMAT,
+        "name": safe_name(name, "dataset name"),
+        "version": store.url().rstrip("/").rsplit("/", 1)[-1],
+        "kind": kind,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "sharder_version": SHARDER_VERSION,
+        "config": dataclasses.asdict(config),
+        "splits": {split: entry},
+        "stats": {**(stats or {}), "sharding_seconds": round(time.monotonic() - started, 3)},
+    }
+    store.commit_bytes(MANIFEST_NAME, dumps(data))
+    return Manifest(data, store)
 
 
 # --- entry point -------------------------------------------------------------------------

@@ -25,7 +25,8 @@ size and sha256) with a background thread decoding the next windows ahead
 (``prefetch_windows``) while batches are being consumed.
 
 A batch is a dict of tensors, one per column: numbers and booleans as 1-D tensors, lists of
-one length as 2-D tensors, lists of varying length as a flat ``name`` tensor plus
+one length and fixed-size binaries (images) as 2-D tensors (``uint8`` for binaries), lists of
+varying length as a flat ``name`` tensor plus
 ``name_offsets`` (int64, ``len+1``), strings as a Python list of ``str``. ``with_row_index``
 adds ``row_index`` (int64, the row's position in the split in manifest order).
 
@@ -447,6 +448,10 @@ def _column_to_tensor(column) -> Any:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return values, torch.from_numpy(offsets)
+    if pa.types.is_fixed_size_binary(typ):  # e.g. images: (rows, width) uint8, one copy
+        width = typ.byte_width
+        data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
+        return torch.from_numpy(data.reshape(len(arr), width).copy())
     if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ):
         return arr.to_pylist()
     return _numbers(arr)

@@ -139,3 +139,31 @@ def test_corrupt_shard_fails_with_its_name(toy_manifest, toy_settings, tmp_path)
     with pytest.raises(ShardVerificationError, match=os.path.basename(shard)):
         for _ in ShardLoader(manifest, "train", 32, columns=COLUMNS, window_row_groups=1):
             pass
+
+
+def test_fixed_size_binary_columns_become_uint8_rows(tmp_path):
+    import pyarrow as pa
+
+    from tasks.sharding import ShardingConfig, shard_batches
+    from tasks.storage import Storage
+
+    schema = pa.schema([("id", pa.int64()), ("image", pa.binary(12))])
+    images = np.arange(40 * 12, dtype=np.uint8).reshape(40, 12)
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(np.arange(40)), pa.FixedSizeBinaryArray.from_buffers(pa.binary(12), 40, [None, pa.py_buffer(images.tobytes())])],
+        schema=schema,
+    )
+    store = Storage((tmp_path / "images" / "v1").as_uri())
+    config = ShardingConfig(row_group_rows=8, target_shard_bytes=1024, compression="none")
+    manifest = shard_batches([batch], schema, store, name="images", kind="images", config=config)
+    assert len(manifest.shards("train")) > 1
+    seen = 0
+    for b in ShardLoader(manifest, "train", 6, seed=1, window_row_groups=2):
+        assert b["image"].dtype == torch.uint8 and b["image"].shape == (6, 12)
+        assert torch.equal(b["image"], torch.from_numpy(images[b["id"].numpy()]))
+        seen += 6
+    assert seen == 36  # 40 // 6 batches of 6 (remainder dropped)
+    with pytest.raises(ValueError, match=r"\['image'\]"):
+        other = pa.schema([("id", pa.int64()), ("image", pa.binary())])
+        shard_batches([pa.RecordBatch.from_arrays([pa.array([1]), pa.array([b"x"])], schema=other)], schema,
+                      Storage((tmp_path / "bad" / "v1").as_uri()), name="bad", kind="images")
