@@ -7,6 +7,7 @@ and tested from a shell.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -78,15 +79,51 @@ def family_args(kind: str, values: dict[str, Any]) -> list[str]:
     return [f"--family.{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
-def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
-    """The MLflow run of one training (DAG run): found by tag on a retry, else created."""
-    from mlflow import MlflowClient
+@contextlib.contextmanager
+def _sqlite_schema_lock(tracking_uri: str):
+    """Serialise first use of a local SQLite tracking database across processes.
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = (
-        exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=settings.mlflow_artifact_root)
-    )
+    MLflow creates and migrates the schema on first connection; two task processes doing that
+    at once (two DAG runs starting together on a fresh store) failed with ``duplicate column
+    name``. Server-backed stores (``http(s)://``, PostgreSQL) need no lock.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """The MLflow run of one training (DAG run): found by tag on a retry, else created.
+
+    Safe when two DAG runs start at once: the experiment is created by whichever comes first
+    (the other finds it), and a local SQLite store is initialised by one process at a time.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    with _sqlite_schema_lock(settings.mlflow_tracking_uri):  # the client creates the schema
+        client = MlflowClient(settings.mlflow_tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+    if exp:
+        experiment_id = exp.experiment_id
+    else:
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=settings.mlflow_artifact_root)
+        except MlflowException:
+            exp = client.get_experiment_by_name(experiment)  # created meanwhile by a concurrent run
+            if exp is None:
+                raise
+            experiment_id = exp.experiment_id
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`trainflow.training_key` = '{training_key}'", max_results=1
     )

@@ -43,7 +43,7 @@ from tasks.storage import Storage, safe_name
 
 log = logging.getLogger(__name__)
 
-SHARDER_VERSION = "1"
+SHARDER_VERSION = "2"  # 2: exact duplicate interactions dropped from train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,6 +437,59 @@ def _latest_two(u: np.ndarray, ts: np.ndarray, i: np.ndarray) -> tuple[np.ndarra
     return u[keep], ts[keep], i[keep]
 
 
+class _DuplicateFinder:
+    """Exact duplicate interactions (same user, item and timestamp) in bounded memory.
+
+    Pass 1 appends every row's ``(user, item, timestamp, row number)`` to one of
+    ``partitions`` temporary files chosen by user id; :meth:`finish` then sorts one
+    partition at a time. In memory at once: one block of rows, then one partition
+    (32 bytes x rows / partitions), and in the end the row numbers of the duplicates
+    (O(duplicates)), never a set of all rows. The first occurrence in file order is kept.
+    """
+
+    _dtype = np.dtype([("u", np.int64), ("i", np.int64), ("ts", np.int64), ("row", np.int64)])
+
+    def __init__(self, tmp_dir: str, partitions: int = 64) -> None:
+        self.partitions = partitions
+        self.paths = [os.path.join(tmp_dir, f"dedup-{p:03d}.bin") for p in range(partitions)]
+        self.handles = [open(path, "wb") for path in self.paths]  # noqa: SIM115 (closed in finish)
+        self.rows = 0
+
+    def add(self, u: np.ndarray, i: np.ndarray, ts: np.ndarray) -> None:
+        records = np.empty(u.size, self._dtype)
+        records["u"], records["i"], records["ts"] = u, i, ts
+        records["row"] = np.arange(self.rows, self.rows + u.size)
+        self.rows += u.size
+        part = u % self.partitions
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(self.partitions + 1))
+        for p in range(self.partitions):
+            if bounds[p + 1] > bounds[p]:
+                records[order[bounds[p] : bounds[p + 1]]].tofile(self.handles[p])
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (sorted row numbers to drop, users with duplicates, their duplicate counts)."""
+        drop, dup_users = [], []
+        for handle, path in zip(self.handles, self.paths):
+            handle.close()
+            records = np.fromfile(path, self._dtype)
+            os.remove(path)
+            if records.size < 2:
+                continue
+            records = records[np.lexsort((records["row"], records["ts"], records["i"], records["u"]))]
+            same = (
+                (records["u"][1:] == records["u"][:-1])
+                & (records["i"][1:] == records["i"][:-1])
+                & (records["ts"][1:] == records["ts"][:-1])
+            )
+            later = np.r_[False, same]
+            drop.append(records["row"][later])
+            dup_users.append(records["u"][later])
+        rows = np.sort(np.concatenate(drop)) if drop else np.zeros(0, np.int64)
+        users, counts = np.unique(np.concatenate(dup_users) if dup_users else np.zeros(0, np.int64), return_counts=True)
+        return rows, users, counts
+
+
 def _sample_candidates(rng: np.random.Generator, num_items: int, counts: np.ndarray, num_negatives: int) -> list[np.ndarray]:
     """Per user, a uniform ordered sample without replacement, sized so that ``num_negatives``
     usually survive the removal of the user's own items."""
@@ -536,10 +589,12 @@ def _shard_recommendation(
     rows_read = 0
     tick = time.monotonic()
     train_opener = given["train.rating"] if given else source.open_interactions
+    duplicates = _DuplicateFinder(tmp_dir)
     for batch in train_opener():
         u, i, r, ts = _batch_arrays(batch)
         if not np.isfinite(r).all():
             raise ValueError(f"{redact_url(source.url)}: non-finite rating values")
+        duplicates.add(u, i, ts)
         users, user_counts = _merge_vocab(users, user_counts, u)
         items, item_counts = _merge_vocab(items, item_counts, i)
         top_u, top_ts, top_i = _latest_two(np.r_[top_u, u], np.r_[top_ts, ts], np.r_[top_i, i])
@@ -547,6 +602,17 @@ def _shard_recommendation(
         if time.monotonic() - tick > 10:
             log.info("pass 1: %d rows read", rows_read)
             tick = time.monotonic()
+    # Exact duplicate interactions (same user, item, timestamp) are one interaction: the
+    # first occurrence is kept, the others are dropped from train and from the counts.
+    duplicate_rows, dup_users, dup_counts = duplicates.finish()
+    if duplicate_rows.size:
+        user_counts[np.searchsorted(users, dup_users)] -= dup_counts
+        log.warning(
+            "dropping %d exact duplicate interactions (same user, item and timestamp) from %d users; "
+            "the first occurrence of each is kept",
+            duplicate_rows.size,
+            dup_users.size,
+        )
     given_test: dict[str, np.ndarray] = {}
     if given:
         test_batches = list(given["test.rating"]())
@@ -620,9 +686,13 @@ def _shard_recommendation(
     train_writer = ShardWriter(store, "train", _train_schema(), config, tmp_dir)
     train_item_counts = np.zeros(num_items, np.int64)
     dropped_test_copies = 0
+    row_offset = 0
     for block, batch in enumerate(train_opener()):
         u, i, r, ts = _batch_arrays(batch)
         uidx, iidx = dense(users, u), dense(items, i)
+        rows = np.arange(row_offset, row_offset + u.size)
+        row_offset += u.size
+        is_duplicate = np.isin(rows, duplicate_rows, assume_unique=True)
         valid_sets.observe(uidx, iidx)
         if test_sets is not None:
             test_sets.observe(uidx, iidx)
@@ -630,9 +700,9 @@ def _shard_recommendation(
         if given:
             is_test[:] = False
         else:
-            dropped_test_copies += int(is_test.sum())
+            dropped_test_copies += int((is_test & ~is_duplicate).sum())
         is_valid = (ts == valid_ts_by_user[uidx]) & (i == valid_i_by_user[uidx])
-        keep = ~is_test
+        keep = ~is_test & ~is_duplicate
         perm = np.random.default_rng([config.seed, 11, block]).permutation(int(keep.sum()))
         sel = np.flatnonzero(keep)[perm]
         np.add.at(train_item_counts, iidx[sel], 1)
@@ -653,6 +723,11 @@ def _shard_recommendation(
     if given:  # the given test items are interactions too: never valid negatives
         valid_sets.observe(dense(users, test_u), dense(items, test_i))
     train_entry = train_writer.close()
+    if row_offset != duplicates.rows:
+        raise ValueError(
+            f"{redact_url(source.url)}: the source changed while it was sharded "
+            f"({duplicates.rows} rows in pass 1, {row_offset} in pass 2)"
+        )
     if not given:
         dropped_test_copies -= test_u.size  # the held-out rows themselves are not "dropped"
 
@@ -743,6 +818,7 @@ def _shard_recommendation(
     }
     stats = {
         "num_interactions": int(rows_read),
+        "duplicate_interactions_removed": int(duplicate_rows.size),
         "num_users": int(num_users),
         "num_items": int(num_items),
         "num_train_items": num_train_items,
@@ -758,6 +834,7 @@ def _shard_recommendation(
             {"file": f, "line": line, "text": text[:120]} for f, line, text in source.bad_rows[:10]
         ],
         "duplicate_eval_interactions_removed_from_train": max(0, int(dropped_test_copies)),
+        "duplicate_interactions_removed": int(duplicate_rows.size),
     }
     if source.bad_rows:
         log.warning(

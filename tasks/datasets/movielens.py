@@ -98,6 +98,10 @@ def read_ratings(
         file_label: How to name the file in errors (default ``file_name``).
         on_bad_row: Called for rows with the wrong number of fields (skipped); without it
             such rows raise :class:`SourceFormatError`.
+
+    Raises:
+        SourceFormatError: naming the file and line of a value that does not parse or of a
+            rating that is not a finite number (NaN, inf, empty).
     """
     import pyarrow as pa
 
@@ -114,7 +118,8 @@ def read_ratings(
     else:
         raise SourceFormatError(f"{label}: not a MovieLens ratings file (u.data, ratings.dat, ratings.csv, *.rating)")
     for batch in parse_delimited(
-        handle, file_label=label, column_names=names, column_types=types, on_bad_row=on_bad_row, **kwargs
+        handle, file_label=label, column_names=names, column_types=types, on_bad_row=on_bad_row,
+        finite_columns=("rating",), **kwargs
     ):
         yield batch.cast(interaction_schema()) if batch.schema != interaction_schema() else batch
 

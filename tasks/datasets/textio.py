@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import IO
 
@@ -46,6 +47,7 @@ def parse_delimited(
     skip_header: bool = False,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     on_bad_row: Callable[[int, str], None] | None = None,
+    finite_columns: tuple[str, ...] = (),
 ) -> Iterator:
     """Parse a delimited text file into pyarrow RecordBatches, one block of lines at a time.
 
@@ -61,10 +63,14 @@ def parse_delimited(
         block_bytes: Bytes per parsed block (bounds memory).
         on_bad_row: Called with (line number, text) for rows with the wrong number of
             fields; they are skipped. Without it such a row raises.
+        finite_columns: Floating columns whose values must be finite numbers: NaN, inf and
+            empty/null values (``nan``, ``NA``, ``null`` ...) raise.
 
     Raises:
-        SourceFormatError: naming the file and line of a value that does not parse.
+        SourceFormatError: naming the file and line of a value that does not parse, or of a
+            non-finite value in ``finite_columns``.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -113,11 +119,33 @@ def parse_delimited(
                     f"{file_label}, line {absolute}: expected {len(column_names)} fields, got {text!r}"
                 )
             on_bad_row(absolute, text)
+        for name in finite_columns:
+            values = table.column(name)
+            if values.null_count or not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
+                bad_line, text = _find_non_finite_line(block, line_no, column_names, name, delimiter)
+                raise SourceFormatError(f"{file_label}, line {bad_line}: {name} is not a finite number: {text!r}")
         if table.num_rows:
             saw_rows = True
             yield from table.to_batches()
     if not saw_rows:
         raise SourceFormatError(f"{file_label}: no data rows (empty file?)")
+
+
+def _find_non_finite_line(block: bytes, first_line: int, names, column: str, delimiter: str) -> tuple[int, str]:
+    """Locate the first well-formed line whose ``column`` is not a finite number (errors only)."""
+    position = names.index(column)
+    for offset, raw in enumerate(block.split(b"\n")):
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        fields = text.split(delimiter)
+        if not text or len(fields) != len(names):
+            continue
+        try:
+            finite = math.isfinite(float(fields[position]))
+        except ValueError:
+            finite = False
+        if not finite:
+            return first_line + offset, text
+    return first_line, block[:80].decode("utf-8", "replace")
 
 
 def _find_bad_line(block: bytes, first_line: int, names, types, delimiter) -> tuple[int, str]:

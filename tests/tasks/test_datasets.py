@@ -41,6 +41,30 @@ def test_movielens_formats(name, text):
     assert table.column("timestamp").to_pylist() == [881250949, 891717742]
 
 
+@pytest.mark.parametrize(
+    "name,text,line",
+    [
+        ("u.data", "1\t10\t5\t881250949\n2\t20\tnan\t891717742\n", 2),
+        ("ratings.dat", "1::10::5::881250949\n2::20::3::891717742\n3::30::inf::1\n", 3),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,5.0,881250949\n2,20,-inf,891717742\n", 3),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,5.0,881250949\n2,20,,891717742\n", 3),
+        ("ml-1m.train.rating", "1\t10\t5\t1\n1\t11\tNaN\t2\n", 2),
+    ],
+)
+def test_non_finite_rating_names_file_and_line(name, text, line):
+    with pytest.raises(SourceFormatError, match=rf"{name.replace('.', '[.]')}, line {line}: rating is not a finite number"):
+        _read(text, name)
+    # also when the bad row sits in a later block, after skipped malformed rows
+    filler = "".join(f"{u}\t{u}\t4\t{u}\n" for u in range(1, 200))
+    bad_text = filler + "x\n" + "7\t8\tinf\t9\n"
+    with pytest.raises(SourceFormatError, match=r"u[.]data, line 201: rating is not a finite number"):
+        list(movielens.parse_delimited(
+            io.BytesIO(bad_text.encode()), file_label="u.data", column_names=["user_id", "item_id", "rating", "timestamp"],
+            column_types={"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()},
+            block_bytes=256, on_bad_row=lambda *_: None, finite_columns=("rating",),
+        ))
+
+
 def test_unparsable_value_names_file_and_line():
     text = "1\t10\t5\t881250949\n2\t20\t3\t891717742\n3\tabc\t4\t1\n"
     with pytest.raises(SourceFormatError, match=r"u\.data, line 3: cannot parse '3\\tabc\\t4\\t1'"):

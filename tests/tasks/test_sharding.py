@@ -231,3 +231,46 @@ def test_synthetic_defaults_shard_with_heavy_users(tf_env):
     summary = shard_dataset("synthetic://recommendation?num_interactions=5000", "recommendation")
     manifest = load_manifest(summary["manifest_uri"])
     assert all(len(n) == 99 for n in manifest.read_table("eval").column("neg_item_idx").to_pylist())
+
+
+def test_exact_duplicate_interactions_are_dropped_and_counted(tf_env, tmp_path, caplog):
+    """Same (user, item, timestamp) twice is one interaction: the first copy stays, the rest are
+    dropped from train and from the per-user counts, and the manifest counts them."""
+    rows = [(u, 100 + n, 4, 1000 * u + n) for u in range(1, 7) for n in range(6)]  # 6 users x 6
+    rows += [(7, 300, 5, 7000), (7, 300, 5, 7000)]  # user 7: one interaction, written twice
+    planted = [
+        (1, 100, 4, 1000),  # an ordinary train row
+        (1, 100, 4, 1000),  # ... three times in all
+        (2, 105, 3, 2005),  # user 2's latest (the eval interaction); the rating differs: still a duplicate
+        (3, 104, 4, 3004),  # user 3's second latest (the valid interaction)
+        (7, 300, 5, 7000),  # user 7's interaction a third time
+    ]
+    kept_apart = [(4, 100, 4, 3999)]  # same user and item at another time: a re-interaction, kept
+    rng = np.random.default_rng(0)
+    lines = rows + planted + kept_apart
+    lines = [lines[n] for n in rng.permutation(len(lines))]
+    path = tmp_path / "u.data"
+    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in lines))
+    n_planted = len(planted) + 1  # plus user 7's second copy in `rows`
+
+    with caplog.at_level("WARNING", logger="tasks.sharding"):
+        config = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500, num_negatives=1)
+        summary = shard_dataset(str(path), "recommendation", config=config)
+    manifest = load_manifest(summary["manifest_uri"])
+    assert manifest.stats["duplicate_interactions_removed"] == n_planted
+    assert summary["stats"]["duplicate_interactions_removed"] == n_planted
+    assert manifest.data["cleaning"]["duplicate_interactions_removed"] == n_planted
+    assert f"dropping {n_planted} exact duplicate interactions" in caplog.text
+    train, valid, test = (_all_rows(manifest, s) for s in ("train", "valid", "eval"))
+    assert manifest.stats["num_interactions"] == len(lines)
+    assert len(train) + len(test) == len(lines) - n_planted
+    assert not train.duplicated(["user_id", "item_id", "timestamp"]).any()
+    assert ((train.user_id == 4) & (train.item_id == 100)).sum() == 2  # the re-interaction stays
+    # Eval: each user's latest; user 7 has a single interaction after de-duplication: no eval row.
+    assert dict(zip(test.user_id, test.item_id)) == {u: 105 for u in range(1, 7)}
+    assert manifest.stats["users_without_eval"] == 1
+    assert manifest.data["cleaning"]["duplicate_eval_interactions_removed_from_train"] == 0
+    assert not ((train.user_id == 2) & (train.item_id == 105)).any()
+    assert train.is_valid.sum() == len(valid) == 6
+    assert set(zip(valid.user_id, valid.item_id)) == {(u, 104) for u in range(1, 7)}
+    assert ((train.user_id == 3) & (train.item_id == 104)).sum() == 1
