@@ -21,9 +21,11 @@ def test_the_run_carries_its_conf_and_every_task_succeeds(live_stack, recommenda
     assert run["triggered_by"] == "rest_api" and run["triggering_user_name"] == live_stack.username
     assert run["conf"] == recommendation_run["conf"]
     instances = live_stack.api.task_instances(DAG_ID, recommendation_run["run_id"])
-    assert {ti["task_id"]: ti["state"] for ti in instances} == dict.fromkeys(
-        ("shard", "train", "evaluate", "register"), "success"
-    )
+    # One node (train_node maps over nothing) and require_approval=never (approve/promote skipped).
+    assert {ti["task_id"]: ti["state"] for ti in instances} == {
+        **dict.fromkeys(("shard", "plan_nodes", "train", "evaluate", "register"), "success"),
+        **dict.fromkeys(("train_node", "approve", "promote"), "skipped"),
+    }
     # The tasks ran on the stack's Celery queue, training in the training pool.
     assert {ti["queue"] for ti in instances} == {live_stack.celery_queue}
     assert next(ti for ti in instances if ti["task_id"] == "train")["pool"] == "training"
