@@ -249,6 +249,12 @@ def run_register(
     )
     report = run_report(kind, dataset, train, evaluation, result)
     log.info("run report: %s", write_run_report(report, dag_id, run_id, settings_with_connections()))
+    _annotate_model_event(context, asset, result)
+    return result
+
+
+def _annotate_model_event(context: dict[str, Any], asset, result: dict[str, Any]) -> None:
+    """The model Asset event's extra: which version, its aliases and the decision."""
     outlet_events = context.get("outlet_events")
     if outlet_events is not None:
         outlet_events[asset].extra = {
@@ -257,7 +263,6 @@ def run_register(
             "aliases": result["aliases"],
             "decision": result["decision"]["outcome"],
         }
-    return result
 
 
 def run_type(context: dict[str, Any]) -> str:
@@ -292,14 +297,7 @@ def run_promote(context: dict[str, Any], registered: dict[str, Any], answer: dic
         update_run_report_registry(dag_id, run_id_, result, settings_with_connections())
     except Exception:  # the report is a convenience; the decision is already on the version
         log.warning("could not update the run report", exc_info=True)
-    outlet_events = context.get("outlet_events")
-    if outlet_events is not None:
-        outlet_events[asset].extra = {
-            "registered_model": result["name"],
-            "version": result["version"],
-            "aliases": result["aliases"],
-            "decision": result["decision"]["outcome"],
-        }
+    _annotate_model_event(context, asset, result)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tasks.manifest import load_manifest
 from tasks.settings import Settings
@@ -23,3 +24,15 @@ def toy_manifest(toy_settings):
     config = ShardingConfig(row_group_rows=128, target_shard_bytes=4096, num_negatives=20)
     summary = shard_dataset(TOY_SOURCE, "recommendation", config=config, settings=toy_settings)
     return load_manifest(summary["manifest_uri"], toy_settings)
+
+
+@pytest.fixture
+def single_process_one_thread(monkeypatch):
+    """The in-process trainer runs as a lone process (no torchrun variables leaking from the
+    environment) with one torch thread, so results compare across runs and with torchrun ranks."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

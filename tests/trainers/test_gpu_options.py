@@ -32,14 +32,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (none on t
 needs_two_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")
 
 
 def _losses(result: dict) -> np.ndarray:

@@ -25,14 +25,7 @@ TOY_SCRIPT = str(Path(__file__).with_name("toy_family.py"))
 BASE = {"epochs": 1, "batch_size": 64, "learning_rate": 0.05, "log_every_steps": 1, "log_to_mlflow": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")
 
 
 def _config(manifest, run_dir: Path, **overrides) -> TrainConfig:

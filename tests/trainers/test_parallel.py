@@ -30,14 +30,7 @@ TRAIN = {"epochs": 1, "batch_size": 64, "learning_rate": 0.01, "log_every_steps"
 LOSS_RTOL, METRIC_ATOL = 1e-3, 1e-3
 
 
-@pytest.fixture(autouse=True)
-def _no_torchrun_env(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")
 
 
 def _launch(manifest, run_dir: Path, nproc: int, lines: list[str] | None = None, family: dict | None = None,
