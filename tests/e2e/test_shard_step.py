@@ -13,7 +13,7 @@ def _run(dag, conf):
     from airflow.utils.state import DagRunState
 
     # Only the shard step runs here; the whole pipeline is tests/e2e/test_pipelines.py.
-    run = dag.test(run_conf=conf, mark_success_pattern="^(plan_nodes|train|train_node|evaluate|register|approve|promote)$")
+    run = dag.test(run_conf=conf, mark_success_pattern="^(train|evaluate|register|approve|promote)$")
     assert run.state == DagRunState.SUCCESS
     ti = next(t for t in run.get_task_instances() if t.task_id == "shard")
     return ti
