@@ -9,7 +9,7 @@
 ShardWriter and manifest as the DAG's shard step) and prints seconds, rows and bytes; ``read``
 iterates one shuffled epoch of :class:`trainers.loader.ShardLoader` into torch batches;
 ``memory`` is the limit: the same rows as pre-built tensors, one shuffled gather per batch;
-``copy`` copies the source file (the limit of a write; to ``s3://`` one PUT per shard-sized piece).
+``copy`` copies the source file (the limit of a write; to ``s3://`` one upload per shard-sized piece).
 ROOT_URL, MANIFEST_URI and TARGET may be ``s3://`` URLs (the environment names the endpoint).
 """
 
@@ -44,8 +44,9 @@ def write(source: str, root: str, compression: str, row_group: int, target_mb: i
 
 
 def copy(source: str, target: str, target_mb: int = 128) -> dict:
-    """Copy the source file: locally ``shutil.copyfile``; to ``s3://`` one PUT per shard-sized
-    piece (``target_mb``) through trainflow's own fsspec/s3fs client, the limit of an upload."""
+    """Copy the source file: locally ``shutil.copyfile``; to ``s3://`` one s3fs ``pipe_file`` per
+    shard-sized piece (``target_mb``) through trainflow's own fsspec/s3fs client, the limit of an
+    upload (s3fs sends a piece under 100 MB as one PUT, a larger one as a multipart upload)."""
     import os
     import shutil
 

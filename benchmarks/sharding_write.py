@@ -16,7 +16,8 @@ per second; the raw copy (``shutil.copyfile`` of the source) is the limit.
 
 S3 (``--store s3``, or ``both``, the default of a full run): the same writers against a moto
 server the case starts on 127.0.0.1 (``benchmarks/_s3.py``); the limit is an upload of the
-source bytes, one PUT per 128 MB piece through trainflow's own s3fs client. pyarrow writes
+source bytes, one s3fs ``pipe_file`` per 128 MB piece through trainflow's own client (one PUT
+below 100 MB, as for the sizes measured). pyarrow writes
 through its own S3 filesystem, WebDataset uploads each tar as it closes (``post`` hook), MDS
 with ``out=(local, s3://...)``; HF datasets is skipped (its virtualenv has no s3fs).
 
@@ -137,7 +138,7 @@ def _measure(kind: str, size: int, rounds: int, peers: dict[str, str], s3: tuple
     med = {k: median(v) for k, v in values.items()}
     common = {"rows": rows, "source_mb": round(source_bytes / 1e6, 1), "storage": "s3 (moto, 127.0.0.1)" if s3 else "local",
               "rounds": rounds, "peer_layout": layout, "machine": machine()}
-    copy_is = ("upload of the source bytes, one PUT per 128 MB piece (s3fs)" if s3
+    copy_is = ("upload of the source bytes, one s3fs pipe_file per 128 MB piece" if s3
                else "raw copy of the source bytes")
     for name, value in med.items():
         lines.append(emit(f"sharding_write_{kind}{sfx}_{name}", round(value), "rows/s", round(med["copy"]),
