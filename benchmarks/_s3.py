@@ -6,8 +6,8 @@ for boto3/s3fs and trainflow's storage, ``S3_ENDPOINT_URL`` for MosaicML Streami
 is stopped when the block exits, also on failure. Nothing is sent anywhere but 127.0.0.1.
 
 moto keeps objects in the server process's memory and answers on one Python thread: its ranged
-GETs cost ~3× a plain GET, which penalises range readers (Parquet, MDS's multipart downloads)
-relative to streaming readers (WebDataset).
+GETs cost ~3× a plain GET, which penalises range readers (MDS's boto3 multipart downloads)
+relative to readers that send one plain GET per file (trainflow's loader, WebDataset).
 """
 
 from __future__ import annotations

@@ -14,10 +14,11 @@ interleaved (A, B, C, A, B, C, ...) and the medians are compared:
 
 S3 (``--store s3``, or ``both``, the default of a full run): every dataset is written to a
 moto server the case starts on 127.0.0.1 (``benchmarks/_s3.py``) and each epoch reads it from
-there: trainflow's ShardLoader through s3fs (ranged GETs of row groups), WebDataset as one
-streamed GET per tar (a ``s3`` gopen handler over boto3), MDS ``StreamingDataset(remote=...)``
-into a fresh local cache each epoch; HF datasets is skipped (its virtualenv has no s3fs).
-moto's ranged GETs cost ~3× a plain GET, which penalises the range readers.
+there: trainflow's ShardLoader through s3fs (one plain GET of each whole shard, then its
+sha256), WebDataset as one streamed GET per tar (a ``s3`` gopen handler over boto3), MDS
+``StreamingDataset(remote=...)`` into a fresh local cache each epoch (boto3 downloads: ranged
+multipart GETs above 8 MB); HF datasets is skipped (its virtualenv has no s3fs). moto's ranged
+GETs cost ~3× a plain GET, which penalises MDS here.
 
     python -m benchmarks.loading            # 20k records, 5 rounds, workers 0 and 2; S3: 4k records
     python -m benchmarks.loading --quick    # 512 records, 1 round, workers 0, local
