@@ -119,13 +119,15 @@ def _measure(args, rows: int, rounds: int, workers: list[int], s3: tuple[str, di
     common = {"rows": rows, "batch": args.batch, "storage": "s3 (moto, 127.0.0.1)" if s3 else "local", "rounds": rounds,
               "shard_compression": args.compression, "machine": machine()}
     for nw in workers:
+        errors: dict[str, str] = {}
         variants = {
-            "trainflow": lambda nw=nw: run_json([sys.executable, "-m", "benchmarks._project_io", "read", manifest_uri,
-                                                 "--batch", str(args.batch), "--workers", str(nw)], env=env)["rows_per_s"],
+            # guarded like the peers: a failing loader is a reported line, the others still run
+            "trainflow": guarded(lambda nw=nw: run_json(
+                [sys.executable, "-m", "benchmarks._project_io", "read", manifest_uri, "--batch", str(args.batch),
+                 "--workers", str(nw)], env=env)["rows_per_s"], errors, "trainflow"),
             "memory": lambda: run_json([sys.executable, "-m", "benchmarks._project_io", "memory", str(source),
                                         "--batch", str(args.batch)])["rows_per_s"],
         }
-        errors: dict[str, str] = {}
         for lib, py in peers.items():
             variants[lib] = guarded(lambda lib=lib, py=py, nw=nw: run_json(
                 [py, str(BENCH_DIR / "peers" / "peer_io.py"), "read", lib, where(lib), "--batch", str(args.batch),
@@ -143,7 +145,7 @@ def _measure(args, rows: int, rounds: int, workers: list[int], s3: tuple[str, di
                               "rows/s", round(limit), {**common, "num_workers": nw, "baseline_is": "memory (the limit)",
                                                        "runs": [round(x) for x in values[name]],
                                                        "min_max": spread(values[name])}))
-        for lib in [p for p in peers if p in med]:
+        for lib in [p for p in peers if p in med and "trainflow" in med]:
             lines.append(emit(f"loading_images{sfx}_trainflow_vs_{lib}_nw{nw}", round(med["trainflow"]), "rows/s",
                               round(med[lib]), {**common, "num_workers": nw, "baseline_is": lib}))
     shutil.rmtree(work, ignore_errors=True)
