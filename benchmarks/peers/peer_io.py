@@ -13,7 +13,7 @@ MDSWriter/StreamingDataset are used.
 OUT may be an ``s3://bucket/prefix`` URL (the endpoint comes from ``AWS_ENDPOINT_URL_S3``, a
 local moto server in the benchmarks): ``parquet`` writes through pyarrow's own S3 filesystem,
 ``webdataset`` writes its tar shards locally and uploads each as it is closed (ShardWriter's
-``post`` hook, the documented way) and reads them as streamed GETs (a ``s3`` gopen handler over
+``post`` hook) and reads them as streamed GETs (a ``s3`` gopen handler over
 boto3), ``mds`` writes with ``MDSWriter(out=(local, remote))`` (uploads as shards close) and
 reads with ``StreamingDataset(remote=...)`` into a fresh local cache. ``hf`` needs s3fs, which
 its virtualenv does not have: it refuses S3.
