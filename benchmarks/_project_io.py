@@ -9,7 +9,8 @@
 ShardWriter and manifest as the DAG's shard step) and prints seconds, rows and bytes; ``read``
 iterates one shuffled epoch of :class:`trainers.loader.ShardLoader` into torch batches;
 ``memory`` is the limit: the same rows as pre-built tensors, one shuffled gather per batch;
-``copy`` copies the source file (the limit of a write).
+``copy`` copies the source file (the limit of a write; to ``s3://`` one upload per shard-sized piece).
+ROOT_URL, MANIFEST_URI and TARGET may be ``s3://`` URLs (the environment names the endpoint).
 """
 
 from __future__ import annotations
@@ -42,14 +43,30 @@ def write(source: str, root: str, compression: str, row_group: int, target_mb: i
             "manifest_uri": manifest.uri}
 
 
-def copy(source: str, target: str) -> dict:
+def copy(source: str, target: str, target_mb: int = 128) -> dict:
+    """Copy the source file: locally ``shutil.copyfile``; to ``s3://`` one s3fs ``pipe_file`` per
+    shard-sized piece (``target_mb``) through trainflow's own fsspec/s3fs client, the limit of an
+    upload (s3fs sends a piece under 100 MB as one PUT, a larger one as a multipart upload)."""
     import os
     import shutil
 
+    if not target.startswith("s3://"):
+        started = time.perf_counter()
+        shutil.copyfile(source, target)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "bytes": os.path.getsize(target), "objects": 1}
+    from tasks.storage import filesystem
+
+    fs, path = filesystem(target)
+    with open(source, "rb") as handle:
+        data = handle.read()  # read before the clock, as the writers read a page-cached source
+    piece = target_mb << 20
+    fs.ls(path.split("/", 1)[0])  # warms the client (connection, credentials) outside the timed part
     started = time.perf_counter()
-    shutil.copyfile(source, target)
+    for k, start in enumerate(range(0, len(data), piece)):
+        fs.pipe_file(f"{path}/part-{k:05d}", data[start:start + piece])
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "bytes": os.path.getsize(target)}
+    return {"seconds": seconds, "bytes": len(data), "objects": -(-len(data) // piece)}
 
 
 def read(manifest_uri: str, batch: int, workers: int, seed: int) -> dict:
@@ -108,7 +125,7 @@ def main() -> None:
     elif args.command == "read":
         result = read(args.paths[0], args.batch, args.workers, args.seed)
     elif args.command == "copy":
-        result = copy(args.paths[0], args.paths[1])
+        result = copy(args.paths[0], args.paths[1], args.target_mb)
     else:
         result = memory(args.paths[0], args.batch, args.seed)
     print(json.dumps(result), flush=True)

@@ -53,7 +53,8 @@ def plot(lines: list[dict], prefix: str, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [x for x in lines if x["name"].startswith(prefix) and x["value"] is not None and "_vs_" not in x["name"]]
+    rows = [x for x in lines if x["name"].startswith(prefix) and x["value"] is not None and "_vs_" not in x["name"]
+            and "_s3_" not in x["name"]]  # the plots are of the local-folder runs
     if not rows:
         return
     labels = [x["name"].removeprefix(prefix) for x in rows]

@@ -12,8 +12,17 @@ interleaved (A, B, C, A, B, C, ...) and the medians are compared:
   buffer 1000), MosaicML Streaming (MDS, ``predownload=512``), Hugging Face ``datasets``
   (``load_from_disk``, shuffled index batches over the memory-mapped Arrow file).
 
-    python -m benchmarks.loading            # 20k records, 5 rounds, workers 0 and 2
-    python -m benchmarks.loading --quick    # 512 records, 1 round, workers 0
+S3 (``--store s3``, or ``both``, the default of a full run): every dataset is written to a
+moto server the case starts on 127.0.0.1 (``benchmarks/_s3.py``) and each epoch reads it from
+there: trainflow's ShardLoader through s3fs (one plain GET of each whole shard, then its
+sha256), WebDataset as one streamed GET per tar (a ``s3`` gopen handler over boto3), MDS
+``StreamingDataset(remote=...)`` into a fresh local cache each epoch (boto3 downloads: ranged
+multipart GETs above 8 MB); HF datasets is skipped (its virtualenv has no s3fs). moto's ranged
+GETs cost ~3× a plain GET, which penalises MDS here.
+
+    python -m benchmarks.loading            # 20k records, 5 rounds, workers 0 and 2; S3: 4k records
+    python -m benchmarks.loading --quick    # 512 records, 1 round, workers 0, local
+    python -m benchmarks.loading --store s3 --rounds 3 --workers 0
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import shutil
 import sys
 
 from benchmarks import _data
+from benchmarks._s3 import moto_s3
 from benchmarks.common import (
     BENCH_DIR,
+    child_env,
     emit,
     guarded,
     interleave,
@@ -37,6 +48,8 @@ from benchmarks.common import (
 )
 
 PEERS = {"webdataset": "webdataset", "mds": "streaming", "hf": "datasets"}
+S3_UNSUPPORTED = {"hf": "hf on S3 needs s3fs (load_from_disk storage_options), which benchmarks/.venv-peers-hf "
+                        "does not install; not measured on S3"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -48,19 +61,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--compression", default="none")
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), help="peers to compare (default: all)")
+    parser.add_argument("--store", choices=["local", "s3", "both"],
+                        help="local folder, S3 (a moto server on 127.0.0.1 started here) or both "
+                             "(default: both; --quick: local)")
+    parser.add_argument("--s3-rows", type=int, help="S3 size (default 4,000; --quick: as local)")
     args = parser.parse_args(argv)
     rows = args.rows or (512 if args.quick else 20_000)
+    s3_rows = args.s3_rows or (rows if args.quick else 4_000)
     rounds = args.rounds or (1 if args.quick else 5)
     workers = args.workers or ([0] if args.quick else [0, 2])
+    store = args.store or ("local" if args.quick else "both")
+    lines: list[dict] = []
+    if store in ("local", "both"):
+        lines += _measure(args, rows, rounds, workers, None)
+    if store in ("s3", "both"):
+        with moto_s3() as (bucket, env):
+            lines += _measure(args, s3_rows, rounds, workers, (bucket, env))
+    return lines
+
+
+def _measure(args, rows: int, rounds: int, workers: list[int], s3: tuple[str, dict] | None) -> list[dict]:
+    """One epoch per variant on one store (``s3`` = ``(bucket, env)`` of a moto server, else local)."""
+    sfx = "_s3" if s3 else ""
+    env = child_env(**s3[1]) if s3 else None
     source = _data.source("images", rows)
     work = _data.cache_dir() / f"loading-{rows}-{'-'.join(args.peers) if args.peers is not None else 'all'}"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+
+    def where(name: str) -> str:
+        return f"s3://{s3[0]}/loading-{rows}/{name}" if s3 else str(work / name)
+
     lines: list[dict] = []
     # Prepare every dataset once (not timed here: that is benchmarks/sharding_write.py).
-    written = run_json([sys.executable, "-m", "benchmarks._project_io", "write", str(source), (work / "trainflow").as_uri(),
-                        "--compression", args.compression, "--row-group", "1024"])
+    written = run_json([sys.executable, "-m", "benchmarks._project_io", "write", str(source),
+                        where("trainflow") if s3 else (work / "trainflow").as_uri(),
+                        "--compression", args.compression, "--row-group", "1024"], env=env)
     manifest_uri = written["manifest_uri"]
     peers = {}
     for lib, module in PEERS.items():
@@ -68,43 +105,48 @@ def main(argv: list[str] | None = None) -> list[dict]:
             continue
         py, why = peer_python(module)
         if py is None:
-            lines.append(skip(f"loading_images_{lib}", "rows/s", why, {"rows": rows}))
+            lines.append(skip(f"loading_images{sfx}_{lib}", "rows/s", why, {"rows": rows}))
+            continue
+        if s3 and lib in S3_UNSUPPORTED:
+            lines.append(skip(f"loading_images{sfx}_{lib}", "rows/s", S3_UNSUPPORTED[lib], {"rows": rows, "storage": "s3"}))
             continue
         try:
-            run_json([py, str(BENCH_DIR / "peers" / "peer_io.py"), "write", lib, str(source), str(work / lib)])
+            run_json([py, str(BENCH_DIR / "peers" / "peer_io.py"), "write", lib, str(source), where(lib)], env=env)
         except RuntimeError as exc:
-            lines.append(skip(f"loading_images_{lib}", "rows/s", f"{lib} could not write the data: {str(exc)[-300:]}"))
+            lines.append(skip(f"loading_images{sfx}_{lib}", "rows/s", f"{lib} could not write the data: {str(exc)[-300:]}"))
             continue
         peers[lib] = py
-    common = {"rows": rows, "batch": args.batch, "storage": "local", "rounds": rounds,
+    common = {"rows": rows, "batch": args.batch, "storage": "s3 (moto, 127.0.0.1)" if s3 else "local", "rounds": rounds,
               "shard_compression": args.compression, "machine": machine()}
     for nw in workers:
+        errors: dict[str, str] = {}
         variants = {
-            "trainflow": lambda nw=nw: run_json([sys.executable, "-m", "benchmarks._project_io", "read", manifest_uri,
-                                                 "--batch", str(args.batch), "--workers", str(nw)])["rows_per_s"],
+            # guarded like the peers: a failing loader is a reported line, the others still run
+            "trainflow": guarded(lambda nw=nw: run_json(
+                [sys.executable, "-m", "benchmarks._project_io", "read", manifest_uri, "--batch", str(args.batch),
+                 "--workers", str(nw)], env=env)["rows_per_s"], errors, "trainflow"),
             "memory": lambda: run_json([sys.executable, "-m", "benchmarks._project_io", "memory", str(source),
                                         "--batch", str(args.batch)])["rows_per_s"],
         }
-        errors: dict[str, str] = {}
         for lib, py in peers.items():
             variants[lib] = guarded(lambda lib=lib, py=py, nw=nw: run_json(
-                [py, str(BENCH_DIR / "peers" / "peer_io.py"), "read", lib, str(work / lib), "--batch", str(args.batch),
-                 "--workers", str(nw)])["rows_per_s"], errors, lib)
+                [py, str(BENCH_DIR / "peers" / "peer_io.py"), "read", lib, where(lib), "--batch", str(args.batch),
+                 "--workers", str(nw)], env=env)["rows_per_s"], errors, lib)
         values = interleave(variants, rounds)
         for lib, error in errors.items():
-            lines.append(skip(f"loading_images_{lib}_nw{nw}", "rows/s", f"{lib} failed: {error}"))
+            lines.append(skip(f"loading_images{sfx}_{lib}_nw{nw}", "rows/s", f"{lib} failed: {error}"))
             values.pop(lib)
         med = {k: median(v) for k, v in values.items()}
         limit = med["memory"]
         for name, value in med.items():
             if name == "memory" and nw:
                 continue  # the limit does not depend on workers
-            lines.append(emit(f"loading_images_{name}" + ("" if name == "memory" else f"_nw{nw}"), round(value),
+            lines.append(emit(f"loading_images{sfx}_{name}" + ("" if name == "memory" else f"_nw{nw}"), round(value),
                               "rows/s", round(limit), {**common, "num_workers": nw, "baseline_is": "memory (the limit)",
                                                        "runs": [round(x) for x in values[name]],
                                                        "min_max": spread(values[name])}))
-        for lib in [p for p in peers if p in med]:
-            lines.append(emit(f"loading_images_trainflow_vs_{lib}_nw{nw}", round(med["trainflow"]), "rows/s",
+        for lib in [p for p in peers if p in med and "trainflow" in med]:
+            lines.append(emit(f"loading_images{sfx}_trainflow_vs_{lib}_nw{nw}", round(med["trainflow"]), "rows/s",
                               round(med[lib]), {**common, "num_workers": nw, "baseline_is": lib}))
     shutil.rmtree(work, ignore_errors=True)
     return lines

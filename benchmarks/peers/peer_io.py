@@ -9,6 +9,14 @@ command prints one JSON object: seconds, rows, bytes. Self-contained (the peer e
 not have trainflow's dependencies). MDS: ``streaming.vision`` is replaced by an empty module
 because PyPI's torchvision (a CUDA build) does not import next to the CPU torch, and only
 MDSWriter/StreamingDataset are used.
+
+OUT may be an ``s3://bucket/prefix`` URL (the endpoint comes from ``AWS_ENDPOINT_URL_S3``, a
+local moto server in the benchmarks): ``parquet`` writes through pyarrow's own S3 filesystem,
+``webdataset`` writes its tar shards locally and uploads each as it is closed (ShardWriter's
+``post`` hook) and reads them as streamed GETs (a ``s3`` gopen handler over
+boto3), ``mds`` writes with ``MDSWriter(out=(local, remote))`` (uploads as shards close) and
+reads with ``StreamingDataset(remote=...)`` into a fresh local cache. ``hf`` needs s3fs, which
+its virtualenv does not have: it refuses S3.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import types
 
@@ -52,7 +61,52 @@ def _columns(table) -> dict[str, tuple[np.ndarray, str]]:
 
 
 def _dir_bytes(path: str) -> int:
+    if path.startswith("s3://"):
+        bucket, prefix = _split(path)
+        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        return sum(o["Size"] for page in pages for o in page.get("Contents", []))
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+# --- S3 (boto3 against AWS_ENDPOINT_URL_S3) ------------------------------------------------
+_CLIENT = None
+
+
+def _s3():
+    global _CLIENT
+    if _CLIENT is None:
+        import boto3
+
+        _CLIENT = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    return _CLIENT
+
+
+def _split(url: str) -> tuple[str, str]:
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    return bucket, key.rstrip("/")
+
+
+def _s3_keys(url: str, suffix: str) -> list[str]:
+    bucket, prefix = _split(url)
+    pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+    return sorted(f"s3://{bucket}/{o['Key']}" for page in pages for o in page.get("Contents", []) if o["Key"].endswith(suffix))
+
+
+def _gopen_s3(url, mode="rb", bufsize=8192, **kw):
+    """WebDataset opener for ``s3://``: one streamed GET (the body is read front to back)."""
+    assert mode == "rb", mode
+    bucket, key = _split(url)
+    return _s3().get_object(Bucket=bucket, Key=key)["Body"]
+
+
+def _arrow_s3():
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    endpoint = urlparse(os.environ["AWS_ENDPOINT_URL_S3"])
+    return pafs.S3FileSystem(endpoint_override=endpoint.netloc, scheme=endpoint.scheme,
+                             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
 def _import_streaming():
@@ -76,15 +130,26 @@ def write(lib: str, source: str, out: str, layout: str, block: int) -> dict:
     table = _source(source)
     n = table.num_rows
     cols = _columns(table)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    remote = out.startswith("s3://")
+    if remote:
+        if lib == "hf":
+            raise SystemExit("hf: writing to S3 needs s3fs, which the HF benchmark virtualenv does not have")
+        staging = tempfile.mkdtemp(prefix=f"bench-{lib}-")  # WebDataset/MDS write shards here first
+        _dir_bytes(out)  # warms the S3 client outside the timed part
+    else:
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.makedirs(out)
     _warm_imports(lib)  # outside the timed part, for every library alike
     started = time.perf_counter()
     if lib == "parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(table, os.path.join(out, "data.parquet"), compression="zstd", row_group_size=32768)
+        if remote:
+            pq.write_table(table, out.removeprefix("s3://") + "/data.parquet", compression="zstd", row_group_size=32768,
+                           filesystem=_arrow_s3())
+        else:
+            pq.write_table(table, os.path.join(out, "data.parquet"), compression="zstd", row_group_size=32768)
     elif lib == "hf":
         import datasets
 
@@ -99,20 +164,32 @@ def write(lib: str, source: str, out: str, layout: str, block: int) -> dict:
         if lib == "webdataset":
             import webdataset as wds
 
-            with wds.ShardWriter(os.path.join(out, "shard-%06d.tar"), maxsize=128 << 20, verbose=0) as sink:
+            def upload(fname):  # ShardWriter calls this as each shard is closed
+                bucket, prefix = _split(out)
+                _s3().upload_file(fname, bucket, f"{prefix}/{os.path.basename(fname)}")
+                os.remove(fname)
+
+            with wds.ShardWriter(os.path.join(staging if remote else out, "shard-%06d.tar"), maxsize=128 << 20, verbose=0,
+                                 post=upload if remote else None) as sink:
                 for k, sample in enumerate(samples):
                     sink.write({"__key__": f"{k:09d}", **{f"{name}.bin": value for name, value in sample.items()}})
         else:
             streaming = _import_streaming()
-            with streaming.MDSWriter(out=out, columns={name: "bytes" for name in cols}, size_limit=128 << 20) as sink:
+            with streaming.MDSWriter(out=(staging, out) if remote else out, columns={name: "bytes" for name in cols}, size_limit=128 << 20) as sink:
                 for sample in samples:
                     sink.write(sample)
     else:
         raise SystemExit(f"unknown library {lib!r}")
     seconds = time.perf_counter() - started
     meta = {name: {"dtype": str(v.dtype), "width": int(v.shape[1]) if v.ndim == 2 else 0} for name, (v, _) in cols.items()}
-    with open(os.path.join(out, "_bench.json"), "w") as handle:
-        json.dump({"rows": n, "layout": layout, "block": block, "columns": meta}, handle)
+    text = json.dumps({"rows": n, "layout": layout, "block": block, "columns": meta})
+    if remote:
+        shutil.rmtree(staging, ignore_errors=True)
+        bucket, prefix = _split(out)
+        _s3().put_object(Bucket=bucket, Key=f"{prefix}/_bench.json", Body=text.encode())
+    else:
+        with open(os.path.join(out, "_bench.json"), "w") as handle:
+            handle.write(text)
     return {"seconds": seconds, "rows": n, "bytes": _dir_bytes(out)}
 
 
@@ -150,8 +227,16 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
     import torch
     import torch.utils.data as tud
 
-    with open(os.path.join(out, "_bench.json")) as handle:
-        meta = json.load(handle)
+    remote = out.startswith("s3://")
+    if remote:
+        if lib == "hf":
+            raise SystemExit("hf: reading from S3 needs s3fs, which the HF benchmark virtualenv does not have")
+        bucket, prefix = _split(out)
+        meta = json.loads(_s3().get_object(Bucket=bucket, Key=f"{prefix}/_bench.json")["Body"].read())
+        cache = tempfile.mkdtemp(prefix=f"bench-{lib}-cache-")  # MDS: a fresh local cache every epoch
+    else:
+        with open(os.path.join(out, "_bench.json")) as handle:
+            meta = json.load(handle)
     n, block = meta["rows"], meta["layout"] == "block"
     names = list(meta["columns"])
     _warm_imports(lib)  # outside the timed part, for every library alike
@@ -160,7 +245,11 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
     if lib == "webdataset":
         import webdataset as wds
 
-        urls = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tar"))
+        if remote:
+            wds.gopen_schemes["s3"] = _gopen_s3
+            urls = _s3_keys(out, ".tar")
+        else:
+            urls = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tar"))
         ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
                              empty_check=False, seed=seed)
               .shuffle(1000 if not block else 8)
@@ -178,7 +267,8 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
                 return _decode(super().__getitem__(i), meta, block)
 
         per = 1 if block else batch
-        ds = DS(local=out, shuffle=True, shuffle_seed=seed, batch_size=per, predownload=512)
+        where = {"remote": out, "local": cache} if remote else {"local": out}
+        ds = DS(**where, shuffle=True, shuffle_seed=seed, batch_size=per, predownload=512)
         loader = tud.DataLoader(ds, batch_size=per, num_workers=workers,
                                 collate_fn=(lambda xs: xs[0]) if block else None)
         for b in loader:
@@ -215,6 +305,8 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
     else:
         raise SystemExit(f"unknown library {lib!r}")
     seconds = time.perf_counter() - started
+    if remote:
+        shutil.rmtree(cache, ignore_errors=True)
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds}
 
 
