@@ -119,7 +119,8 @@ class Storage:
     def __init__(self, root_url: str, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.protocol, self._root = split_url(root_url)
-        self.fs, _ = filesystem(root_url, self.settings)
+        self._fs, _ = filesystem(root_url, self.settings)
+        self._fs_pid = os.getpid()
         if self.protocol == "file":
             self.root_url = "file://" + self._root
         else:
@@ -127,6 +128,15 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({redact_url(self.root_url)!r})"
+
+    @property
+    def fs(self):
+        """The fsspec filesystem; rebuilt in a forked process (a DataLoader worker), since an
+        async filesystem (s3fs) and its event loop cannot be used across ``fork``."""
+        if self._fs_pid != os.getpid():
+            self._fs, _ = filesystem(self.root_url, self.settings)
+            self._fs_pid = os.getpid()
+        return self._fs
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Storage:

@@ -167,3 +167,21 @@ def test_fixed_size_binary_columns_become_uint8_rows(tmp_path):
         other = pa.schema([("id", pa.int64()), ("image", pa.binary())])
         shard_batches([pa.RecordBatch.from_arrays([pa.array([1]), pa.array([b"x"])], schema=other)], schema,
                       Storage((tmp_path / "bad" / "v1").as_uri()), name="bad", kind="images")
+
+
+def test_workers_read_shards_from_s3(s3_env):
+    """DataLoader workers are forked: the parent's s3fs filesystem (and its event loop) cannot be
+    used there, so each worker must open its own and read the same rows as in-process loading."""
+    from tasks.settings import get_settings
+    from tasks.sharding import ShardingConfig, shard_dataset
+
+    settings = get_settings()
+    config = ShardingConfig(row_group_rows=128, target_shard_bytes=4096, num_negatives=5)
+    summary = shard_dataset("synthetic://recommendation?num_interactions=1500&num_users=60&num_items=200&seed=4",
+                            "recommendation", config=config, settings=settings)
+    manifest = load_manifest(summary["manifest_uri"], settings)
+    assert manifest.uri.startswith("s3://")
+    manifest.storage.fs.ls(manifest.storage.url().removeprefix("s3://"))  # the parent uses s3fs before forking
+    in_process = _rows(_loader(manifest, num_workers=0))
+    with_workers = _rows(_loader(manifest, num_workers=2))
+    assert with_workers == in_process and len(in_process) == manifest.num_rows("train") // 32
