@@ -102,16 +102,16 @@ def test_mlflow_stopped_during_registration_then_the_retry_registers_once(restar
         )
 
     # Try 1: the server goes away after the version was created, before the gate decided.
-    real_gate = registry._apply_gate
+    real_gate = registry._gate_verdict
 
     def server_dies_first(*args, **kwargs):
         server.stop()
         return real_gate(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "_apply_gate", server_dies_first)
+    monkeypatch.setattr(registry, "_gate_verdict", server_dies_first)
     with pytest.raises(RegistryUnavailableError, match=rf"MLflow at {server.uri} unreachable while registering {name}"):
         register(1)
-    monkeypatch.setattr(registry, "_apply_gate", real_gate)
+    monkeypatch.setattr(registry, "_gate_verdict", real_gate)
     # Still down: the retry fails the same clear way (and does not mistake it for "no version yet").
     with pytest.raises(RegistryUnavailableError, match="unreachable"):
         register(2)
