@@ -206,18 +206,7 @@ class Storage:
             # One PUT: S3 (and S3-compatible stores) never expose a partial object.
             self.write_bytes(path, data)
             return
-        final = self._abs(path)
-        os.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        self._publish_local(path, data, os.replace)
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create ``path`` with ``data`` only if nothing is there (atomically, whole content).
@@ -235,6 +224,15 @@ class Storage:
             except FileExistsError:
                 return False
             return True
+        try:
+            self._publish_local(path, data, os.link)  # link fails if the name exists
+            return True
+        except FileExistsError:
+            return False
+
+    def _publish_local(self, path: str, data: bytes, publish) -> None:
+        """Write ``data`` to a synced temporary file beside ``path``, then ``publish(tmp, final)``
+        (``os.replace``: atomic overwrite; ``os.link``: atomic create); the temporary goes."""
         final = self._abs(path)
         os.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = posixpath.join(posixpath.dirname(final), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}")
@@ -243,10 +241,7 @@ class Storage:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.link(tmp, final)
-            return True
-        except FileExistsError:
-            return False
+            publish(tmp, final)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
