@@ -100,7 +100,8 @@ def memory(source: str, batch: int, seed: int) -> dict:
     rows = 0
     for b in range(n // batch):
         idx = order[b * batch:(b + 1) * batch]
-        out = {name: t[idx] for name, t in tensors.items()}
+        # index_select: the fast gather (t[idx] on a (N, 39600) uint8 tensor is ~6x slower here)
+        out = {name: t.index_select(0, idx) for name, t in tensors.items()}
         rows += len(out[table.column_names[0]])
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds}

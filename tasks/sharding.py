@@ -22,6 +22,8 @@ rows, never by the number of interactions: the raw data is streamed twice.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import hashlib
@@ -37,7 +39,15 @@ import numpy as np
 
 from tasks.datasets import argoverse
 from tasks.datasets.sources import DrivingSource, RecommendationSource, resolve_source
-from tasks.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest, ShardInfo, dumps, load_manifest
+from tasks.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    digest_buffer,
+    dumps,
+    load_manifest,
+)
 from tasks.settings import Settings, get_settings, redact_url
 from tasks.storage import Storage, safe_name
 
@@ -90,9 +100,15 @@ class ShardingConfig:
 class ShardWriter:
     """Writes one split as ``{split}/part-NNNNN.parquet`` files of about ``target_bytes``.
 
-    Rows are buffered up to one row group, written to a local temporary file, and the file
-    is uploaded when it reaches the target size, so memory stays at one row group.
+    Rows are buffered up to one row group and encoded by pyarrow straight into a local
+    temporary file; when the file reaches the target size it is closed and *finished* on a
+    background thread (its sha256 and xxh3-128 computed from the page cache, then moved into
+    a local store or uploaded) while the next shard is being encoded. Memory stays at one row
+    group plus what the page cache holds; at most ``_IN_FLIGHT`` finished-but-not-published
+    shards wait on local disk.
     """
+
+    _IN_FLIGHT = 2
 
     def __init__(self, storage: Storage, split: str, schema, config: ShardingConfig, tmp_dir: str) -> None:
         self.storage = storage
@@ -104,7 +120,11 @@ class ShardWriter:
         self._pending: list = []
         self._pending_rows = 0
         self._writer = None
+        self._sink = None
         self._tmp_path: str | None = None
+        self._num_shards = 0
+        self._finishing: collections.deque = collections.deque()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def write_batch(self, batch) -> None:
         if batch.num_rows == 0:
@@ -130,7 +150,7 @@ class ShardWriter:
             # which cost more than the rest of the write (measured in benchmarks/sharding_write.py).
             plain = [f.name for f in self.schema if _is_blob(f.type)]
             keep = [f.name for f in self.schema if f.name not in plain]
-            self._sink = _HashingFile(self._tmp_path)
+            self._sink = pa.OSFile(self._tmp_path, "wb")
             self._writer = pq.ParquetWriter(
                 self._sink,
                 self.schema,
@@ -141,7 +161,7 @@ class ShardWriter:
             self._row_groups = []
         self._writer.write_table(head, row_group_size=rows)
         self._row_groups.append(head.num_rows)
-        if self._sink.size >= self.config.target_shard_bytes:
+        if self._sink.tell() >= self.config.target_shard_bytes:
             self._close_shard()
 
     def _close_shard(self) -> None:
@@ -149,34 +169,58 @@ class ShardWriter:
             return
         self._writer.close()
         self._writer = None
+        size = self._sink.tell()
         self._sink.close()
-        path = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        # The sha256 is computed as the bytes are written: the file is never read back.
-        info = ShardInfo(
-            path=path,
-            num_rows=sum(self._row_groups),
-            num_bytes=self._sink.size,
-            sha256=self._sink.digest.hexdigest(),
-            row_groups=tuple(self._row_groups),
-        )
-        if os.path.getsize(self._tmp_path) != info.num_bytes:
-            raise RuntimeError(f"shard {path}: wrote {info.num_bytes} bytes, the file has {os.path.getsize(self._tmp_path)}")
-        if self.storage.protocol == "file":  # a local store: move the file rather than copy it
-            target = self.storage._abs(path)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(self._tmp_path, target)
-        else:
-            self.storage.put_file(self._tmp_path, path)
-            os.remove(self._tmp_path)
+        path = f"{self.split}/part-{self._num_shards:05d}.parquet"
+        self._num_shards += 1
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"shard-{self.split}")
+        job = self._pool.submit(self._finish, self._tmp_path, path, size, tuple(self._row_groups))
         self._tmp_path = None
-        self.shards.append(info)
+        self._finishing.append(job)
+        while len(self._finishing) > self._IN_FLIGHT or (self._finishing and self._finishing[0].done()):
+            self.shards.append(self._finishing.popleft().result())
+
+    def _finish(self, tmp_path: str, path: str, size: int, row_groups: tuple[int, ...]) -> ShardInfo:
+        """Hash a closed shard file and publish it (runs on the writer's background thread)."""
+        import pyarrow as pa
+
+        try:
+            if os.path.getsize(tmp_path) != size:
+                raise RuntimeError(f"shard {path}: wrote {size} bytes, the file has {os.path.getsize(tmp_path)}")
+            with pa.memory_map(tmp_path) as mapped:  # the pages just written, from the page cache
+                data = mapped.read_buffer()
+                info = ShardInfo(
+                    path=path,
+                    num_rows=sum(row_groups),
+                    num_bytes=size,
+                    sha256=digest_buffer(data, "sha256"),
+                    row_groups=row_groups,
+                    xxh3_128=digest_buffer(data, "xxh3_128"),
+                )
+                del data
+            if self.storage.protocol == "file":  # a local store: move the file rather than copy it
+                target = self.storage._abs(path)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.move(tmp_path, target)
+            else:
+                self.storage.put_file(tmp_path, path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
         log.info("wrote %s: %d rows, %.1f MB", path, info.num_rows, info.num_bytes / 1e6)
+        return info
 
     def close(self) -> dict[str, Any]:
         """Flush and upload what is left; returns the split's manifest entry."""
-        if self._pending_rows:
-            self._flush_row_group(self._pending_rows)
-        self._close_shard()
+        try:
+            if self._pending_rows:
+                self._flush_row_group(self._pending_rows)
+            self._close_shard()
+            while self._finishing:
+                self.shards.append(self._finishing.popleft().result())
+        finally:
+            self.abort()
         return {
             "num_rows": sum(s.num_rows for s in self.shards),
             "num_bytes": sum(s.num_bytes for s in self.shards),
@@ -184,36 +228,24 @@ class ShardWriter:
             "shards": [s.to_dict() for s in self.shards],
         }
 
+    def __enter__(self) -> ShardWriter:
+        return self
 
-class _HashingFile:
-    """A write-only local file that keeps the sha256 and size of what was written."""
+    def __exit__(self, *exc) -> None:
+        self.abort()
 
-    def __init__(self, path: str) -> None:
-        self._handle = open(path, "wb")  # noqa: SIM115 (closed by close())
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.closed = False
-
-    def write(self, data) -> int:
-        view = memoryview(data)
-        self._handle.write(view)
-        self.digest.update(view)
-        self.size += view.nbytes
-        return view.nbytes
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def tell(self) -> int:
-        return self.size
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self._handle.close()
-            self.closed = True
+    def abort(self) -> None:
+        """Stop the background thread after the shards it holds (used on failure; idempotent)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+                self._sink.close()
+            except Exception:  # noqa: BLE001 (already failing: leave the temporary file to the caller's folder)
+                pass
+            self._writer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _is_blob(typ) -> bool:
@@ -247,6 +279,7 @@ def write_side_file(storage: Storage, path: str, table, tmp_dir: str) -> ShardIn
         num_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+        xxh3_128=digest_buffer(data, "xxh3_128"),
     )
 
 
@@ -274,15 +307,15 @@ def shard_batches(
     config = config or ShardingConfig()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="trainflow-shard-") as tmp_dir:
-        writer = ShardWriter(store, split, schema, config, tmp_dir)
-        for batch in batches:
-            if not batch.schema.equals(schema):
-                theirs = {f.name: str(f.type) for f in batch.schema}
-                mine = {f.name: str(f.type) for f in schema}
-                bad = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-                raise ValueError(f"batch schema differs from the dataset schema in field(s) {bad}")
-            writer.write_batch(batch)
-        entry = writer.close()
+        with ShardWriter(store, split, schema, config, tmp_dir) as writer:
+            for batch in batches:
+                if not batch.schema.equals(schema):
+                    theirs = {f.name: str(f.type) for f in batch.schema}
+                    mine = {f.name: str(f.type) for f in schema}
+                    bad = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+                    raise ValueError(f"batch schema differs from the dataset schema in field(s) {bad}")
+                writer.write_batch(batch)
+            entry = writer.close()
     data = {
         "format": MANIFEST_FORMAT,
         "name": safe_name(name, "dataset name"),
@@ -684,45 +717,48 @@ def _shard_recommendation(
     valid_ts_by_user[valid_uidx] = valid_ts
     valid_i_by_user[valid_uidx] = valid_i
     train_writer = ShardWriter(store, "train", _train_schema(), config, tmp_dir)
-    train_item_counts = np.zeros(num_items, np.int64)
-    dropped_test_copies = 0
-    row_offset = 0
-    for block, batch in enumerate(train_opener()):
-        u, i, r, ts = _batch_arrays(batch)
-        uidx, iidx = dense(users, u), dense(items, i)
-        rows = np.arange(row_offset, row_offset + u.size)
-        row_offset += u.size
-        is_duplicate = np.isin(rows, duplicate_rows, assume_unique=True)
-        valid_sets.observe(uidx, iidx)
-        if test_sets is not None:
-            test_sets.observe(uidx, iidx)
-        is_test = (ts == test_ts_by_user[uidx]) & (i == test_i_by_user[uidx])
-        if given:
-            is_test[:] = False
-        else:
-            dropped_test_copies += int((is_test & ~is_duplicate).sum())
-        is_valid = (ts == valid_ts_by_user[uidx]) & (i == valid_i_by_user[uidx])
-        keep = ~is_test & ~is_duplicate
-        perm = np.random.default_rng([config.seed, 11, block]).permutation(int(keep.sum()))
-        sel = np.flatnonzero(keep)[perm]
-        np.add.at(train_item_counts, iidx[sel], 1)
-        train_writer.write_batch(
-            pa.RecordBatch.from_arrays(
-                [
-                    pa.array(uidx[sel].astype(np.int32)),
-                    pa.array(iidx[sel].astype(np.int32)),
-                    pa.array(u[sel]),
-                    pa.array(i[sel]),
-                    pa.array(r[sel].astype(np.float32)),
-                    pa.array(ts[sel]),
-                    pa.array(is_valid[sel]),
-                ],
-                schema=_train_schema(),
+    try:
+        train_item_counts = np.zeros(num_items, np.int64)
+        dropped_test_copies = 0
+        row_offset = 0
+        for block, batch in enumerate(train_opener()):
+            u, i, r, ts = _batch_arrays(batch)
+            uidx, iidx = dense(users, u), dense(items, i)
+            rows = np.arange(row_offset, row_offset + u.size)
+            row_offset += u.size
+            is_duplicate = np.isin(rows, duplicate_rows, assume_unique=True)
+            valid_sets.observe(uidx, iidx)
+            if test_sets is not None:
+                test_sets.observe(uidx, iidx)
+            is_test = (ts == test_ts_by_user[uidx]) & (i == test_i_by_user[uidx])
+            if given:
+                is_test[:] = False
+            else:
+                dropped_test_copies += int((is_test & ~is_duplicate).sum())
+            is_valid = (ts == valid_ts_by_user[uidx]) & (i == valid_i_by_user[uidx])
+            keep = ~is_test & ~is_duplicate
+            perm = np.random.default_rng([config.seed, 11, block]).permutation(int(keep.sum()))
+            sel = np.flatnonzero(keep)[perm]
+            np.add.at(train_item_counts, iidx[sel], 1)
+            train_writer.write_batch(
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.array(uidx[sel].astype(np.int32)),
+                        pa.array(iidx[sel].astype(np.int32)),
+                        pa.array(u[sel]),
+                        pa.array(i[sel]),
+                        pa.array(r[sel].astype(np.float32)),
+                        pa.array(ts[sel]),
+                        pa.array(is_valid[sel]),
+                    ],
+                    schema=_train_schema(),
+                )
             )
-        )
-    if given:  # the given test items are interactions too: never valid negatives
-        valid_sets.observe(dense(users, test_u), dense(items, test_i))
-    train_entry = train_writer.close()
+        if given:  # the given test items are interactions too: never valid negatives
+            valid_sets.observe(dense(users, test_u), dense(items, test_i))
+        train_entry = train_writer.close()
+    finally:
+        train_writer.abort()
     if row_offset != duplicates.rows:
         raise ValueError(
             f"{redact_url(source.url)}: the source changed while it was sharded "
@@ -788,15 +824,15 @@ def _shard_recommendation(
         "valid": (valid_u, valid_i, valid_ts, valid_negs),
         "eval": (test_u, test_i, test_ts, test_negs),
     }.items():
-        writer = ShardWriter(store, split, _holdout_schema(), config, tmp_dir)
         table = holdout_table(u_raw, i_raw, ts, negs)
         if split == "eval":
             pos = table.column("item_idx").to_numpy()
             positives_in_negatives = sum(
                 int(p in set(n)) for p, n in zip(pos.tolist(), table.column("neg_item_idx").to_pylist())
             )
-        writer.write_batch(table)
-        splits[split] = writer.close()
+        with ShardWriter(store, split, _holdout_schema(), config, tmp_dir) as writer:
+            writer.write_batch(table)
+            splits[split] = writer.close()
     eval_items = dense(items, test_i)
     num_train_items = int((train_item_counts > 0).sum())
 
@@ -860,36 +896,40 @@ def split_of(seq_id: str, config: ShardingConfig) -> str:
 def _shard_driving(source: DrivingSource, store: Storage, config: ShardingConfig, tmp_dir: str) -> dict[str, Any]:
     schema = argoverse.sequence_schema()
     writers = {split: ShardWriter(store, split, schema, config, tmp_dir) for split in ("train", "valid", "eval")}
-    buffers: dict[str, list[dict[str, Any]]] = {split: [] for split in writers}
-    rejected: dict[str, int] = {}
-    examples: list[str] = []
-    cities: dict[str, int] = {}
-    tracks = 0
-    done = 0
-    tick = time.monotonic()
-    flush_rows = min(config.row_group_rows, 256)
-    for record in source.open_records():
-        done += 1
-        if isinstance(record, argoverse.SequenceRejected):
-            rejected[record.reason] = rejected.get(record.reason, 0) + 1
-            if len(examples) < 10:
-                examples.append(str(record))
-            continue
-        split = split_of(record["seq_id"], config)
-        buffers[split].append(record)
-        cities[record["city"]] = cities.get(record["city"], 0) + 1
-        tracks += int(record["tracks_xy"].shape[0])
-        if len(buffers[split]) >= flush_rows:
-            writers[split].write_batch(argoverse.records_to_batch(buffers[split]))
-            buffers[split] = []
-        if time.monotonic() - tick > 10:
-            log.info("read %d of %d scenarios", done, source.num_sequences)
-            tick = time.monotonic()
-    splits = {}
-    for split, writer in writers.items():
-        if buffers[split]:
-            writer.write_batch(argoverse.records_to_batch(buffers[split]))
-        splits[split] = writer.close()
+    try:
+        buffers: dict[str, list[dict[str, Any]]] = {split: [] for split in writers}
+        rejected: dict[str, int] = {}
+        examples: list[str] = []
+        cities: dict[str, int] = {}
+        tracks = 0
+        done = 0
+        tick = time.monotonic()
+        flush_rows = min(config.row_group_rows, 256)
+        for record in source.open_records():
+            done += 1
+            if isinstance(record, argoverse.SequenceRejected):
+                rejected[record.reason] = rejected.get(record.reason, 0) + 1
+                if len(examples) < 10:
+                    examples.append(str(record))
+                continue
+            split = split_of(record["seq_id"], config)
+            buffers[split].append(record)
+            cities[record["city"]] = cities.get(record["city"], 0) + 1
+            tracks += int(record["tracks_xy"].shape[0])
+            if len(buffers[split]) >= flush_rows:
+                writers[split].write_batch(argoverse.records_to_batch(buffers[split]))
+                buffers[split] = []
+            if time.monotonic() - tick > 10:
+                log.info("read %d of %d scenarios", done, source.num_sequences)
+                tick = time.monotonic()
+        splits = {}
+        for split, writer in writers.items():
+            if buffers[split]:
+                writer.write_batch(argoverse.records_to_batch(buffers[split]))
+            splits[split] = writer.close()
+    finally:
+        for writer in writers.values():
+            writer.abort()
     kept = sum(entry["num_rows"] for entry in splits.values())
     if kept == 0:
         raise ValueError(f"{redact_url(source.url)}: no usable scenario (rejected: {rejected})")

@@ -21,8 +21,11 @@ How an epoch is laid out (deterministic in ``(seed, epoch)``, independent of the
    batches from its workers; resuming at batch ``start`` keeps that mapping.
 
 Each worker reads through fsspec (:meth:`tasks.manifest.Manifest.open_shard`, which verifies
-size and sha256) with a background thread decoding the next windows ahead
-(``prefetch_windows``) while batches are being consumed.
+size and checksum before anything is decoded; a local shard is memory-mapped, a remote one
+fetched whole) with a background thread decoding the next windows ahead
+(``prefetch_windows``) while batches are being consumed. A window's row groups stay as they
+were decoded; each batch gathers its rows from them straight into the batch's tensors (one
+copy of each row, not a shuffled copy of the window first).
 
 A batch is a dict of tensors, one per column: numbers and booleans as 1-D tensors, lists of
 one length and fixed-size binaries (images) as 2-D tensors (``uint8`` for binaries), lists of
@@ -48,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tasks.manifest import CHECKSUMS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -114,6 +119,9 @@ class ShardLoader(IterableDataset):
         remainder: ``drop`` or ``pad`` (see the module docstring).
         transform: Optional ``transform(batch, info) -> batch``, run where batches are made.
         with_row_index: Add the ``row_index`` column.
+        checksum: How each shard is verified before any of it is used (see
+            :meth:`tasks.manifest.Manifest.read_shard_buffer`): ``auto`` (xxh3-128 where the
+            manifest records it, else sha256), ``xxh3_128`` or ``sha256``.
 
     Raises:
         ValueError: a bad argument (named in the message).
@@ -135,6 +143,7 @@ class ShardLoader(IterableDataset):
         remainder: str = "drop",
         transform: Transform | None = None,
         with_row_index: bool = False,
+        checksum: str = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -145,6 +154,8 @@ class ShardLoader(IterableDataset):
             raise ValueError(f"num_workers must be at least 0, got {num_workers}")
         if prefetch_windows < 1:
             raise ValueError(f"prefetch_windows must be at least 1, got {prefetch_windows}")
+        if checksum not in CHECKSUMS:
+            raise ValueError(f"checksum must be one of {CHECKSUMS}, got {checksum!r}")
         if remainder not in _REMAINDERS:
             raise ValueError(f"remainder must be one of {_REMAINDERS}, got {remainder!r}")
         self.manifest = manifest
@@ -161,6 +172,7 @@ class ShardLoader(IterableDataset):
         self.remainder = remainder
         self.transform = transform
         self.with_row_index = with_row_index
+        self.checksum = checksum
         self._shards = manifest.shards(split)
         units = []
         first = 0
@@ -291,8 +303,8 @@ class ShardLoader(IterableDataset):
                 parts = []
                 valid = []
                 for w, lo, hi, ok in pieces:
-                    table = reader.get(w)
-                    parts.append(table.slice(lo, hi - lo))
+                    window = reader.get(w)
+                    parts.append((window, window.order[lo:hi]))
                     valid.append(np.full(hi - lo, ok))
                 yield self._to_batch(parts, valid, epoch, b)
         finally:
@@ -330,11 +342,10 @@ class ShardLoader(IterableDataset):
             return None
         return np.random.default_rng([self.seed, epoch, 1, window]).permutation(num_rows)
 
-    def _to_batch(self, parts: list[pa.Table], valid: list[np.ndarray], epoch: int, b: int) -> dict[str, Any]:
-        import pyarrow as pa
-
-        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        batch = {name: _column_to_tensor(table.column(name)) for name in table.column_names}
+    def _to_batch(
+        self, parts: list[tuple[_Window, np.ndarray]], valid: list[np.ndarray], epoch: int, b: int
+    ) -> dict[str, Any]:
+        batch = {name: _gather(parts, name) for name in parts[0][0].column_names}
         for name in [k for k in batch if isinstance(batch[k], tuple)]:
             values, offsets = batch.pop(name)
             batch[name] = values
@@ -348,7 +359,7 @@ class ShardLoader(IterableDataset):
         return batch
 
     # reading ------------------------------------------------------------------------------
-    def _read_window(self, epoch: int, w: int, units: list[_Unit], files: _ShardCache) -> pa.Table:
+    def _read_window(self, epoch: int, w: int, units: list[_Unit], files: _ShardCache) -> _Window:
         import pyarrow as pa
 
         tables = []
@@ -358,12 +369,125 @@ class ShardLoader(IterableDataset):
                 table = table.append_column(
                     "row_index", pa.array(np.arange(u.first_row, u.first_row + u.num_rows, dtype=np.int64))
                 )
-            tables.append(table)
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        perm = self._window_permutation(epoch, w, table.num_rows)
-        if perm is not None:
-            table = table.take(pa.array(perm))
-        return table.combine_chunks()
+            tables.append(table.combine_chunks())
+        window = _Window(tables)
+        perm = self._window_permutation(epoch, w, window.num_rows)
+        window.order = perm if perm is not None else np.arange(window.num_rows)
+        return window
+
+
+class _Window:
+    """The decoded row groups of a window, kept as they came from the shards, and the order
+    of their rows in the epoch (``order``: window-relative row numbers).
+
+    Batches are gathered straight from these tables (one copy of each row, into the batch),
+    never from a shuffled copy of the whole window.
+    """
+
+    def __init__(self, tables: list[pa.Table]) -> None:
+        self.tables = tables
+        self.column_names = tables[0].column_names
+        self.starts = np.cumsum([0] + [t.num_rows for t in tables])
+        self.num_rows = int(self.starts[-1])
+        self.order = np.arange(self.num_rows)
+        self._views: dict[str, list[np.ndarray] | None] = {}
+
+    def views(self, name: str) -> list[np.ndarray] | None:
+        """Zero-copy NumPy views of column ``name``, one per row group, when it is plain
+        fixed-width data (numbers without nulls, fixed-size binaries as ``(rows, width)``
+        uint8); ``None`` for anything else (lists, strings, nulls, booleans...)."""
+        if name not in self._views:
+            views = []
+            for table in self.tables:
+                view = _fixed_width_view(table.column(name))
+                if view is None:
+                    views = None
+                    break
+                views.append(view)
+            self._views[name] = views
+        return self._views[name]
+
+    def locate(self, rows: np.ndarray) -> np.ndarray:
+        """The row group of each window-relative row."""
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+
+_POOL_CHOSEN = False
+_WIDE_ROW = 1024  # bytes: rows at least this wide are gathered one by one
+
+
+def use_retaining_arrow_pool() -> None:
+    """Make jemalloc pyarrow's default memory pool in this process, unless the user chose one.
+
+    The loader decodes hundreds of MB a second into new Arrow buffers and frees them a window
+    later. pyarrow's default pool (mimalloc) hands freed pages back to the OS within
+    milliseconds, so every window pays the page faults of fresh memory again; jemalloc keeps
+    freed pages for reuse (10 s decay). Decoding the 20k-image benchmark set took 0.36-1.3 s
+    with mimalloc and 0.12-0.24 s with jemalloc on the 2-core development machine
+    (docs/benchmarks.md). Buffers already allocated keep their own pool; setting
+    ``ARROW_DEFAULT_MEMORY_POOL`` (e.g. ``mimalloc``) leaves pyarrow's choice alone.
+    """
+    global _POOL_CHOSEN
+    if _POOL_CHOSEN:
+        return
+    _POOL_CHOSEN = True
+    import os
+
+    import pyarrow as pa
+
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL") or "jemalloc" not in pa.supported_memory_backends():
+        return
+    pa.set_memory_pool(pa.jemalloc_memory_pool())
+
+
+def _fixed_width_view(column) -> np.ndarray | None:
+    import pyarrow as pa
+
+    arr = column.chunk(0) if column.num_chunks == 1 else None
+    if arr is None or arr.null_count:
+        return None
+    typ = arr.type
+    if pa.types.is_fixed_size_binary(typ):
+        width = typ.byte_width
+        data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
+        return data.reshape(len(arr), width)
+    if pa.types.is_integer(typ) or pa.types.is_floating(typ):
+        return arr.to_numpy(zero_copy_only=True)
+    return None
+
+
+def _gather(parts: list[tuple[_Window, np.ndarray]], name: str) -> Any:
+    """Column ``name`` of a batch: ``rows`` of each window in turn, as a tensor (or what
+    :func:`_column_to_tensor` makes of the column's type)."""
+    views = [window.views(name) for window, _ in parts]
+    if all(v is not None for v in views):
+        first = views[0][0]
+        total = sum(len(rows) for _, rows in parts)
+        out = np.empty((total, *first.shape[1:]), dtype=first.dtype)
+        pos = 0
+        for (window, rows), chunks in zip(parts, views, strict=True):
+            n = len(rows)
+            if len(chunks) == 1:
+                np.take(chunks[0], rows, axis=0, out=out[pos : pos + n])
+            elif first[0].nbytes >= _WIDE_ROW:  # images: one copy a row, straight into the batch
+                where = window.locate(rows)
+                local = rows - window.starts[where]
+                for i, (c, r) in enumerate(zip(where.tolist(), local.tolist(), strict=True)):
+                    out[pos + i] = chunks[c][r]
+            else:  # narrow rows: vectorised per row group (a temporary copy is cheaper than a loop)
+                where = window.locate(rows)
+                for c in np.unique(where):
+                    sel = np.flatnonzero(where == c)
+                    out[pos + sel] = chunks[c][rows[sel] - window.starts[c]]
+            pos += n
+        return torch.from_numpy(out)
+    import pyarrow as pa
+
+    pieces = []
+    for window, rows in parts:
+        column = pa.chunked_array([t.column(name) for t in window.tables])
+        pieces.extend(column.take(pa.array(rows)).chunks)
+    return _column_to_tensor(pa.chunked_array(pieces, type=parts[0][0].tables[0].schema.field(name).type))
 
 
 class _ShardCache:
@@ -378,7 +502,7 @@ class _ShardCache:
         if shard in self.files:
             self.files.move_to_end(shard)
             return self.files[shard]
-        pf = self.loader.manifest.open_shard(self.loader._shards[shard])
+        pf = self.loader.manifest.open_shard(self.loader._shards[shard], self.loader.checksum)
         self.files[shard] = pf
         while len(self.files) > self.capacity:
             self.files.popitem(last=False)
@@ -391,6 +515,7 @@ class _WindowReader:
     _DONE = object()
 
     def __init__(self, loader: ShardLoader, epoch: int, windows: list[list[_Unit]], needed: list[int]) -> None:
+        use_retaining_arrow_pool()
         self.loader = loader
         self.windows = windows
         self.queue: queue.Queue = queue.Queue(maxsize=loader.prefetch_windows)

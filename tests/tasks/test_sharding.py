@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.manifest import MANIFEST_NAME, ManifestError, ShardVerificationError, load_manifest
+from tasks.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardVerificationError, load_manifest
 from tasks.settings import get_settings
 from tasks.sharding import ShardingConfig, ShardWriter, shard_dataset, split_of
 from tasks.storage import Storage
@@ -124,8 +124,23 @@ def test_corrupt_or_missing_shard_fails_with_its_name(tf_env):
     data = bytearray(manifest.storage.read_bytes(shard.path))
     data[len(data) // 2] ^= 0xFF
     manifest.storage.write_bytes(shard.path, bytes(data))
-    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet.*sha256.*corrupt"):
+    # Every read verifies the fast checksum; the cryptographic one on request.
+    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet: xxh3_128 .*corrupt"):
         manifest.read_table("train")
+    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet: sha256 .*corrupt"):
+        manifest.read_shard_buffer(shard, checksum="sha256")
+    # A manifest written before xxh3_128 existed is verified with sha256.
+    legacy = Manifest(json.loads(json.dumps(manifest.data)), manifest.storage)
+    for entry in legacy.data["splits"]["train"]["shards"]:
+        del entry["xxh3_128"]
+    assert legacy.shards("train")[1].xxh3_128 is None
+    with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet: sha256 .*corrupt"):
+        legacy.read_table("train")
+    with pytest.raises(ShardVerificationError, match=r"records no xxh3_128"):
+        legacy.read_shard_buffer(first := legacy.shards("train")[0], checksum="xxh3_128")
+    assert legacy.open_shard(first).metadata.num_rows > 0
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        manifest.read_shard_buffer(first, checksum="md5")
     manifest.storage.write_bytes(shard.path, bytes(data[:-10]))
     with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet.*size"):
         list(manifest.iter_batches("train"))
@@ -134,6 +149,26 @@ def test_corrupt_or_missing_shard_fails_with_its_name(tf_env):
         manifest.read_table("train")
     # Intact shards still read.
     assert manifest.open_shard(manifest.shards("train")[0]).metadata.num_rows > 0
+
+
+def test_manifest_digests_are_those_of_the_stored_bytes(tf_env):
+    """The writer hashes each shard on a background thread while the next is encoded: the
+    digests it records must be those of the bytes that ended up in the store."""
+    import hashlib
+
+    import xxhash
+
+    manifest = load_manifest(shard_dataset(SYN_REC, "recommendation", config=SMALL)["manifest_uri"])
+    shards = [s for split in manifest.splits for s in manifest.shards(split)]
+    assert len(shards) > 3
+    for shard in shards:
+        data = manifest.storage.read_bytes(shard.path)
+        assert len(data) == shard.num_bytes
+        assert hashlib.sha256(data).hexdigest() == shard.sha256
+        assert xxhash.xxh3_128_hexdigest(data) == shard.xxh3_128
+    assert [s.path for s in manifest.shards("train")] == [
+        f"train/part-{k:05d}.parquet" for k in range(len(manifest.shards("train")))
+    ]
 
 
 def test_sharding_to_s3_and_local_give_the_same_shards(storage_root, tmp_path):

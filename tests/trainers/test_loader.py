@@ -169,6 +169,49 @@ def test_fixed_size_binary_columns_become_uint8_rows(tmp_path):
                       Storage((tmp_path / "bad" / "v1").as_uri()), name="bad", kind="images")
 
 
+@pytest.mark.parametrize("width", [12, 3000])
+def test_batches_gather_every_column_type_from_multi_row_group_windows(tmp_path, width):
+    """Batches are gathered straight from a window's row groups: wide rows one by one, narrow
+    fixed-width columns vectorised, anything else (strings, lists, nulls) through Arrow. Every
+    value must be the one of its row, whatever row group of the window it came from."""
+    import pyarrow as pa
+
+    from tasks.sharding import ShardingConfig, shard_batches
+    from tasks.storage import Storage
+
+    n = 300
+    ids = np.arange(n)
+    images = (ids[:, None] * 7 + np.arange(width)[None, :]).astype(np.uint8)
+    schema = pa.schema([("id", pa.int64()), ("image", pa.binary(width)), ("score", pa.float32()),
+                        ("maybe", pa.int32()), ("name", pa.string()), ("track", pa.list_(pa.float32()))])
+    batch = pa.RecordBatch.from_arrays([
+        pa.array(ids),
+        pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(images.tobytes())]),
+        pa.array(ids / 2, pa.float32()),
+        pa.array([None if i % 7 == 0 else i for i in ids], pa.int32()),
+        pa.array([f"row-{i}" for i in ids]),
+        pa.array([[float(i)] * (i % 3 + 1) for i in ids], pa.list_(pa.float32())),
+    ], schema=schema)
+    store = Storage((tmp_path / "mixed" / "v1").as_uri())
+    config = ShardingConfig(row_group_rows=16, target_shard_bytes=8 * width * 16, compression="none")
+    manifest = shard_batches([batch], schema, store, name="mixed", kind="mixed", config=config)
+    assert len(manifest.shards("train")) > 2
+    seen = []
+    for b in ShardLoader(manifest, "train", 10, seed=3, window_row_groups=3, remainder="pad"):
+        got = b["id"].numpy()
+        seen.extend(got[b["sample_mask"].numpy()].tolist())
+        assert b["image"].shape == (10, width)
+        assert torch.equal(b["image"], torch.from_numpy(images[got]))
+        assert torch.equal(b["score"], torch.from_numpy((got / 2).astype(np.float32)))
+        maybe = b["maybe"].numpy()
+        assert all(np.isnan(m) if i % 7 == 0 else m == i for i, m in zip(got, maybe))
+        assert b["name"] == [f"row-{i}" for i in got]
+        offsets = b["track_offsets"].numpy()
+        assert np.diff(offsets).tolist() == [i % 3 + 1 for i in got]
+        assert b["track"].numpy().tolist() == [float(i) for i in got for _ in range(i % 3 + 1)]
+    assert sorted(seen) == ids.tolist()
+
+
 def test_workers_read_shards_from_s3(s3_env):
     """DataLoader workers are forked: the parent's s3fs filesystem (and its event loop) cannot be
     used there, so each worker must open its own and read the same rows as in-process loading."""
