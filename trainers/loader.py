@@ -304,7 +304,7 @@ class ShardLoader(IterableDataset):
                 valid = []
                 for w, lo, hi, ok in pieces:
                     window = reader.get(w)
-                    parts.append((window, window.order[lo:hi]))
+                    parts.append((window, lo, hi))
                     valid.append(np.full(hi - lo, ok))
                 yield self._to_batch(parts, valid, epoch, b)
         finally:
@@ -343,7 +343,7 @@ class ShardLoader(IterableDataset):
         return np.random.default_rng([self.seed, epoch, 1, window]).permutation(num_rows)
 
     def _to_batch(
-        self, parts: list[tuple[_Window, np.ndarray]], valid: list[np.ndarray], epoch: int, b: int
+        self, parts: list[tuple[_Window, int, int]], valid: list[np.ndarray], epoch: int, b: int
     ) -> dict[str, Any]:
         batch = {name: _gather(parts, name) for name in parts[0][0].column_names}
         for name in [k for k in batch if isinstance(batch[k], tuple)]:
@@ -391,6 +391,7 @@ class _Window:
         self.num_rows = int(self.starts[-1])
         self.order = np.arange(self.num_rows)
         self._views: dict[str, list[np.ndarray] | None] = {}
+        self._permuted: dict[str, np.ndarray] = {}
 
     def views(self, name: str) -> list[np.ndarray] | None:
         """Zero-copy NumPy views of column ``name``, one per row group, when it is plain
@@ -411,9 +412,18 @@ class _Window:
         """The row group of each window-relative row."""
         return np.searchsorted(self.starts, rows, side="right") - 1
 
+    def permuted(self, name: str) -> np.ndarray:
+        """A narrow fixed-width column of the whole window in epoch order (made once, on first
+        use: one vectorised gather per window instead of one per batch)."""
+        if name not in self._permuted:
+            chunks = self.views(name)
+            whole = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            self._permuted[name] = np.take(whole, self.order, axis=0)
+        return self._permuted[name]
+
 
 _POOL_CHOSEN = False
-_WIDE_ROW = 1024  # bytes: rows at least this wide are gathered one by one
+_WIDE_ROW = 1024  # bytes: rows at least this wide are gathered one by one, straight into the batch
 
 
 def use_retaining_arrow_pool() -> None:
@@ -456,37 +466,35 @@ def _fixed_width_view(column) -> np.ndarray | None:
     return None
 
 
-def _gather(parts: list[tuple[_Window, np.ndarray]], name: str) -> Any:
-    """Column ``name`` of a batch: ``rows`` of each window in turn, as a tensor (or what
-    :func:`_column_to_tensor` makes of the column's type)."""
-    views = [window.views(name) for window, _ in parts]
+def _gather(parts: list[tuple[_Window, int, int]], name: str) -> Any:
+    """Column ``name`` of a batch: the rows ``[lo, hi)`` of each window's epoch order in turn,
+    as a tensor (or what :func:`_column_to_tensor` makes of the column's type)."""
+    views = [window.views(name) for window, _, _ in parts]
     if all(v is not None for v in views):
         first = views[0][0]
-        total = sum(len(rows) for _, rows in parts)
+        if first[0].nbytes < _WIDE_ROW:  # numbers: slices of the window's permuted column
+            pieces = [window.permuted(name)[lo:hi] for window, lo, hi in parts]
+            return torch.from_numpy(pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces))
+        total = sum(hi - lo for _, lo, hi in parts)
         out = np.empty((total, *first.shape[1:]), dtype=first.dtype)
         pos = 0
-        for (window, rows), chunks in zip(parts, views, strict=True):
-            n = len(rows)
+        for (window, lo, hi), chunks in zip(parts, views, strict=True):  # images: one copy a row
+            rows = window.order[lo:hi]
             if len(chunks) == 1:
-                np.take(chunks[0], rows, axis=0, out=out[pos : pos + n])
-            elif first[0].nbytes >= _WIDE_ROW:  # images: one copy a row, straight into the batch
+                np.take(chunks[0], rows, axis=0, out=out[pos : pos + len(rows)])
+            else:
                 where = window.locate(rows)
                 local = rows - window.starts[where]
                 for i, (c, r) in enumerate(zip(where.tolist(), local.tolist(), strict=True)):
                     out[pos + i] = chunks[c][r]
-            else:  # narrow rows: vectorised per row group (a temporary copy is cheaper than a loop)
-                where = window.locate(rows)
-                for c in np.unique(where):
-                    sel = np.flatnonzero(where == c)
-                    out[pos + sel] = chunks[c][rows[sel] - window.starts[c]]
-            pos += n
+            pos += len(rows)
         return torch.from_numpy(out)
     import pyarrow as pa
 
     pieces = []
-    for window, rows in parts:
+    for window, lo, hi in parts:
         column = pa.chunked_array([t.column(name) for t in window.tables])
-        pieces.extend(column.take(pa.array(rows)).chunks)
+        pieces.extend(column.take(pa.array(window.order[lo:hi])).chunks)
     return _column_to_tensor(pa.chunked_array(pieces, type=parts[0][0].tables[0].schema.field(name).type))
 
 
