@@ -12,7 +12,9 @@ VARIANT (NeuMF on a committed recommendation dataset, one epoch, 1 torch thread 
 - ``trainer_family``: the Trainer with the family's real data path (``train_batches``: the
   in-memory split, sampling negatives per batch).
 - ``hand_shardloader``: the hand-written loop fed by :class:`trainers.loader.ShardLoader`
-  (shards read and verified, negatives sampled in the loader's ``transform``).
+  (shards read and verified, negatives sampled in the loader's ``transform``), in process.
+- ``hand_shardloader_nw1``: the same with one DataLoader worker process making the batches
+  while the training process trains.
 
 Prints ``{"samples_per_s", "samples", "seconds"}``: training time only (the Trainer's epoch
 time, which leaves out the valid evaluation and the checkpoint after it).
@@ -77,14 +79,14 @@ def run(variant: str, manifest_uri: str, batch: int, run_dir: str | None) -> dic
 
     manifest = load_manifest(manifest_uri)
     config = family_config()
-    if variant in ("hand_memory", "hand_shardloader"):
+    if variant in ("hand_memory", "hand_shardloader", "hand_shardloader_nw1"):
         world = World()
         family = RecommendationFamily(config, manifest, world)
         model = family.build_model()
         if variant == "hand_memory":
             batches = list(family.train_batches(0, batch))
         else:
-            batches = shardloader_batches(family, manifest, batch)
+            batches = shardloader_batches(family, manifest, batch, workers=1 if variant.endswith("_nw1") else 0)
         samples, seconds = hand_loop(model, batches, 1e-3, batch)
         return {"samples_per_s": samples / seconds, "samples": samples, "seconds": seconds}
     from trainers.config import TrainConfig
@@ -104,7 +106,7 @@ def run(variant: str, manifest_uri: str, batch: int, run_dir: str | None) -> dic
             "world_size": result["world_size"]}
 
 
-def shardloader_batches(family: RecommendationFamily, manifest, batch: int):
+def shardloader_batches(family: RecommendationFamily, manifest, batch: int, workers: int = 0):
     """The train split through ShardLoader, negatives sampled in the loader's transform."""
     from trainers.loader import ShardLoader
     from trainers.recommendation.data import sample_negatives
@@ -118,14 +120,16 @@ def shardloader_batches(family: RecommendationFamily, manifest, batch: int):
         items = np.concatenate([b["item_idx"].numpy().astype(np.int64)[:, None], negatives], axis=1)
         return {"users": torch.from_numpy(users), "items": torch.from_numpy(items)}
 
-    return ShardLoader(manifest, "train", batch, columns=["user_idx", "item_idx"], transform=transform)
+    return ShardLoader(manifest, "train", batch, columns=["user_idx", "item_idx"], transform=transform,
+                       num_workers=workers)
 
 
 def main() -> None:
     from benchmarks.common import pin_threads
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("variant", choices=["hand_memory", "trainer_memory", "trainer_family", "hand_shardloader"])
+    parser.add_argument("variant", choices=["hand_memory", "trainer_memory", "trainer_family", "hand_shardloader",
+                                            "hand_shardloader_nw1"])
     parser.add_argument("manifest_uri")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--run-dir")

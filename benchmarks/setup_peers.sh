@@ -27,5 +27,6 @@ make_env() {  # make_env DIR PACKAGES...
 # streaming.vision (it needs only MDSWriter/StreamingDataset).
 make_env "$HERE/.venv-peers" "torchvision==0.28.0" "mosaicml-streaming==0.13.0" "webdataset==1.0.2" \
   "pyarrow" "psutil" "boto3" "py-spy" "pyinstrument"
-make_env "$HERE/.venv-peers-hf" "datasets" "pyarrow" "psutil"
+# s3fs (and boto3 for the shared S3 helpers): save_to_disk/load_from_disk on s3:// URLs
+make_env "$HERE/.venv-peers-hf" "datasets" "pyarrow" "psutil" "s3fs" "boto3"
 echo "[setup_peers] ready: $HERE/.venv-peers $HERE/.venv-peers-hf"

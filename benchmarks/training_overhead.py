@@ -10,6 +10,7 @@ the medians are compared (``benchmarks/_train_io.py`` has the variants):
   (negatives sampled per batch) vs pre-built batches.
 - ``hand_shardloader`` vs ``hand_memory``: batches streamed by ShardLoader from the shards
   (verified, negatives sampled in its transform) vs pre-built: is the loader the bottleneck?
+  ``hand_shardloader_nw1``: the same with one DataLoader worker making the batches alongside.
 
     python -m benchmarks.training_overhead          # 300k interactions, 5 rounds
     python -m benchmarks.training_overhead --quick  # 20k interactions, 1 round
@@ -23,11 +24,12 @@ import sys
 from benchmarks._recdata import manifest_uri
 from benchmarks.common import emit, interleave, machine, median, run_json, spread
 
-VARIANTS = ["hand_memory", "trainer_memory", "trainer_family", "hand_shardloader"]
+VARIANTS = ["hand_memory", "trainer_memory", "trainer_family", "hand_shardloader", "hand_shardloader_nw1"]
 PAIRS = [  # (name, measured, baseline)
     ("training_trainer_vs_hand_loop", "trainer_memory", "hand_memory"),
     ("training_trainer_real_data_vs_memory", "trainer_family", "trainer_memory"),
     ("training_shardloader_vs_memory", "hand_shardloader", "hand_memory"),
+    ("training_shardloader_nw1_vs_memory", "hand_shardloader_nw1", "hand_memory"),
 ]
 
 

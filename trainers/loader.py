@@ -41,6 +41,7 @@ per-batch randomness (negative sampling) is reproducible across resumes and work
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -499,22 +500,56 @@ def _gather(parts: list[tuple[_Window, int, int]], name: str) -> Any:
 
 
 class _ShardCache:
-    """The last few verified shards of one reader (the epoch order is shard by shard)."""
+    """The last few verified shards of one reader (the epoch order is shard by shard).
 
-    def __init__(self, loader: ShardLoader, capacity: int = 2) -> None:
+    From a remote store (S3) the next shard of the epoch is fetched and verified on a
+    background thread while the current one is decoded, so the network and the decoding
+    overlap; a local shard is memory-mapped, which costs nothing to open.
+    """
+
+    def __init__(self, loader: ShardLoader, order: list[int] | None = None, capacity: int = 2) -> None:
         self.loader = loader
         self.capacity = capacity
         self.files: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.order = order or []
+        self._fetching: dict[int, concurrent.futures.Future] = {}
+        self._pool = None
+        if self.order and loader.manifest.storage.protocol != "file":
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
+
+    def _open(self, shard: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        future = self._fetching.pop(shard, None)
+        if future is None:
+            return self.loader.manifest.open_shard(self.loader._shards[shard], self.loader.checksum)
+        data = future.result()  # raises the fetch's ShardVerificationError / StorageError
+        return pq.ParquetFile(pa.BufferReader(data))
 
     def get(self, shard: int):
         if shard in self.files:
             self.files.move_to_end(shard)
             return self.files[shard]
-        pf = self.loader.manifest.open_shard(self.loader._shards[shard], self.loader.checksum)
+        pf = self._open(shard)
         self.files[shard] = pf
         while len(self.files) > self.capacity:
             self.files.popitem(last=False)
+        if self._pool is not None:  # fetch the next shard of the epoch while this one is decoded
+            later = self.order[self.order.index(shard) + 1 :] if shard in self.order else []
+            nxt = next((s for s in later if s not in self.files), None)
+            if nxt is not None and nxt not in self._fetching:
+                info = self.loader._shards[nxt]
+                self._fetching[nxt] = self._pool.submit(self.loader.manifest.read_shard_buffer, info, self.loader.checksum)
         return pf
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._fetching.values():
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._fetching.clear()
 
 
 class _WindowReader:
@@ -533,7 +568,12 @@ class _WindowReader:
         self.thread.start()
 
     def _run(self, epoch: int, needed: list[int]) -> None:
-        files = _ShardCache(self.loader)
+        order: list[int] = []  # the shards in the order the windows use them
+        for w in needed:
+            for u in self.windows[w]:
+                if not order or order[-1] != u.shard:
+                    order.append(u.shard)
+        files = _ShardCache(self.loader, order)
         try:
             for w in needed:
                 if self.stop.is_set():
@@ -547,6 +587,8 @@ class _WindowReader:
                         continue
         except BaseException as exc:  # handed to the consumer, which raises it
             self.queue.put((-1, exc))
+        finally:
+            files.close()
 
     def get(self, w: int):
         if self.current is None or self.current[0] != w:

@@ -15,8 +15,9 @@ local moto server in the benchmarks): ``parquet`` writes through pyarrow's own S
 ``webdataset`` writes its tar shards locally and uploads each as it is closed (ShardWriter's
 ``post`` hook) and reads them as streamed GETs (a ``s3`` gopen handler over
 boto3), ``mds`` writes with ``MDSWriter(out=(local, remote))`` (uploads as shards close) and
-reads with ``StreamingDataset(remote=...)`` into a fresh local cache. ``hf`` needs s3fs, which
-its virtualenv does not have: it refuses S3.
+reads with ``StreamingDataset(remote=...)`` into a fresh local cache. ``hf`` goes through
+fsspec/s3fs (``storage_options`` with the endpoint): ``save_to_disk`` to S3, and
+``load_from_disk`` from S3, which downloads into a fresh local folder and maps it.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def _arrow_s3():
                              region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
+def _hf_storage_options() -> dict:
+    return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]},
+            "key": os.environ["AWS_ACCESS_KEY_ID"], "secret": os.environ["AWS_SECRET_ACCESS_KEY"]}
+
+
 def _import_streaming():
     sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
     import streaming
@@ -132,8 +138,6 @@ def write(lib: str, source: str, out: str, layout: str, block: int) -> dict:
     cols = _columns(table)
     remote = out.startswith("s3://")
     if remote:
-        if lib == "hf":
-            raise SystemExit("hf: writing to S3 needs s3fs, which the HF benchmark virtualenv does not have")
         staging = tempfile.mkdtemp(prefix=f"bench-{lib}-")  # WebDataset/MDS write shards here first
         _dir_bytes(out)  # warms the S3 client outside the timed part
     else:
@@ -154,7 +158,8 @@ def write(lib: str, source: str, out: str, layout: str, block: int) -> dict:
         import datasets
 
         datasets.disable_progress_bars()
-        datasets.Dataset(table).save_to_disk(out)
+        # to S3 through fsspec/s3fs (storage_options name moto's endpoint), as HF documents it
+        datasets.Dataset(table).save_to_disk(out, storage_options=_hf_storage_options() if remote else None)
     elif lib in ("webdataset", "mds"):
         if layout == "row":
             samples = ({name: (v[i].tobytes() if kind == "bytes" else v[i:i + 1].tobytes()) for name, (v, kind) in cols.items()}
@@ -229,8 +234,6 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
 
     remote = out.startswith("s3://")
     if remote:
-        if lib == "hf":
-            raise SystemExit("hf: reading from S3 needs s3fs, which the HF benchmark virtualenv does not have")
         bucket, prefix = _split(out)
         meta = json.loads(_s3().get_object(Bucket=bucket, Key=f"{prefix}/_bench.json")["Body"].read())
         cache = tempfile.mkdtemp(prefix=f"bench-{lib}-cache-")  # MDS: a fresh local cache every epoch
@@ -278,7 +281,8 @@ def read(lib: str, out: str, batch: int, workers: int, seed: int = 0) -> dict:
         import pyarrow as pa
 
         datasets.disable_progress_bars()
-        ds = datasets.load_from_disk(out).with_format("arrow")
+        # from S3, load_from_disk downloads the dataset into a fresh local folder, then maps it
+        ds = datasets.load_from_disk(out, storage_options=_hf_storage_options() if remote else None).with_format("arrow")
         order = np.random.default_rng(seed).permutation(n)
         widths = {k: m["width"] for k, m in meta["columns"].items()}
 
