@@ -3,8 +3,9 @@
 How an epoch is laid out (deterministic in ``(seed, epoch)``, independent of the world size):
 
 1. *Order.* Shards are shuffled, then the row groups inside each shard, giving a sequence of
-   row groups. Consecutive row groups form *windows* of ``window_row_groups``; the rows of a
-   window are shuffled together. Reading the rows in this order gives the epoch's *sequence*
+   row groups. Consecutive row groups form *windows* of ``window_row_groups``, cut short where
+   the next row group would take a window past ``window_bytes`` (a window always holds at
+   least one row group); the rows of a window are shuffled together. Reading the rows in this order gives the epoch's *sequence*
    of ``N`` rows (``shuffle=False`` keeps the manifest's order).
 2. *Global batches.* The sequence is cut into global batches of ``world_size * batch_size``
    rows; global batch ``b`` gives rank ``r`` the rows ``[b*G + r*B, b*G + (r+1)*B)``. Every
@@ -95,6 +96,7 @@ class _Unit:
     row_group: int
     num_rows: int
     first_row: int  # index of the unit's first row in the split, manifest order
+    num_bytes: int = 0  # estimated from the shard's bytes per row
 
 
 class ShardLoader(IterableDataset):
@@ -115,6 +117,9 @@ class ShardLoader(IterableDataset):
         seed: Shuffle seed.
         shuffle: Shuffle row groups and rows within windows.
         window_row_groups: Row groups whose rows are shuffled together.
+        window_bytes: Cap on a window's size, estimated from the shard's bytes per row (whole
+            rows, whatever ``columns`` selects), so wide rows (images) do not hold
+            ``prefetch_windows + 2`` windows of hundreds of MB in memory. ``None``: no cap.
         num_workers: DataLoader worker processes (0: make batches in this process).
         prefetch_windows: Windows decoded ahead by the background thread.
         remainder: ``drop`` or ``pad`` (see the module docstring).
@@ -139,6 +144,7 @@ class ShardLoader(IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         window_row_groups: int = 4,
+        window_bytes: int | None = 64 << 20,
         num_workers: int = 0,
         prefetch_windows: int = 2,
         remainder: str = "drop",
@@ -151,6 +157,8 @@ class ShardLoader(IterableDataset):
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if window_row_groups < 1:
             raise ValueError(f"window_row_groups must be at least 1, got {window_row_groups}")
+        if window_bytes is not None and window_bytes < 1:
+            raise ValueError(f"window_bytes must be at least 1 (or None), got {window_bytes}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {num_workers}")
         if prefetch_windows < 1:
@@ -168,6 +176,7 @@ class ShardLoader(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.window_row_groups = window_row_groups
+        self.window_bytes = window_bytes
         self.num_workers = num_workers
         self.prefetch_windows = prefetch_windows
         self.remainder = remainder
@@ -178,9 +187,10 @@ class ShardLoader(IterableDataset):
         units = []
         first = 0
         for s, shard in enumerate(self._shards):
+            row_bytes = shard.num_bytes / max(1, shard.num_rows)
             for g, rows in enumerate(shard.row_groups):
                 if rows:
-                    units.append(_Unit(s, g, rows, first))
+                    units.append(_Unit(s, g, rows, first, int(rows * row_bytes)))
                 first += rows
         self._units = units
         self.num_rows = first
@@ -285,7 +295,7 @@ class ShardLoader(IterableDataset):
         if not indices:
             return
         units = self._epoch_units(epoch)
-        windows = [units[i : i + self.window_row_groups] for i in range(0, len(units), self.window_row_groups)]
+        windows = self._windows(units)
         window_starts = np.cumsum([0] + [sum(u.num_rows for u in w) for w in windows])
         g, b_rows = self.global_batch_rows, self.batch_size
         # Each batch is one or more (window, lo, hi, valid) pieces of the epoch's sequence.
@@ -310,6 +320,22 @@ class ShardLoader(IterableDataset):
                 yield self._to_batch(parts, valid, epoch, b)
         finally:
             reader.close()
+
+    def _windows(self, units: list[_Unit]) -> list[list[_Unit]]:
+        """Consecutive units, ``window_row_groups`` at most and ``window_bytes`` at most."""
+        windows: list[list[_Unit]] = []
+        size = 0
+        for u in units:
+            full = windows and (
+                len(windows[-1]) >= self.window_row_groups
+                or (self.window_bytes is not None and size + u.num_bytes > self.window_bytes)
+            )
+            if not windows or full:
+                windows.append([])
+                size = 0
+            windows[-1].append(u)
+            size += u.num_bytes
+        return windows
 
     def _pieces(self, lo: int, hi: int, window_starts: np.ndarray) -> list[tuple[int, int, int, bool]]:
         n = self.num_rows

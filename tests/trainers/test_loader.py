@@ -212,6 +212,38 @@ def test_batches_gather_every_column_type_from_multi_row_group_windows(tmp_path,
     assert sorted(seen) == ids.tolist()
 
 
+def test_window_bytes_caps_windows_of_wide_rows(tmp_path):
+    import pyarrow as pa
+
+    from tasks.sharding import ShardingConfig, shard_batches
+    from tasks.storage import Storage
+
+    n, width = 200, 4000
+    schema = pa.schema([("id", pa.int64()), ("image", pa.binary(width))])
+    images = np.zeros((n, width), np.uint8)
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(np.arange(n)), pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(images)])],
+        schema=schema,
+    )
+    config = ShardingConfig(row_group_rows=20, target_shard_bytes=200_000, compression="none")
+    manifest = shard_batches([batch], schema, Storage((tmp_path / "wide" / "v1").as_uri()), name="wide", kind="wide",
+                             config=config)
+    # a row group is ~80 kB: a 100 kB cap leaves one per window, no cap leaves window_row_groups
+    capped = ShardLoader(manifest, "train", 8, seed=2, window_row_groups=4, window_bytes=100_000)
+    assert [len(w) for w in capped._windows(capped._epoch_units(0))] == [1] * 10
+    uncapped = ShardLoader(manifest, "train", 8, seed=2, window_row_groups=4, window_bytes=None)
+    assert [len(w) for w in uncapped._windows(uncapped._epoch_units(0))] == [4, 4, 2]
+    for loader in (capped, uncapped):
+        seen = [i for b in loader for i in b["id"].tolist()]
+        assert sorted(seen) == list(range(n))
+    # capped: every window's 20 rows stay together, so each batch of 8 holds rows of at most
+    # two consecutive row groups of the epoch order
+    first = next(iter(capped))["id"].numpy()
+    assert len({int(i) // 20 for i in first}) <= 2
+    with pytest.raises(ValueError, match="window_bytes"):
+        ShardLoader(manifest, "train", 8, window_bytes=0)
+
+
 def test_workers_read_shards_from_s3(s3_env):
     """DataLoader workers are forked: the parent's s3fs filesystem (and its event loop) cannot be
     used there, so each worker must open its own and read the same rows as in-process loading."""
