@@ -260,3 +260,20 @@ def test_workers_read_shards_from_s3(s3_env):
     in_process = _rows(_loader(manifest, num_workers=0))
     with_workers = _rows(_loader(manifest, num_workers=2))
     assert with_workers == in_process and len(in_process) == manifest.num_rows("train") // 32
+
+
+def test_no_decoding_thread_outlives_the_iteration(toy_manifest):
+    """The prefetch thread is joined when an epoch ends or the consumer stops early: a daemon
+    thread still inside pyarrow at interpreter exit aborts the process (seen as exit code 134)."""
+    import threading
+
+    def prefetchers():
+        return [t for t in threading.enumerate() if t.name in ("shard-prefetch", "shard-fetch")]
+
+    assert sum(1 for _ in _loader(toy_manifest, prefetch_windows=1)) > 2
+    assert prefetchers() == []
+    loader = _loader(toy_manifest, prefetch_windows=1)
+    iterator = iter(loader)
+    next(iterator)
+    iterator.close()  # the consumer stops after one batch (break, exception, ...)
+    assert prefetchers() == []
