@@ -180,7 +180,9 @@ class Manifest:
         """The verified content of ``shard`` as an Arrow buffer.
 
         A shard in a local store is memory-mapped (the page cache is read in place, nothing is
-        copied; shards are immutable once committed); anywhere else it is fetched whole.
+        copied; shards are immutable once committed); from a remote store it is fetched whole,
+        through the node's shard cache when the settings enable it (:mod:`tasks.shardcache`:
+        one download per node, then memory-mapped from local disk, verified on every read).
 
         Args:
             shard: The shard, as the manifest lists it.
@@ -206,9 +208,25 @@ class Manifest:
                         raise FileNotFoundError(url) from exc
                     raise
             else:
+                settings = self.storage.settings
+                if settings.shard_cache_bytes and settings.shard_cache_dir is not None:
+                    from tasks.shardcache import ShardFileCache
+
+                    cache = ShardFileCache(settings.shard_cache_dir, settings.shard_cache_bytes)
+                    return cache.get(
+                        shard.sha256,
+                        shard.num_bytes,
+                        fetch=lambda: self._verify(shard, checksum, pa.py_buffer(self.storage.read_bytes(shard.path))),
+                        verify=lambda data: self._verify(shard, checksum, data, where=f"cached copy of {url}"),
+                    )
                 data = pa.py_buffer(self.storage.read_bytes(shard.path))
         except FileNotFoundError:
             raise ShardVerificationError(url, "missing (listed in the manifest, not in the store)") from None
+        return self._verify(shard, checksum, data)
+
+    def _verify(self, shard: ShardInfo, checksum: str, data: pa.Buffer, where: str | None = None) -> pa.Buffer:
+        """``data`` if its size and checksum are the manifest's, else ShardVerificationError."""
+        url = where or redact_url(self.storage.url(shard.path))
         if data.size != shard.num_bytes:
             raise ShardVerificationError(
                 url, f"size {data.size} bytes, manifest says {shard.num_bytes}: corrupt or truncated"

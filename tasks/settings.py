@@ -108,6 +108,10 @@ class Settings:
         s3: How to reach S3 when ``storage_root`` or a source URL is ``s3://``.
         mlflow_artifact_root: Artifact location of the experiments trainflow creates;
             ``None`` lets an MLflow server choose (its ``--default-artifact-root``).
+        shard_cache_dir: Node-local cache of shards read from a remote store
+            (:mod:`tasks.shardcache`).
+        shard_cache_bytes: Most bytes that cache holds (least recently used evicted first);
+            ``0`` turns it off.
     """
 
     data_dir: Path
@@ -117,6 +121,8 @@ class Settings:
     shared_data_dir: Path
     s3: S3Config = dataclasses.field(default_factory=S3Config)
     mlflow_artifact_root: str | None = None
+    shard_cache_dir: Path | None = None
+    shard_cache_bytes: int = 20 << 30
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -140,6 +146,9 @@ class Settings:
             read_timeout=_positive_float(env, "TRAINFLOW_S3_READ_TIMEOUT", 60.0),
             operation_timeout=_positive_float(env, "TRAINFLOW_S3_OPERATION_TIMEOUT", 900.0),
         )
+        cache_bytes = _positive_int(env, "TRAINFLOW_SHARD_CACHE_BYTES", 20 << 30) if env.get(
+            "TRAINFLOW_SHARD_CACHE_BYTES"
+        ) not in ("0",) else 0
         artifact_root = env.get("TRAINFLOW_MLFLOW_ARTIFACT_ROOT") or None
         if artifact_root is None and not tracking.startswith(("http://", "https://", "databricks")):
             # A local store: keep artifacts beside it, never in the current directory.
@@ -152,6 +161,8 @@ class Settings:
             shared_data_dir=shared,
             s3=s3,
             mlflow_artifact_root=artifact_root,
+            shard_cache_dir=Path(env.get("TRAINFLOW_SHARD_CACHE_DIR") or data_dir / "shard-cache").expanduser(),
+            shard_cache_bytes=cache_bytes,
         )
 
     def with_s3_credentials(
@@ -190,6 +201,9 @@ class Settings:
             "storage_root": redact_url(self.storage_root),
             "mlflow_tracking_uri": redact_url(self.mlflow_tracking_uri),
             "download_dir": str(self.download_dir),
+            "shard_cache": f"{self.shard_cache_dir} ({self.shard_cache_bytes / 2**30:g} GiB)"
+            if self.shard_cache_bytes and self.shard_cache_dir
+            else "off",
             "s3_endpoint_url": redact_url(self.s3.endpoint_url) if self.s3.endpoint_url else None,
             "s3_credentials": "set" if self.s3.access_key_id else "default chain",
         }

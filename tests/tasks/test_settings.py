@@ -12,6 +12,16 @@ def test_defaults_run_locally(tmp_path):
     assert settings.storage_options(settings.storage_root) == {}
 
 
+def test_shard_cache_settings(tmp_path):
+    default = Settings.from_env({"TRAINFLOW_DATA_DIR": str(tmp_path)})
+    assert default.shard_cache_dir == tmp_path / "shard-cache" and default.shard_cache_bytes == 20 << 30
+    assert default.describe()["shard_cache"] == f"{tmp_path / 'shard-cache'} (20 GiB)"
+    custom = Settings.from_env({"TRAINFLOW_SHARD_CACHE_DIR": str(tmp_path / "c"), "TRAINFLOW_SHARD_CACHE_BYTES": "1000"})
+    assert custom.shard_cache_dir == tmp_path / "c" and custom.shard_cache_bytes == 1000
+    off = Settings.from_env({"TRAINFLOW_SHARD_CACHE_BYTES": "0"})
+    assert off.shard_cache_bytes == 0 and off.describe()["shard_cache"] == "off"
+
+
 def test_s3_settings_from_standard_variables():
     env = {
         "TRAINFLOW_STORAGE_ROOT": "s3://bucket/prefix/",
@@ -53,7 +63,8 @@ def test_connection_credentials_override_environment():
     assert settings.s3.environment()["AWS_SECRET_ACCESS_KEY"] == "conn-secret"
 
 
-@pytest.mark.parametrize("name,value", [("TRAINFLOW_S3_MAX_ATTEMPTS", "0"), ("TRAINFLOW_S3_MAX_ATTEMPTS", "x")])
+@pytest.mark.parametrize("name,value", [("TRAINFLOW_S3_MAX_ATTEMPTS", "0"), ("TRAINFLOW_S3_MAX_ATTEMPTS", "x"),
+                                        ("TRAINFLOW_SHARD_CACHE_BYTES", "-5"), ("TRAINFLOW_SHARD_CACHE_BYTES", "lots")])
 def test_bad_numbers_name_the_variable(name, value):
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: value})
