@@ -73,16 +73,28 @@ def read(manifest_uri: str, batch: int, workers: int, seed: int) -> dict:
     import pyarrow.compute  # noqa: F401  (imports outside the timed part, as for the peers)
     import pyarrow.parquet  # noqa: F401
 
+    import os
+    import shutil
+    import tempfile
+
     from tasks.manifest import load_manifest
     from trainers.loader import ShardLoader
 
-    load_manifest(manifest_uri)  # warms fsspec's filesystem
-    started = time.perf_counter()
-    loader = ShardLoader(load_manifest(manifest_uri), "train", batch, seed=seed, num_workers=workers)
-    rows = 0
-    for b in loader:
-        rows += len(next(iter(b.values())))
-    seconds = time.perf_counter() - started
+    # From S3, an empty node cache: the epoch downloads every shard, as the peers' epochs do here
+    cache = tempfile.mkdtemp(prefix="bench-shard-cache-") if manifest_uri.startswith("s3://") else None
+    if cache:
+        os.environ["TRAINFLOW_SHARD_CACHE_DIR"] = cache
+    try:
+        load_manifest(manifest_uri)  # warms fsspec's filesystem
+        started = time.perf_counter()
+        loader = ShardLoader(load_manifest(manifest_uri), "train", batch, seed=seed, num_workers=workers)
+        rows = 0
+        for b in loader:
+            rows += len(next(iter(b.values())))
+        seconds = time.perf_counter() - started
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
     return {"seconds": seconds, "rows": rows, "rows_per_s": rows / seconds}
 
 

@@ -17,8 +17,9 @@ and the medians are compared:
 
 S3 (``--store s3``, or ``both``, the default of a full run): every dataset is written to a
 moto server the case starts on 127.0.0.1 (``benchmarks/_s3.py``) and each epoch reads it from
-there: trainflow's ShardLoader through s3fs (one plain GET of each whole shard, then its
-sha256), WebDataset as one streamed GET per tar (a ``s3`` gopen handler over boto3), MDS
+there: trainflow's ShardLoader through s3fs (one plain GET of each whole shard, the next one
+fetched while the current is decoded, into an empty node shard cache that its DataLoader
+workers share; then its checksum), WebDataset as one streamed GET per tar (a ``s3`` gopen handler over boto3), MDS
 ``StreamingDataset(remote=...)`` into a fresh local cache each epoch (boto3 downloads: ranged
 multipart GETs above 8 MB); HF ``load_from_disk(s3://..., storage_options)`` (s3fs: downloads
 the Arrow files into a local folder, then maps them). moto's ranged
