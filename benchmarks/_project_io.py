@@ -70,12 +70,12 @@ def copy(source: str, target: str, target_mb: int = 128) -> dict:
 
 
 def read(manifest_uri: str, batch: int, workers: int, seed: int) -> dict:
-    import pyarrow.compute  # noqa: F401  (imports outside the timed part, as for the peers)
-    import pyarrow.parquet  # noqa: F401
-
     import os
     import shutil
     import tempfile
+
+    import pyarrow.compute  # noqa: F401  (imports outside the timed part, as for the peers)
+    import pyarrow.parquet  # noqa: F401
 
     from tasks.manifest import load_manifest
     from trainers.loader import ShardLoader

@@ -107,13 +107,27 @@ def peer_python(library: str) -> tuple[str | None, str]:
     return str(py), ""
 
 
-def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Call every variant ``repeats`` times, round-robin (A, B, A, B, ...); their values."""
+def interleave(
+    variants: dict[str, Callable[[], float]], repeats: int, before: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
+    """Call every variant ``repeats`` times, round-robin (A, B, A, B, ...); their values.
+    ``before`` runs before each call, outside what the call measures."""
     values: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
+            if before is not None:
+                before()
             values[name].append(fn())
     return values
+
+
+def flush_dirty_pages() -> None:
+    """``sync``: write every dirty page to disk, so a writer does not start while the kernel
+    is still writing back the previous writer's hundreds of MB (which slowed whoever came
+    next by up to 3x in interleaved runs here)."""
+    import os
+
+    os.sync()
 
 
 def guarded(fn: Callable[[], float], errors: dict[str, str], name: str) -> Callable[[], float]:

@@ -3,11 +3,13 @@
 Two data sets (``benchmarks/_data.py``), local folder: synthetic interactions (MovieLens
 schema, 28 bytes a row) and image-like driving records (66×200×3 uint8 + steering). Every
 writer reads the same Arrow IPC source file; each measurement is a fresh process and the
-variants run interleaved (A, B, C, A, B, C, ...), medians compared. The unit is source rows
-per second; the raw copy (``shutil.copyfile`` of the source) is the limit.
+variants run interleaved (A, B, C, A, B, C, ...), medians compared, each after a ``sync``
+(so no writer starts while the kernel still writes back the previous one's pages). The unit is
+source rows per second; the raw copy (``shutil.copyfile`` of the source) is the limit.
 
 - ``trainflow``: :func:`tasks.sharding.shard_batches` (the shard step's ShardWriter: Parquet
-  row groups, sha256 while writing, manifest committed last). Interactions with the default
+  row groups; each closed shard hashed (sha256, xxh3-128) and published on a background
+  thread while the next is encoded; manifest committed last). Interactions with the default
   zstd; images uncompressed (``none``) and with zstd.
 - peers (``benchmarks/setup_peers.sh``): ``pyarrow.parquet.write_table`` (zstd), WebDataset
   ``ShardWriter`` and MosaicML ``MDSWriter`` (images: one sample a record; interactions: blocks
@@ -38,6 +40,7 @@ from benchmarks.common import (
     BENCH_DIR,
     child_env,
     emit,
+    flush_dirty_pages,
     guarded,
     interleave,
     machine,
@@ -130,7 +133,7 @@ def _measure(kind: str, size: int, rounds: int, peers: dict[str, str], s3: tuple
         variants[lib] = guarded(lambda lib=lib, py=py: rows / run_json(
             [py, str(BENCH_DIR / "peers" / "peer_io.py"), "write", lib, str(source), where(lib),
              "--layout", layout], env=env)["seconds"], errors, lib)
-    values = interleave(variants, rounds)
+    values = interleave(variants, rounds, before=flush_dirty_pages)
     for lib, error in errors.items():
         lines.append(skip(f"sharding_write_{kind}{sfx}_{lib}", "rows/s", f"{lib} failed: {error}"))
         values.pop(lib)
