@@ -82,6 +82,8 @@ def main() -> None:
     if args.plots:
         out = Path(args.plots)
         plot(lines, "loading_images_", "Loading one epoch of 20k image records (local, batch 64)", out / "bench-loading.png")
+        plot(lines, "loading_interactions_", "Loading one epoch of 2M interactions (local, batch 1024)",
+             out / "bench-loading-interactions.png")
         plot(lines, "sharding_write_images_", "Sharding 20k image records (local)", out / "bench-write-images.png")
         plot(lines, "sharding_write_interactions_", "Sharding 5M interactions (local)", out / "bench-write-interactions.png")
 

@@ -387,15 +387,12 @@ class ShardLoader(IterableDataset):
 
     # reading ------------------------------------------------------------------------------
     def _read_window(self, epoch: int, w: int, units: list[_Unit], files: _ShardCache) -> _Window:
-        import pyarrow as pa
 
         tables = []
         for u in units:
             table = files.get(u.shard).read_row_group(u.row_group, columns=self.columns)
             if self.with_row_index:
-                table = table.append_column(
-                    "row_index", pa.array(np.arange(u.first_row, u.first_row + u.num_rows, dtype=np.int64))
-                )
+                table = table.append_column("row_index", _int64_array(np.arange(u.first_row, u.first_row + u.num_rows)))
             tables.append(table.combine_chunks())
         window = _Window(tables)
         perm = self._window_permutation(epoch, w, window.num_rows)
@@ -489,8 +486,20 @@ def _fixed_width_view(column) -> np.ndarray | None:
         data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)
         return data.reshape(len(arr), width)
     if pa.types.is_integer(typ) or pa.types.is_floating(typ):
-        return arr.to_numpy(zero_copy_only=True)
+        # straight from the values buffer: Array.to_numpy imports pandas on first use, which
+        # cost each DataLoader worker about a second before its first batch
+        kind = "f" if pa.types.is_floating(typ) else ("i" if pa.types.is_signed_integer(typ) else "u")
+        dtype = np.dtype(f"{kind}{typ.bit_width // 8}")
+        return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
     return None
+
+
+def _int64_array(values: np.ndarray):
+    """An Arrow int64 array over ``values`` (``pa.array`` on NumPy input imports pandas)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
 
 
 def _gather(parts: list[tuple[_Window, int, int]], name: str) -> Any:
@@ -524,7 +533,7 @@ def _gather(parts: list[tuple[_Window, int, int]], name: str) -> Any:
     pieces = []
     for window, lo, hi in parts:
         column = pa.chunked_array([t.column(name) for t in window.tables])
-        pieces.extend(column.take(pa.array(window.order[lo:hi])).chunks)
+        pieces.extend(column.take(_int64_array(window.order[lo:hi])).chunks)
     return _column_to_tensor(pa.chunked_array(pieces, type=parts[0][0].tables[0].schema.field(name).type))
 
 
