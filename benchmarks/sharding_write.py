@@ -10,7 +10,8 @@ source rows per second; the raw copy (``shutil.copyfile`` of the source) is the 
 - ``trainflow``: :func:`tasks.sharding.shard_batches` (the shard step's ShardWriter: Parquet
   row groups; each closed shard hashed (sha256, xxh3-128) and published on a background
   thread while the next is encoded; manifest committed last). Interactions with the default
-  zstd; images uncompressed (``none``) and with zstd.
+  zstd and uncompressed (``trainflow_none``, the bytes the block-layout peers write); images
+  uncompressed (``none``) and with zstd.
 - peers (``benchmarks/setup_peers.sh``): ``pyarrow.parquet.write_table`` (zstd), WebDataset
   ``ShardWriter`` and MosaicML ``MDSWriter`` (images: one sample a record; interactions: blocks
   of 1024 rows a sample, since one tiny sample a row costs them a header each), Hugging Face
@@ -125,6 +126,8 @@ def _measure(kind: str, size: int, rounds: int, peers: dict[str, str], s3: tuple
     }
     if kind == "images":
         variants["trainflow_zstd"] = lambda: project("zstd")
+    else:  # the same bytes MDS and WebDataset write: uncompressed
+        variants["trainflow_none"] = lambda: project("none")
     errors: dict[str, str] = {}
     for lib, py in peers.items():
         if s3 and lib in S3_UNSUPPORTED:
