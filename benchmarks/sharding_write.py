@@ -59,6 +59,7 @@ S3_UNSUPPORTED: dict[str, str] = {}  # every peer is wired to S3
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", nargs="+", choices=["interactions", "images"], help="data sets (default: both)")
     parser.add_argument("--interactions", type=int)
     parser.add_argument("--images", type=int)
     parser.add_argument("--rounds", type=int)
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "images": args.s3_images or (sizes["images"] if args.quick else 2_000)}
     rounds = args.rounds or (1 if args.quick else 3)
     store = args.store or ("local" if args.quick else "both")
+    kinds = args.data or ["interactions", "images"]
+    sizes = {k: v for k, v in sizes.items() if k in kinds}
+    s3_sizes = {k: v for k, v in s3_sizes.items() if k in kinds}
     lines: list[dict] = []
     peers = {}
     for lib, module in PEERS.items():
