@@ -5,8 +5,9 @@ How an epoch is laid out (deterministic in ``(seed, epoch)``, independent of the
 1. *Order.* Shards are shuffled, then the row groups inside each shard, giving a sequence of
    row groups. Consecutive row groups form *windows* of ``window_row_groups``, cut short where
    the next row group would take a window past ``window_bytes`` (a window always holds at
-   least one row group); the rows of a window are shuffled together. Reading the rows in this order gives the epoch's *sequence*
-   of ``N`` rows (``shuffle=False`` keeps the manifest's order).
+   least one row group); the rows of a window are shuffled together. Reading the rows in this
+   order gives the epoch's *sequence* of ``N`` rows (``shuffle=False`` keeps the manifest's
+   order).
 2. *Global batches.* The sequence is cut into global batches of ``world_size * batch_size``
    rows; global batch ``b`` gives rank ``r`` the rows ``[b*G + r*B, b*G + (r+1)*B)``. Every
    sample is therefore seen exactly once per epoch across the world, every rank yields the
@@ -239,6 +240,8 @@ class ShardLoader(IterableDataset):
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "num_rows": self.num_rows,
+            "window_row_groups": self.window_row_groups,
+            "window_bytes": self.window_bytes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,7 +251,13 @@ class ShardLoader(IterableDataset):
             ValueError: the state was made with another seed, global batch or dataset size,
                 which would break the exactly-once guarantee.
         """
-        for key, mine in (("seed", self.seed), ("num_rows", self.num_rows)):
+        mine_all = (
+            ("seed", self.seed),
+            ("num_rows", self.num_rows),
+            ("window_row_groups", self.window_row_groups),  # the windows decide the epoch's order
+            ("window_bytes", self.window_bytes),
+        )
+        for key, mine in mine_all:
             if key in state and state[key] != mine:
                 raise ValueError(f"loader state has {key}={state[key]}, this loader has {mine}")
         theirs = int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", self.world_size))

@@ -110,6 +110,12 @@ def test_state_from_another_global_batch_is_refused(toy_manifest):
     state = _loader(toy_manifest, batch_size=32).state_dict()
     with pytest.raises(ValueError, match="global batch"):
         _loader(toy_manifest, batch_size=16).load_state_dict(state)
+    # other windows give another epoch order: resuming there would break exactly-once
+    with pytest.raises(ValueError, match="window_bytes"):
+        _loader(toy_manifest, batch_size=32, window_bytes=1000).load_state_dict(state)
+    with pytest.raises(ValueError, match="window_row_groups"):
+        ShardLoader(toy_manifest, "train", 32, columns=COLUMNS, with_row_index=True, seed=3,
+                    window_row_groups=3).load_state_dict(state)
 
 
 def test_list_columns_become_2d_tensors(toy_manifest):
