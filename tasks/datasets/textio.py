@@ -119,6 +119,10 @@ def parse_delimited(
                     f"{file_label}, line {absolute}: expected {len(column_names)} fields, got {text!r}"
                 )
             on_bad_row(absolute, text)
+        for name, kind in column_types.items():  # an empty or "NA" field reads as null: refuse it
+            if name in column_names and pa.types.is_integer(kind) and table.column(name).null_count:
+                bad_line, text = _find_non_integer_line(block, line_no, column_names, name, delimiter)
+                raise SourceFormatError(f"{file_label}, line {bad_line}: {name} is empty or not a number: {text!r}")
         for name in finite_columns:
             values = table.column(name)
             if values.null_count or not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
@@ -129,6 +133,21 @@ def parse_delimited(
             yield from table.to_batches()
     if not saw_rows:
         raise SourceFormatError(f"{file_label}: no data rows (empty file?)")
+
+
+def _find_non_integer_line(block: bytes, first_line: int, names, column: str, delimiter: str) -> tuple[int, str]:
+    """Locate the first well-formed line whose ``column`` is not an integer (errors only)."""
+    position = names.index(column)
+    for offset, raw in enumerate(block.split(b"\n")):
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        fields = text.split(delimiter)
+        if not text or len(fields) != len(names):
+            continue
+        try:
+            int(fields[position])
+        except ValueError:
+            return first_line + offset, text
+    return first_line, block[:80].decode("utf-8", "replace")
 
 
 def _find_non_finite_line(block: bytes, first_line: int, names, column: str, delimiter: str) -> tuple[int, str]:

@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 import pyarrow as pa
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tasks.datasets import argoverse, movielens
@@ -24,6 +25,7 @@ field = st.one_of(st.integers(-5, 10**6).map(str), st.sampled_from(["", "nan", "
 @PROPS
 @given(st.lists(st.lists(field, min_size=0, max_size=6), min_size=0, max_size=30),
        st.sampled_from(["u.data", "ratings.dat", "ratings.csv"]))
+@example(rows=[["0", "0", "0", ""]], name="u.data")  # found by Hypothesis: an empty timestamp read as null
 def test_ratings_reader_parses_or_names_file_and_line(rows, name):
     sep = {"u.data": "\t", "ratings.dat": "::", "ratings.csv": ","}[name]
     header = "userId,movieId,rating,timestamp\n" if name.endswith(".csv") else ""
@@ -95,3 +97,13 @@ def test_argoverse_garbage_is_a_format_error_naming_the_file(data):
         assert "g.csv" in str(exc)
         return
     assert math.isfinite(float(record["tracks_xy"][0].sum()))
+
+
+@pytest.mark.parametrize("name,text,line", [
+    ("u.data", "1\t2\t3\t100\n1\t3\t4\t\n", 2),
+    ("ratings.dat", "1::2::3::100\n1::3::4::NA\n", 2),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,100\n,3,4,101\n", 3),
+])
+def test_an_empty_id_or_timestamp_names_file_and_line(name, text, line):
+    with pytest.raises(SourceFormatError, match=rf"{name}, line {line}: (timestamp|user_id) is empty or not a number"):
+        list(movielens.read_ratings(io.BytesIO(text.encode()), name))
