@@ -231,6 +231,11 @@ def test_failed_job_raises_with_the_controller_reason():
 
 def test_cancel_deletes_the_job_and_its_secret():
     """An interrupted task (Airflow's SIGTERM arrives as an exception in the task) deletes the job."""
+    import signal
+
+    # interrupt_main() does nothing if an earlier test in this process (Airflow code run in
+    # process) left SIGINT ignored or handled elsewhere: make it raise KeyboardInterrupt here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = _spec("pytorchjob")
     with FakeKubernetes("hang") as fake:
         def interrupt():
@@ -239,8 +244,11 @@ def test_cancel_deletes_the_job_and_its_secret():
             _thread.interrupt_main()
 
         threading.Thread(target=interrupt, daemon=True).start()
-        with pytest.raises(KeyboardInterrupt):
-            KubernetesJobRunner(_client(fake.url), on_line=lambda line: None, poll_s=0.05).run(spec)
+        try:
+            with pytest.raises(KeyboardInterrupt):  # (a timeout instead of a hang if it never comes)
+                KubernetesJobRunner(_client(fake.url), on_line=lambda line: None, poll_s=0.05, timeout_s=60).run(spec)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         deletes = [(p, query, body) for m, p, query, body in fake.requests if m == "DELETE"]
         assert fake.objects == {}
     query, body = next((q, b) for p, q, b in deletes if p.endswith(f"/pytorchjobs/{spec.name}"))
