@@ -90,16 +90,10 @@ def _sqlite_schema_lock(tracking_uri: str):
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from tasks.storage import local_file_lock
 
-    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with local_file_lock(tracking_uri[len("sqlite:///") :].split("?", 1)[0]):
+        yield
 
 
 def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:

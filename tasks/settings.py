@@ -146,9 +146,9 @@ class Settings:
             read_timeout=_positive_float(env, "TRAINFLOW_S3_READ_TIMEOUT", 60.0),
             operation_timeout=_positive_float(env, "TRAINFLOW_S3_OPERATION_TIMEOUT", 900.0),
         )
-        cache_bytes = _positive_int(env, "TRAINFLOW_SHARD_CACHE_BYTES", 20 << 30) if env.get(
-            "TRAINFLOW_SHARD_CACHE_BYTES"
-        ) not in ("0",) else 0
+        # 0 turns the shard cache off; anything else must be a positive size
+        cache_off = env.get("TRAINFLOW_SHARD_CACHE_BYTES") == "0"
+        cache_bytes = 0 if cache_off else _positive_int(env, "TRAINFLOW_SHARD_CACHE_BYTES", 20 << 30)
         artifact_root = env.get("TRAINFLOW_MLFLOW_ARTIFACT_ROOT") or None
         if artifact_root is None and not tracking.startswith(("http://", "https://", "databricks")):
             # A local store: keep artifacts beside it, never in the current directory.

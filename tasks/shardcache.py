@@ -20,13 +20,14 @@ Settings: ``TRAINFLOW_SHARD_CACHE_DIR`` (default ``$TRAINFLOW_DATA_DIR/shard-cac
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tasks.storage import local_file_lock
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -62,7 +63,7 @@ class ShardFileCache:
         data = self._verified(path, size, verify)
         if data is not None:
             return data
-        with self._lock(path):
+        with local_file_lock(path):
             data = self._verified(path, size, verify)  # another process may have fetched it
             if data is not None:
                 return data
@@ -95,16 +96,6 @@ class ShardFileCache:
 
         with pa.memory_map(str(path)) as mapped:
             return mapped.read_buffer()
-
-    @contextlib.contextmanager
-    def _lock(self, path: Path) -> Iterator[None]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.lock", "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _store(self, path: Path, data: pa.Buffer) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=path.parent)

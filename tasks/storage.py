@@ -108,6 +108,20 @@ def filesystem(url: str, settings: Settings | None = None) -> tuple[fsspec.Abstr
     return fsspec.filesystem(protocol, **options), path
 
 
+@contextlib.contextmanager
+def local_file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``{path}.lock`` (its folder created), for processes of one node."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Storage:
     """Files under one root URL.
 

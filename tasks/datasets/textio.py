@@ -121,12 +121,12 @@ def parse_delimited(
             on_bad_row(absolute, text)
         for name, kind in column_types.items():  # an empty or "NA" field reads as null: refuse it
             if name in column_names and pa.types.is_integer(kind) and table.column(name).null_count:
-                bad_line, text = _find_non_integer_line(block, line_no, column_names, name, delimiter)
+                bad_line, text = _find_line_where(block, line_no, column_names, name, delimiter, _is_integer)
                 raise SourceFormatError(f"{file_label}, line {bad_line}: {name} is empty or not a number: {text!r}")
         for name in finite_columns:
             values = table.column(name)
             if values.null_count or not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
-                bad_line, text = _find_non_finite_line(block, line_no, column_names, name, delimiter)
+                bad_line, text = _find_line_where(block, line_no, column_names, name, delimiter, _is_finite)
                 raise SourceFormatError(f"{file_label}, line {bad_line}: {name} is not a finite number: {text!r}")
         if table.num_rows:
             saw_rows = True
@@ -135,34 +135,28 @@ def parse_delimited(
         raise SourceFormatError(f"{file_label}: no data rows (empty file?)")
 
 
-def _find_non_integer_line(block: bytes, first_line: int, names, column: str, delimiter: str) -> tuple[int, str]:
-    """Locate the first well-formed line whose ``column`` is not an integer (errors only)."""
+def _is_integer(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_finite(value: str) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _find_line_where(block: bytes, first_line: int, names, column: str, delimiter: str, ok) -> tuple[int, str]:
+    """Locate the first well-formed line whose ``column`` fails ``ok(field)`` (errors only)."""
     position = names.index(column)
     for offset, raw in enumerate(block.split(b"\n")):
         text = raw.decode("utf-8", "replace").rstrip("\r")
         fields = text.split(delimiter)
-        if not text or len(fields) != len(names):
-            continue
-        try:
-            int(fields[position])
-        except ValueError:
-            return first_line + offset, text
-    return first_line, block[:80].decode("utf-8", "replace")
-
-
-def _find_non_finite_line(block: bytes, first_line: int, names, column: str, delimiter: str) -> tuple[int, str]:
-    """Locate the first well-formed line whose ``column`` is not a finite number (errors only)."""
-    position = names.index(column)
-    for offset, raw in enumerate(block.split(b"\n")):
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        fields = text.split(delimiter)
-        if not text or len(fields) != len(names):
-            continue
-        try:
-            finite = math.isfinite(float(fields[position]))
-        except ValueError:
-            finite = False
-        if not finite:
+        if text and len(fields) == len(names) and not ok(fields[position]):
             return first_line + offset, text
     return first_line, block[:80].decode("utf-8", "replace")
 
