@@ -1,0 +1,86 @@
+"""What existed before the pipelines became plug-ins keeps working after.
+
+The fixtures under ``tests/fixtures/before_plugins`` were made by the code before that change
+(commit 6bd03c5): the dataset versions it computed for fixed inputs, and two served models it
+logged to MLflow (a GMF recommender and a driving forecaster) with their outputs on fixed inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.settings import PROJECT_DIR
+
+FIXTURES = PROJECT_DIR / "tests" / "fixtures" / "before_plugins"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+VERSIONS = json.loads((FIXTURES / "dataset_versions.json").read_text())
+
+
+def _source_url(entry: dict, tmp_path: Path) -> str:
+    url = entry["source_url"]
+    if url.startswith("{out}"):
+        folder = tmp_path / "files" / "ml"
+        folder.mkdir(parents=True)
+        shutil.copy(FIXTURES / "u.data", folder / "u.data")
+        return str(folder)
+    if url.startswith("{shared}"):
+        from tests.conftest import shared_dataset
+
+        return str(shared_dataset(url.split("/", 1)[1]))
+    return url
+
+
+@pytest.mark.parametrize("entry", VERSIONS, ids=[f"{e['kind']}:{e['reader']}:{e['version']}" for e in VERSIONS])
+def test_dataset_versions_are_unchanged(entry, tf_env, tmp_path):
+    """Same inputs → the same version id as before, so a store sharded before is a cache hit."""
+    from tasks.datasets.sources import resolve_source
+    from tasks.sharding import ShardingConfig, dataset_version
+
+    source = resolve_source(_source_url(entry, tmp_path), entry["kind"])
+    assert source.reader == entry["reader"]
+    assert source.default_name == entry["name"] or entry["source_url"].startswith("{out}")
+    assert dataset_version(source, ShardingConfig(seed=0)) == entry["version"]
+
+
+def test_dataset_sharded_before_is_a_cache_hit(tf_env, tmp_path, caplog):
+    """A committed version at the id the old code computed is found and reused, not re-sharded."""
+    from tasks.sharding import shard_dataset
+
+    entry = next(e for e in VERSIONS if e["reader"] == "synthetic.driving")
+    first = shard_dataset(entry["source_url"], entry["kind"])
+    assert first["version"] == entry["version"] and not first["cache_hit"]
+    again = shard_dataset(entry["source_url"], entry["kind"])
+    assert again["cache_hit"] and again["manifest_uri"] == first["manifest_uri"]
+
+
+SERVE = """
+import json, sys
+import mlflow, numpy as np, pandas as pd
+kind, path, payload = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = mlflow.pyfunc.load_model(path)
+data = pd.DataFrame(payload) if kind == "recommendation" else np.asarray(payload, dtype=np.float32)
+print(json.dumps(np.asarray(model.predict(data)).tolist()))
+"""
+
+
+@pytest.mark.parametrize("kind", ["recommendation", "driving"])
+def test_model_logged_before_still_loads_and_serves(kind, tmp_path):
+    """The served model logged by the old code loads in a fresh process and gives the same outputs."""
+    import numpy as np
+
+    expected = json.loads((FIXTURES / "models" / "expected.json").read_text())[kind]
+    model_dir = tmp_path / kind
+    shutil.copytree(FIXTURES / "models" / kind, model_dir)
+    out = subprocess.run(
+        [sys.executable, "-c", SERVE, kind, str(model_dir), json.dumps(expected["input"])],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(got, np.asarray(expected["output"]), rtol=1e-5, atol=1e-5)
