@@ -25,7 +25,7 @@ import datetime as dt
 from airflow.sdk import Asset, dag
 from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
 
-KIND = "driving"
+PIPELINE = "driving"
 TRAINING_POOL = "training"
 RAW_DATA = Asset(name="trainflow_driving_raw", uri="trainflow://raw/driving")
 DATASET = Asset(name="trainflow_driving_dataset", uri="trainflow://datasets/driving")
@@ -37,13 +37,13 @@ MODEL = Asset(name="trainflow_driving_model", uri="trainflow://models/driving")
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    params=build_params(KIND),
+    params=build_params(PIPELINE),
     default_args=default_args(),
-    tags=["trainflow", KIND, "training"],
+    tags=["trainflow", PIPELINE, "training"],
     doc_md=__doc__,
 )
 def driving_training():
-    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL)
+    pipeline_tasks(PIPELINE, DATASET, MODEL, TRAINING_POOL)
 
 
 driving_training()

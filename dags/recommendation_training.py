@@ -26,7 +26,7 @@ import datetime as dt
 from airflow.sdk import Asset, dag
 from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
 
-KIND = "recommendation"
+PIPELINE = "recommendation"
 TRAINING_POOL = "training"
 DATASET = Asset(name="trainflow_recommendation_dataset", uri="trainflow://datasets/recommendation")
 MODEL = Asset(name="trainflow_recommendation_model", uri="trainflow://models/recommendation")
@@ -37,13 +37,13 @@ MODEL = Asset(name="trainflow_recommendation_model", uri="trainflow://models/rec
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    params=build_params(KIND),
+    params=build_params(PIPELINE),
     default_args=default_args(),
-    tags=["trainflow", KIND, "training"],
+    tags=["trainflow", PIPELINE, "training"],
     doc_md=__doc__,
 )
 def recommendation_training():
-    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL)
+    pipeline_tasks(PIPELINE, DATASET, MODEL, TRAINING_POOL)
 
 
 recommendation_training()

@@ -1,7 +1,8 @@
 """Command line for the steps that run without Airflow.
 
-    python -m tasks.cli shard SOURCE_URL --kind recommendation [--name NAME]
-    python -m tasks.cli manifest SOURCE_URL --kind recommendation [--name NAME] [--full]
+    python -m tasks.cli shard SOURCE_URL --kind PIPELINE [--name NAME]
+    python -m tasks.cli manifest SOURCE_URL --kind PIPELINE [--name NAME] [--full]
+    python -m tasks.cli pipelines                # the registered pipelines
     python -m tasks.cli report DAG_ID          # the last finished pipeline run, for people
 """
 
@@ -14,6 +15,7 @@ import sys
 
 from tasks.datasets.sources import resolve_source
 from tasks.manifest import load_manifest, manifest_path
+from tasks.pipelines import get_pipeline, pipeline_names
 from tasks.settings import get_settings
 from tasks.sharding import ShardingConfig, dataset_version, shard_dataset
 from tasks.storage import Storage, safe_name
@@ -33,16 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     for command in ("shard", "manifest"):
         p = sub.add_parser(command)
         p.add_argument("source_url")
-        p.add_argument("--kind", choices=["recommendation", "driving"], required=True)
+        p.add_argument("--kind", "--pipeline", dest="kind", choices=pipeline_names(), required=True,
+                       help="a registered pipeline")
         p.add_argument("--name", default=None)
         if command == "manifest":
             p.add_argument("--full", action="store_true", help="print the whole manifest, shards included")
+    sub.add_parser("pipelines", help="list the registered pipelines")
     report = sub.add_parser("report")
     report.add_argument("dag_id")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if args.command == "report":
         return print_report(args.dag_id, as_json=args.json)
+    if args.command == "pipelines":
+        for name in pipeline_names():
+            spec = get_pipeline(name)
+            print(f"{name:<20} dag {spec.dag_id}, model {spec.registered_model_name}: {spec.description}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "shard":
         print(json.dumps(shard_dataset(args.source_url, args.kind, name=args.name), indent=2))

@@ -10,7 +10,7 @@ Two job kinds, chosen by the DAG param ``kubernetes_job_kind``:
   the older operator: one ``Master`` and ``nnodes - 1`` ``Worker`` replicas, ``nprocPerNode``
   set so the operator sets the same ``PET_*`` variables.
 
-Every pod runs ``python -m torch.distributed.run --max-restarts N -m trainers.<kind> ARGS``
+Every pod runs ``python -m torch.distributed.run --max-restarts N -m trainers.train ARGS``
 (torchrun reads the rest from ``PET_*``) with the image, CPU/memory/``nvidia.com/gpu``
 requests, and the settings of the object store and MLflow in its environment. Credentials
 (the AWS keys, the MLflow URI, which may carry a password) go into a Secret created next to the
@@ -36,6 +36,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The one trainer entry every pipeline runs through (tasks.pipeline uses the same).
+TRAINER_MODULE = "trainers.train"
 TRAINJOB = {"group": "trainer.kubeflow.org", "version": "v1alpha1", "plural": "trainjobs", "kind": "TrainJob"}
 PYTORCHJOB = {"group": "kubeflow.org", "version": "v1", "plural": "pytorchjobs", "kind": "PyTorchJob"}
 JOB_KINDS = {"trainjob": TRAINJOB, "pytorchjob": PYTORCHJOB}
@@ -59,7 +61,7 @@ class KubernetesJobSpec:
         namespace: Namespace of the job and its Secret.
         job_kind: ``trainjob`` or ``pytorchjob``.
         image: Container image with trainflow installed.
-        module: Trainer module each rank runs (``trainers.recommendation``).
+        module: Trainer module each rank runs (``trainers.train``).
         args: The trainer's arguments.
         nnodes: Pods (torchrun nodes).
         nproc_per_node: Processes per pod.
@@ -490,7 +492,7 @@ def job_spec_from_params(
         namespace=values["kubernetes_namespace"],
         job_kind=values["kubernetes_job_kind"],
         image=values["kubernetes_image"],
-        module=f"trainers.{kind}",
+        module=TRAINER_MODULE,
         args=tuple(trainer_args),
         nnodes=values["nnodes"],
         nproc_per_node=nproc,

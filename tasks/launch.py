@@ -19,8 +19,8 @@ This module imports neither torch nor airflow: it runs inside the Airflow task p
 
 Example::
 
-    run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.recommendation",
-                 args=["--config", "/tmp/cfg.json"])
+    run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.train",
+                 args=["--pipeline=NAME", "--config=/tmp/cfg.json"])
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def build_torchrun_command(
 
     Args:
         config: Placement and rendezvous.
-        module: Python module to run in each rank (``trainers.recommendation``).
+        module: Python module to run in each rank (``trainers.train``).
         script: Or a script path.
         args: Arguments passed to the module or script.
         log_dir: torchrun ``--log-dir``: where per-rank ``error.json`` files go.

@@ -123,7 +123,7 @@ class Manifest:
 
     @property
     def kind(self) -> str:
-        """``recommendation`` or ``driving``."""
+        """The name of the pipeline whose split protocol wrote this dataset."""
         return self.data["kind"]
 
     @property

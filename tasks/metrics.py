@@ -1,15 +1,17 @@
-"""The metrics of both pipelines, in numpy: one implementation for the trainers (model
-selection on ``valid``) and for the evaluation step (the numbers a reviewer sees).
+"""Metric functions in numpy that pipelines' evaluators and families share: one implementation
+for the trainers (model selection on ``valid``) and for the evaluation step (the numbers a
+reviewer sees).
 
-Recommendation (NCF protocol): each held-out positive is ranked among its sampled negatives.
-Ties are pessimistic: a negative that scores the same as the positive ranks above it, as in
-the reference NCF evaluation (``heapq.nlargest`` over the negatives followed by the positive
-keeps equal-scored negatives first). If the positive also appears among its own negatives (as
-in 156 rows of the NCF paper's ``ml-1m.test.negative``), that copy is ignored: the reference
-code scores items through a dict keyed by item, so the duplicate collapses into the positive.
+Ranking (one held-out positive ranked among sampled negatives): HR@K, NDCG@K, MRR. Ties are
+pessimistic: a negative that scores the same as the positive ranks above it, as in the
+reference evaluation of He et al. 2017 (``heapq.nlargest`` over the negatives followed by the
+positive keeps equal-scored negatives first). If the positive also appears among its own
+negatives (as in 156 rows of that paper's ``ml-1m.test.negative``), that copy is ignored: the
+reference code scores items through a dict keyed by item, so the duplicate collapses into the
+positive.
 
-Driving (Argoverse, K = 1): ADE (mean error over the forecast frames), FDE (final error),
-miss rate (FDE > 2 m), and ADE/FDE at 1, 2 and 3 s.
+Trajectories (K = 1): ADE (mean error over the forecast frames), FDE (final error), miss rate
+(FDE > 2 m), and ADE/FDE at 1, 2 and 3 s; the constant-velocity baseline.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ MISS_THRESHOLD_M = 2.0
 HORIZONS_S = (1, 2, 3)
 
 
-# --- recommendation ------------------------------------------------------------------------
+# --- ranking ------------------------------------------------------------------------
 def rank_of_positive(pos_scores: np.ndarray, neg_scores: np.ndarray, neg_valid: np.ndarray | None = None) -> np.ndarray:
     """0-based rank of each positive among its negatives, pessimistic on ties.
 
@@ -102,7 +104,7 @@ def list_diversity(top_k: np.ndarray, item_popularity: np.ndarray, num_items: in
     }
 
 
-# --- driving -------------------------------------------------------------------------------
+# --- trajectories -------------------------------------------------------------------------------
 def displacement_metrics(
     forecast: np.ndarray,
     future: np.ndarray,
@@ -154,7 +156,7 @@ def error_by_frame(forecast: np.ndarray, future: np.ndarray) -> np.ndarray:
 
 
 def constant_velocity_forecast(history: np.ndarray, num_future: int = 30) -> np.ndarray:
-    """The official Argoverse constant-velocity baseline: mean velocity over the history.
+    """The constant-velocity baseline (the motion-forecasting benchmarks' reference): mean velocity over the history.
 
     Args:
         history: (n, T, 2) observed positions (T >= 2), any fixed frame.

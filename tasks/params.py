@@ -2,8 +2,10 @@
 
 :func:`param_specs` returns, per parameter, its default and a JSON-schema fragment (type,
 range, enum, description) that the DAG files turn into ``airflow.sdk.Param``; the UI renders
-a typed form from it and the REST API rejects a ``conf`` that violates it. What a schema
-cannot say (checks across fields, what this machine can run, whether the data URL exists) is
+a typed form from it and the REST API rejects a ``conf`` that violates it. The common params
+are defined here; a pipeline adds or overrides some through its spec
+(:attr:`tasks.pipelines.PipelineSpec.params`). What a schema cannot say (checks across fields,
+what this machine can run, the model family's own settings, whether the data URL exists) is
 checked by :func:`validate_params` in the first task, before any work, with the field named.
 """
 
@@ -14,8 +16,6 @@ import re
 from typing import Any
 
 PARALLELISM = ("ddp", "fsdp", "none")
-# Row-sharded embedding tables: only the recommendation models have tables to shard.
-RECOMMENDATION_PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "none")
 APPROVAL_MODES = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -23,8 +23,6 @@ LAUNCHERS = ("local", "kubernetes")
 KUBERNETES_JOB_KINDS = ("trainjob", "pytorchjob")
 ENDPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}$"
 
-RECOMMENDATION_MODELS = ("neumf", "gmf", "mlp", "sasrec")
-DRIVING_MODELS = ("mlp", "context")
 
 
 class ParamError(ValueError):
@@ -33,81 +31,79 @@ class ParamError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"param {field!r}: {message}")
         self.field = field
+        self.reason = message
 
 
 def _spec(default: Any, schema: dict[str, Any], description: str, title: str | None = None) -> dict[str, Any]:
     return {"default": default, "schema": schema, "description": description, "title": title}
 
 
-def param_specs(kind: str) -> dict[str, dict[str, Any]]:
-    """Parameters of the ``kind`` pipeline (``recommendation`` or ``driving``), in form order."""
-    if kind == "recommendation":
-        source = "synthetic://recommendation?num_interactions=100000"
-        source_help = (
-            "Raw interactions: a MovieLens release name (movielens-100k, movielens-1m, movielens-20m, "
-            "movielens-25m, movielens-32m), an fsspec URL of a ratings file / folder / NCF split "
-            "(file://, s3://), or synthetic://recommendation?num_interactions=N."
-        )
-        models, model_default = RECOMMENDATION_MODELS, "sasrec"
-        model_help = (
-            "sasrec: self-attention over each user's history in time order (the best here); "
-            "neumf, gmf, mlp: the NCF family of He et al. 2017 (tuned with batch_size 512, learning_rate 0.001)."
-        )
-        epochs, batch, lr = 60, 256, 0.002
-        registered, metric = "trainflow-recommendation", "ndcg_at_10"
-        metrics = ["ndcg_at_10", "hr_at_10"]
-        parallelisms = RECOMMENDATION_PARALLELISM
-        parallelism_help = (
-            "ddp: the model replicated on every rank; fsdp: every parameter sharded (FSDP2), each table "
-            "gathered for its forward; sharded_embeddings: the user/item embedding tables split row-wise "
-            "across ranks and never gathered (each rank holds 1/world of their rows and optimizer state; "
-            "for tables too large for one rank), the rest replicated with DDP; none: a single process."
-        )
-    elif kind == "driving":
-        source = "synthetic://driving?num_sequences=2000"
-        source_help = (
-            "Raw scenarios: an fsspec URL of a folder of Argoverse-1 forecasting CSV files (file://, s3://) "
-            "or synthetic://driving?num_sequences=N."
-        )
-        models, model_default = DRIVING_MODELS, "context"
-        model_help = "Forecaster: mlp (history only) or context (history + surrounding vehicles)."
-        epochs, batch, lr = 30, 128, 0.001
-        registered, metric = "trainflow-driving", "ade"
-        metrics = ["ade", "fde", "miss_rate"]
-        parallelisms = PARALLELISM
-        parallelism_help = "ddp: replicated model; fsdp: sharded parameters (FSDP2); none: a single process."
-    else:
-        raise ValueError(f"kind must be 'recommendation' or 'driving', got {kind!r}")
-    size = 64 if kind == "recommendation" else 256
-    return {
-        "source_url": _spec(source, {"type": "string", "minLength": 1}, source_help, "Data source"),
+def param_specs(pipeline: Any) -> dict[str, dict[str, Any]]:
+    """Parameters of ``pipeline`` (a registered name or a spec), in form order: the common ones
+    with the pipeline's overrides merged in, then the ones the pipeline adds.
+
+    Raises:
+        tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
+    """
+    from tasks.pipelines import get_pipeline
+
+    spec = get_pipeline(pipeline)
+    specs = _common_specs()
+    specs["registered_model_name"]["default"] = spec.registered_model_name
+    specs["promotion_metric"]["default"] = spec.promotion_metric
+    specs["promotion_metric"]["schema"] = {"type": "string", "enum": list(spec.promotion_metrics)}
+    for key, override in spec.params.items():
+        unknown = set(override) - {"default", "schema", "description", "title"}
+        if unknown:
+            raise ValueError(f"pipeline {spec.name!r}: param {key!r} has unknown keys {sorted(unknown)}")
+        if key in specs:
+            merged = dict(specs[key])
+            merged["schema"] = {**specs[key]["schema"], **override.get("schema", {})}
+            merged.update({k: v for k, v in override.items() if k != "schema"})
+            specs[key] = merged
+        else:
+            if "schema" not in override or "default" not in override:
+                raise ValueError(f"pipeline {spec.name!r}: the param {key!r} it adds needs a default and a schema")
+            specs[key] = _spec(override["default"], dict(override["schema"]), override.get("description", ""),
+                               override.get("title"))
+    if specs["source_url"]["default"] is None:
+        raise ValueError(f"pipeline {spec.name!r}: give the source_url param a default in PipelineSpec.params")
+    return specs
+
+
+def _common_specs() -> dict[str, dict[str, Any]]:
+    """The params every pipeline has, with generic defaults."""
+    common = {
+        "source_url": _spec(None, {"type": "string", "minLength": 1}, "Raw data: a URL the pipeline reads (file://, s3://...).", "Data source"),
         "dataset_name": _spec(
             None,
             {"type": ["null", "string"], "pattern": r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]*$", "maxLength": 128},
             "Name of the dataset under {root}/datasets/; empty: derived from the source.",
             "Dataset name",
         ),
-        "model": _spec(model_default, {"type": "string", "enum": list(models)}, model_help, "Model"),
+        "model": _spec("default", {"type": "string"}, "Model of the pipeline's family to train.", "Model"),
         "model_size": _spec(
-            size,
+            64,
             {"type": "integer", "minimum": 4, "maximum": 4096},
-            "Embedding / hidden size of the model (NCF: GMF factors, MLP tower 2×size...; SASRec: hidden size; "
-            "driving: decoder width).",
+            "Embedding / hidden size of the model (what it sets is the pipeline's family's choice).",
             "Model size",
         ),
         "model_options": _spec(
             {},
             {"type": "object"},
-            "Further settings of the model family as JSON, e.g. {\"dropout\": 0.1, \"max_seq_len\": 100} "
-            "(fields of RecommendationConfig / DrivingConfig; see docs/trainer.md).",
+            "Further settings of the model family as JSON, e.g. {\"dropout\": 0.1}: fields of the pipeline's "
+            "family config (see docs/trainer.md); an unknown field is refused before training starts.",
             "Model options",
         ),
-        "epochs": _spec(epochs, {"type": "integer", "minimum": 1, "maximum": 1000}, "Training epochs.", "Epochs"),
+        "epochs": _spec(10, {"type": "integer", "minimum": 1, "maximum": 1000}, "Training epochs.", "Epochs"),
         "batch_size": _spec(
-            batch, {"type": "integer", "minimum": 1, "maximum": 1_048_576}, "Global batch size (all ranks).", "Batch size"
+            256,
+            {"type": "integer", "minimum": 1, "maximum": 1_048_576},
+            "Global batch size (all ranks); a multiple of the world size (nnodes × nproc_per_node).",
+            "Batch size",
         ),
         "learning_rate": _spec(
-            lr, {"type": "number", "exclusiveMinimum": 0, "maximum": 10}, "Adam learning rate.", "Learning rate"
+            0.001, {"type": "number", "exclusiveMinimum": 0, "maximum": 10}, "Adam learning rate.", "Learning rate"
         ),
         "nnodes": _spec(
             1,
@@ -190,8 +186,8 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         ),
         "parallelism": _spec(
             "ddp",
-            {"type": "string", "enum": list(parallelisms)},
-            parallelism_help,
+            {"type": "string", "enum": list(PARALLELISM)},
+            "ddp: replicated model; fsdp: sharded parameters (FSDP2); none: a single process.",
             "Parallelism",
         ),
         "device": _spec(
@@ -214,13 +210,13 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             "torch.compile",
         ),
         "registered_model_name": _spec(
-            registered,
+            None,
             {"type": "string", "minLength": 1, "maxLength": 256},
             "MLflow registered model to add the new version to.",
             "Registered model",
         ),
         "promotion_metric": _spec(
-            metric, {"type": "string", "enum": metrics}, "Metric the champion/challenger gate compares.", "Promotion metric"
+            None, {"type": "string"}, "Metric the champion/challenger gate compares.", "Promotion metric"
         ),
         "promotion_margin": _spec(
             0.0,
@@ -260,32 +256,42 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         ),
         "seed": _spec(0, {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "Seed of sampling and training.", "Seed"),
     }
+    return common
 
 
-def unknown_params(params: dict[str, Any], kind: str) -> list[str]:
-    """The keys of ``params`` (a DAG run's conf) that are no param of the ``kind`` pipeline, sorted."""
-    return sorted(set(params) - set(param_specs(kind)))
+def unknown_params(params: dict[str, Any], pipeline: Any) -> list[str]:
+    """The keys of ``params`` (a DAG run's conf) that are no param of ``pipeline``, sorted."""
+    return sorted(set(params) - set(param_specs(pipeline)))
 
 
-def unknown_param_message(key: str, kind: str) -> str:
+def unknown_param_message(key: str, pipeline: Any) -> str:
     """Why ``key`` is refused, with the closest known name when there is one."""
     import difflib
 
-    known = list(param_specs(kind))
+    known = list(param_specs(pipeline))
     close = difflib.get_close_matches(str(key), known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown parameter ({hint}known: {', '.join(known)})"
 
 
-def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = None, cuda_devices: int | None = None) -> dict[str, Any]:
+def validate_params(
+    params: dict[str, Any],
+    pipeline: Any,
+    cpu_count: int | None = None,
+    cuda_devices: int | None = None,
+    *,
+    check_machine: bool = True,
+) -> dict[str, Any]:
     """Check the values and the combinations a JSON schema cannot express.
 
     Args:
         params: The DAG run's params (defaults filled in by Airflow).
-        kind: ``recommendation`` or ``driving``.
+        pipeline: The pipeline's name or spec.
         cpu_count: CPUs usable here (default: this machine's).
         cuda_devices: CUDA devices here (default: none unless torch says otherwise; pass it in
             to avoid importing torch).
+        check_machine: Check what this machine can run (``launcher=local``: CPUs, GPUs);
+            ``False`` where the run is only being triggered (the API server).
 
     Returns:
         The params with every known key, defaults filled in.
@@ -293,20 +299,20 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
     Raises:
         ParamError: naming the first bad field.
     """
-    specs = param_specs(kind)
-    unknown = unknown_params(params, kind)
+    specs = param_specs(pipeline)
+    unknown = sorted(set(params) - set(specs))
     if unknown:
-        raise ParamError(unknown[0], unknown_param_message(unknown[0], kind))
+        raise ParamError(unknown[0], unknown_param_message(unknown[0], pipeline))
     values = {key: params.get(key, spec["default"]) for key, spec in specs.items()}
     for key, spec in specs.items():
-        _check_schema(key, values[key], spec["schema"])
+        check_schema(key, values[key], spec["schema"])
     if cpu_count is None:
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = values["launcher"] == "local"
-    if local:
-        _check_local_machine(values, cpu_count, cuda_devices)
-    else:
+    if not local:
         _check_kubernetes(values)
+    elif check_machine:
+        _check_local_machine(values, cpu_count, cuda_devices)
     for key in values["model_options"]:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", str(key)):
             raise ParamError("model_options", f"{key!r} is not a setting name")
@@ -319,13 +325,47 @@ def validate_params(params: dict[str, Any], kind: str, cpu_count: int | None = N
     world = values["nnodes"] * values["nproc_per_node"]
     if values["parallelism"] == "none" and world > 1:
         raise ParamError("parallelism", f"'none' runs one process, but nnodes × nproc_per_node = {world}")
+    if values["parallelism"] == "none":
+        world = 1
     if values["batch_size"] < world:
         raise ParamError("batch_size", f"{values['batch_size']} is smaller than the world size {world}")
+    if values["batch_size"] % world:
+        raise ParamError(
+            "batch_size",
+            f"{values['batch_size']} is not a multiple of the world size {world} (nnodes {values['nnodes']} × "
+            f"nproc_per_node {values['nproc_per_node']}): every rank takes an equal share of each batch",
+        )
+    _check_family_settings(values, pipeline)
     source = values["source_url"].strip()
     if not source:
         raise ParamError("source_url", "must not be empty")
     values["source_url"] = source
     return values
+
+
+def _check_family_settings(values: dict[str, Any], pipeline: Any) -> None:
+    """Build the pipeline's family config from the params, as the trainer will: an unknown
+    ``model_options`` key or a value the config refuses fails here, before any process starts."""
+    import dataclasses
+    import difflib
+
+    from tasks.pipelines import get_pipeline, load_object
+
+    spec = get_pipeline(pipeline)
+    config_cls = load_object(spec.family_config)
+    settings = spec.settings_for_family(values)
+    fields = [f.name for f in dataclasses.fields(config_cls)] if dataclasses.is_dataclass(config_cls) else None
+    if fields is not None:
+        options = values.get("model_options") or {}
+        for key in sorted(set(settings) - set(fields)):
+            field = "model_options" if key in options else "model"
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ParamError(field, f"{key!r} is no setting of {config_cls.__name__} ({hint}known: {', '.join(fields)})")
+    try:
+        config_cls(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ParamError("model_options", f"{config_cls.__name__}: {exc}") from exc
 
 
 def _check_local_machine(values: dict[str, Any], cpu_count: int, cuda_devices: int | None) -> None:
@@ -367,7 +407,7 @@ def _check_kubernetes(values: dict[str, Any]) -> None:
         raise ParamError("rdzv_endpoint", "launcher=kubernetes: the job's own service is the rendezvous; leave it empty")
 
 
-def _check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
+def check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
     types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
     py = {
         "object": (dict,),

@@ -14,27 +14,33 @@ import logging
 import os
 from typing import Any
 
+from tasks.kubernetes import TRAINER_MODULE
 from tasks.params import validate_params
 from tasks.rendezvous import NodeChannel
-from tasks.settings import Settings, get_settings
+from tasks.settings import Settings, get_settings, redact_url
 from tasks.sharding import ShardingConfig, shard_dataset
 
 log = logging.getLogger(__name__)
 
 
-def shard_step(params: dict[str, Any], kind: str, settings: Settings | None = None) -> dict[str, Any]:
+def shard_step(params: dict[str, Any], pipeline: Any, settings: Settings | None = None) -> dict[str, Any]:
     """Validate the params, then shard the source into a dataset version (or find it).
+
+    Args:
+        params: The DAG run's params.
+        pipeline: The pipeline's name or spec (see :mod:`tasks.pipelines`).
+        settings: Storage root and credentials (default: from the environment).
 
     Returns:
         The sharding summary (``manifest_uri``, ``version``, ``cache_hit``, split sizes,
         stats) plus the validated ``params``.
     """
     settings = settings or get_settings()
-    values = validate_params(params, kind)
+    values = validate_params(params, pipeline)
     log.info("settings: %s", settings.describe())
     summary = shard_dataset(
         values["source_url"],
-        kind,
+        pipeline,
         name=values["dataset_name"] or None,
         config=ShardingConfig(seed=0),
         settings=settings,
@@ -48,34 +54,12 @@ def shard_step(params: dict[str, Any], kind: str, settings: Settings | None = No
 
 
 # --- train -----------------------------------------------------------------------------------
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # Tuned on the valid split of ML-100K (docs/quality.md); model_options override them.
-    "sasrec": {"max_seq_len": 50, "dropout": 0.2, "num_negatives": 1},
-    "neumf": {"num_negatives": 4},
-    "gmf": {"num_negatives": 4},
-    "mlp": {"num_negatives": 4},
-}
+def family_args(pipeline: Any, values: dict[str, Any]) -> list[str]:
+    """The model family's settings from the DAG params (``model``, ``model_size``,
+    ``model_options``, ``seed``) as ``--family.FIELD=VALUE`` arguments (the spec maps them)."""
+    from tasks.pipelines import get_pipeline
 
-
-def family_args(kind: str, values: dict[str, Any]) -> list[str]:
-    """The model family's settings from the DAG params ``model``, ``model_size`` and
-    ``model_options`` (which win), as ``--family.FIELD=VALUE`` arguments."""
-    size = int(values["model_size"])
-    settings: dict[str, Any] = {"seed": values["seed"]}
-    if kind == "recommendation":
-        model = values["model"]
-        settings["model"] = model
-        settings.update(MODEL_PRESETS.get(model, {}))
-        if model == "sasrec":
-            settings["hidden_size"] = size
-        else:
-            settings["gmf_factors"] = size
-            settings["mlp_layers"] = [max(2 * size, 8), max(size, 4), max(size // 2, 2), max(size // 4, 1)]
-    else:
-        settings["hidden_dim"] = size
-        if values["model"] == "mlp":
-            settings["max_neighbours"] = 0
-    settings.update(values.get("model_options") or {})
+    settings = get_pipeline(pipeline).settings_for_family(values)
     return [f"--family.{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
@@ -145,7 +129,7 @@ def train_step(
     params: dict[str, Any],
     dataset: dict[str, Any],
     *,
-    kind: str,
+    pipeline: Any,
     dag_id: str,
     run_id: str,
     try_number: int,
@@ -172,13 +156,15 @@ def train_step(
         tasks.rendezvous.RendezvousTimeout: a node never joined; names it and the timeout.
     """
     from tasks.launch import LaunchConfig, LaunchError, read_result, run_dir_url, run_torchrun
+    from tasks.pipelines import get_pipeline
 
     settings = settings or get_settings()
-    values = validate_params(params, kind)
+    spec = get_pipeline(pipeline)
+    values = validate_params(params, spec)
     training_key = f"{dag_id}/{run_id}"
     mlflow_run_id, experiment_id = ensure_mlflow_run(
         settings,
-        f"trainflow-{kind}",
+        spec.experiment_name,
         training_key,
         run_name=f"{dag_id} {run_id}",
         tags={"trainflow.dag_id": dag_id, "trainflow.run_id": run_id, "trainflow.dataset_version": dataset["version"]},
@@ -186,7 +172,7 @@ def train_step(
     run_dir = run_dir_url(dag_id, run_id, settings)
     nproc = 1 if values["parallelism"] == "none" else values["nproc_per_node"]
     threads = _threads_per_rank(values, nproc)
-    args = trainer_args(kind, values, dataset, run_dir=run_dir, dag_id=dag_id, run_id=run_id,
+    args = trainer_args(spec, values, dataset, run_dir=run_dir, dag_id=dag_id, run_id=run_id,
                         settings=settings, mlflow_run_id=mlflow_run_id)
     env = child_environment(settings, threads)
     if values["launcher"] == "kubernetes":
@@ -195,7 +181,7 @@ def train_step(
         if kubernetes is None:
             raise ValueError("launcher=kubernetes needs a Kubernetes client (the DAG side builds it from the connection)")
         run_kubernetes_training(
-            kubernetes, kind=kind, values=values, args=args, dag_id=dag_id, run_id=run_id, try_number=try_number,
+            kubernetes, kind=spec.name, values=values, args=args, dag_id=dag_id, run_id=run_id, try_number=try_number,
             settings=settings, logger=log,
         )
     else:
@@ -206,7 +192,7 @@ def train_step(
         log.info("training %s on %d node(s) x %d process(es) (%s, %s): run dir %s", values["model"], nnodes, nproc,
                  values["parallelism"], values["device"], run_dir)
         try:
-            run_torchrun(launch, module=f"trainers.{kind}", args=args, env=env, logger=log)
+            run_torchrun(launch, module=TRAINER_MODULE, args=args, env=env, logger=log)
         except LaunchError as exc:
             if nnodes > 1:
                 _raise_rendezvous_error(exc, nodes, launch, node_rank=0)
@@ -234,7 +220,7 @@ def train_node_step(
     params: dict[str, Any],
     node_rank: int,
     *,
-    kind: str,
+    pipeline: Any,
     nodes: NodeChannel,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
@@ -253,7 +239,7 @@ def train_node_step(
     from tasks.rendezvous import wait_for_plan
 
     settings = settings or get_settings()
-    values = validate_params(params, kind)
+    values = validate_params(params, pipeline)
     if not 1 <= node_rank < values["nnodes"]:
         raise ValueError(f"node_rank must be in [1, {values['nnodes']}), got {node_rank}")
     plan = wait_for_plan(nodes, node_rank, values["rdzv_join_timeout_s"])
@@ -277,7 +263,7 @@ def train_node_step(
     log.info("node %d of %d: joining rendezvous %s (id %s) with %d process(es)", node_rank, launch.nnodes,
              launch.rdzv_endpoint, launch.rdzv_id, launch.nproc_per_node)
     try:
-        run_torchrun(launch, module=f"trainers.{kind}", args=plan["args"], env=env, logger=log)
+        run_torchrun(launch, module=TRAINER_MODULE, args=plan["args"], env=env, logger=log)
     except LaunchError as exc:
         _raise_rendezvous_error(exc, nodes, launch, node_rank=node_rank)
         raise
@@ -285,8 +271,52 @@ def train_node_step(
     return {**summary, "already_finished": False}
 
 
+RUN_CONFIG_NAME = "run_config.json"
+
+
+def run_config(
+    pipeline: Any,
+    values: dict[str, Any],
+    dataset: dict[str, Any],
+    *,
+    run_dir: str,
+    dag_id: str,
+    run_id: str,
+    settings: Settings,
+    mlflow_run_id: str,
+) -> dict[str, Any]:
+    """The whole run configuration the trainer gets: ``{"pipeline", "train", "family"}``.
+
+    ``train`` is the loop's ``TrainConfig`` (the pipeline's ``train_defaults``, then the
+    params); ``family`` the family config's fields from the params (the spec maps them).
+    """
+    from tasks.pipelines import get_pipeline
+
+    spec = get_pipeline(pipeline)
+    train = {
+        **spec.train_defaults,
+        "manifest_uri": dataset["manifest_uri"],
+        "run_dir": run_dir,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "epochs": values["epochs"],
+        "batch_size": values["batch_size"],
+        "learning_rate": values["learning_rate"],
+        "parallelism": values["parallelism"],
+        "device": values["device"],
+        "precision": values["precision"],
+        "compile": values["compile"],
+        "pin_memory": values["device"] == "cuda",
+        "seed": values["seed"],
+        # No mlflow_tracking_uri: it may carry a password; the ranks get MLFLOW_TRACKING_URI
+        # from their environment (child_environment, the Kubernetes Secret).
+        "mlflow_run_id": mlflow_run_id,
+    }
+    return {"pipeline": spec.name, "train": train, "family": spec.settings_for_family(values)}
+
+
 def trainer_args(
-    kind: str,
+    pipeline: Any,
     values: dict[str, Any],
     dataset: dict[str, Any],
     *,
@@ -296,25 +326,16 @@ def trainer_args(
     settings: Settings,
     mlflow_run_id: str,
 ) -> list[str]:
-    """The trainer's command-line arguments (the same on every node and every pod)."""
-    return [
-        f"--train.manifest_uri={dataset['manifest_uri']}",
-        f"--train.run_dir={run_dir}",
-        f"--train.dag_id={dag_id}",
-        f"--train.run_id={run_id}",
-        f"--train.epochs={values['epochs']}",
-        f"--train.batch_size={values['batch_size']}",
-        f"--train.learning_rate={values['learning_rate']}",
-        f"--train.parallelism={values['parallelism']}",
-        f"--train.device={values['device']}",
-        f"--train.precision={values['precision']}",
-        f"--train.compile={json.dumps(values['compile'])}",
-        f"--train.pin_memory={json.dumps(values['device'] == 'cuda')}",
-        f"--train.seed={values['seed']}",
-        f"--train.mlflow_tracking_uri={settings.mlflow_tracking_uri}",
-        f"--train.mlflow_run_id={mlflow_run_id}",
-        *family_args(kind, values),
-    ]
+    """The trainer's command-line arguments (the same on every node and every pod): the run
+    configuration, written whole into the run directory (which every node and pod reads), and
+    the pipeline's name."""
+    from tasks.storage import Storage
+
+    config = run_config(pipeline, values, dataset, run_dir=run_dir, dag_id=dag_id, run_id=run_id,
+                        settings=settings, mlflow_run_id=mlflow_run_id)
+    store = Storage(run_dir, settings)
+    store.commit_bytes(RUN_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    return [f"--pipeline={config['pipeline']}", f"--config={redact_url(store.url(RUN_CONFIG_NAME))}"]
 
 
 def _threads_per_rank(values: dict[str, Any], nproc: int) -> int:
@@ -393,26 +414,23 @@ def _export_servable(run_dir: str, mlflow_run_id: str, env: dict[str, str]) -> d
 
 
 # --- evaluate --------------------------------------------------------------------------------
-def evaluate_model_step(kind: str, train: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+def evaluate_model_step(pipeline: Any, train: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
     """Score the trained model on its dataset's eval split vs the baseline; log to its run."""
     from tasks.evaluation import evaluate_step
 
     return evaluate_step(
-        kind, train["model_uri"], train["manifest_uri"], mlflow_run_id=train["mlflow_run_id"], settings=settings
+        pipeline, train["model_uri"], train["manifest_uri"], mlflow_run_id=train["mlflow_run_id"], settings=settings
     )
 
 
 # --- register --------------------------------------------------------------------------------
-BASELINE_NAMES = {"recommendation": "ItemPop", "driving": "constant velocity"}
-
-
 def register_model_step(
     params: dict[str, Any],
     dataset: dict[str, Any],
     train: dict[str, Any],
     evaluation: dict[str, Any],
     *,
-    kind: str,
+    pipeline: Any,
     dag_id: str,
     run_id: str,
     airflow_run_url: str = "",
@@ -425,20 +443,20 @@ def register_model_step(
     reviewer (the gate's verdict is recorded, ``champion`` does not move yet), a scheduled one
     does not. The result carries what the approval request shows (dataset, training, plots).
     """
-    from tasks.evaluation import evaluate_driving, evaluate_recommendation, load_predictor
+    from tasks.evaluation import load_predictor
     from tasks.manifest import load_manifest
     from tasks.params import approval_required
+    from tasks.pipelines import get_pipeline
     from tasks.registry import GateConfig, Lineage, code_version, register_step
 
     settings = settings or get_settings()
-    values = validate_params(params, kind)
+    spec = get_pipeline(pipeline)
+    values = validate_params(params, spec)
     manifest = load_manifest(train["manifest_uri"], settings)
 
     def rescore(model_uri: str) -> dict[str, float]:
         predict = load_predictor(model_uri, settings.mlflow_tracking_uri)
-        if kind == "recommendation":
-            return evaluate_recommendation(manifest, predict)["metrics"]
-        return evaluate_driving(manifest, predict)["metrics"]
+        return spec.evaluate(manifest, predict, split="eval")["metrics"]
 
     torch_version = ""
     try:
@@ -482,7 +500,12 @@ def register_model_step(
         registered_model_name=values["registered_model_name"],
         metrics=evaluation["metrics"],
         lineage=lineage,
-        gate=GateConfig(values["promotion_metric"], values["promotion_margin"]),
+        gate=GateConfig(
+            values["promotion_metric"],
+            values["promotion_margin"],
+            higher_is_better=spec.higher_is_better(values["promotion_metric"]),
+            metric_order=spec.metric_order,
+        ),
         rescore=rescore,
         dataset=dataset_facts,
         training={k: v for k, v in training.items() if k not in ("world size", "parallelism")},
@@ -497,7 +520,7 @@ def register_model_step(
         "mlflow_run_id": train["mlflow_run_id"],
         "mlflow_experiment_id": train.get("mlflow_experiment_id"),
         "plots": list(evaluation.get("plots", [])),
-        "baseline_name": BASELINE_NAMES[kind],
+        "baseline_name": spec.baseline_name,
         "airflow_run_url": airflow_run_url,
     }
     return result
@@ -505,17 +528,16 @@ def register_model_step(
 
 # --- report ----------------------------------------------------------------------------------
 REPORT_NAME = "report.json"
-REPORT_KEYS = {
-    "recommendation": ("hr_at_10", "ndcg_at_10", "mrr", "coverage_at_10"),
-    "driving": ("ade", "fde", "miss_rate", "ade_1s", "fde_3s"),
-}
 
 
-def run_report(kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], registry: dict[str, Any]) -> dict[str, Any]:
+def run_report(pipeline: Any, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], registry: dict[str, Any]) -> dict[str, Any]:
     """What one pipeline run produced, in a few lines a user reads first."""
+    from tasks.pipelines import get_pipeline
+
+    spec = get_pipeline(pipeline)
     metrics = evaluation["metrics"]
     return {
-        "kind": kind,
+        "kind": spec.name,
         "dataset": {k: dataset.get(k) for k in ("name", "version", "cache_hit", "splits", "manifest_uri")},
         "training": {
             k: train.get(k)
@@ -524,8 +546,8 @@ def run_report(kind: str, dataset: dict[str, Any], train: dict[str, Any], evalua
                 "best_epoch", "resumed_from_step", "run_dir", "checkpoint_uri",
             )
         },
-        "metrics": {k: {"model": metrics[k], "baseline": metrics.get(f"baseline_{k}")} for k in REPORT_KEYS[kind] if k in metrics},
-        "baseline": BASELINE_NAMES[kind],
+        "metrics": {k: {"model": metrics[k], "baseline": metrics.get(f"baseline_{k}")} for k in spec.report_metrics if k in metrics},
+        "baseline": spec.baseline_name,
         "registry": {
             "name": registry["name"],
             "version": registry["version"],

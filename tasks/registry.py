@@ -34,17 +34,10 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 TAG = "trainflow."
-LOWER_IS_BETTER = {"ade", "fde", "miss_rate", "loss"}
 
 
 class RegistryUnavailableError(RuntimeError):
     """The MLflow tracking/registry server could not be reached; the message names it."""
-
-
-def higher_is_better(metric: str) -> bool:
-    """Whether larger values of ``metric`` are better (HR/NDCG yes; ADE/FDE/miss rate no)."""
-    base = metric.removeprefix("baseline_")
-    return not (base in LOWER_IS_BETTER or base.startswith(("ade_", "fde_")))
 
 
 def code_version() -> str:
@@ -113,12 +106,17 @@ class GateConfig:
     """How a challenger is judged.
 
     Attributes:
-        metric: Metric key compared (``ndcg_at_10``, ``ade``...).
+        metric: Metric key compared (one the pipeline declares with ``gate=True``).
         margin: Absolute improvement required over the champion (>= 0).
+        higher_is_better: The metric's direction, from the pipeline's spec
+            (:meth:`tasks.pipelines.PipelineSpec.higher_is_better`).
+        metric_order: Metrics listed first in comparison tables (the pipeline's headline ones).
     """
 
     metric: str
     margin: float = 0.0
+    higher_is_better: bool = True
+    metric_order: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.margin < 0:
@@ -161,15 +159,15 @@ def champion_version(client, name: str):
         raise
 
 
-def decide(candidate: float, reference: float, metric: str, margin: float) -> bool:
-    """Whether ``candidate`` beats ``reference`` on ``metric`` by more than ``margin``."""
-    if higher_is_better(metric):
+def decide(candidate: float, reference: float, higher_is_better: bool, margin: float) -> bool:
+    """Whether ``candidate`` beats ``reference`` by more than ``margin`` in the metric's direction."""
+    if higher_is_better:
         return candidate > reference + margin
     return candidate < reference - margin
 
 
 def comparison_table(
-    metrics: dict[str, float], reference: dict[str, float] | None = None, limit: int = 12
+    metrics: dict[str, float], reference: dict[str, float] | None = None, limit: int = 12, order: tuple[str, ...] = ()
 ) -> dict[str, dict[str, float | None]]:
     """Per metric with a baseline: ``{"candidate", "reference", "baseline"}`` (``None`` when unknown).
 
@@ -178,8 +176,12 @@ def comparison_table(
         reference: What the candidate was compared with (the champion's metrics on the same
             eval set); ``None`` when it was compared with the baseline.
         limit: At most this many rows.
+        order: Metrics listed first, in this order (the pipeline's headline metrics).
     """
-    keys = sorted((k for k in metrics if not k.startswith("baseline_") and f"baseline_{k}" in metrics), key=_metric_order)[:limit]
+    keys = sorted(
+        (k for k in metrics if not k.startswith("baseline_") and f"baseline_{k}" in metrics),
+        key=lambda k: _metric_order(k, order),
+    )[:limit]
     reference = reference or {}
     return {
         k: {
@@ -191,14 +193,11 @@ def comparison_table(
     }
 
 
-HEADLINE_METRICS = ("ndcg_at_10", "hr_at_10", "mrr", "ade", "fde", "miss_rate")
-
-
-def _metric_order(key: str) -> tuple:
-    """Headline metrics first, then by name with K / seconds in numeric order (hr_at_5 < hr_at_10);
+def _metric_order(key: str, order: tuple[str, ...] = ()) -> tuple:
+    """``order``'s metrics first, then by name with K / seconds in numeric order (hr_at_5 < hr_at_10);
     a stable order whatever order the metrics arrived in (JSONB reorders XCom keys)."""
-    if key in HEADLINE_METRICS:
-        return (0, HEADLINE_METRICS.index(key), "", 0)
+    if key in order:
+        return (0, order.index(key), "", 0)
     match = re.fullmatch(r"(.*?)(\d+)(s?)", key)
     if match:
         return (1, 0, match.group(1) + match.group(3), int(match.group(2)))
@@ -209,9 +208,9 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def improvement(candidate: float, reference: float, metric: str) -> float:
+def improvement(candidate: float, reference: float, higher_is_better: bool) -> float:
     """How much better ``candidate`` is than ``reference`` (positive = better), whatever the direction."""
-    return candidate - reference if higher_is_better(metric) else reference - candidate
+    return candidate - reference if higher_is_better else reference - candidate
 
 
 def decision_line(decision: dict[str, Any] | None) -> str:
@@ -248,7 +247,7 @@ def model_card(
     decision = decision or {}
     against = decision.get("compared_against", "")
     champion_col = against if against.startswith("champion") else ""
-    table = comparison_table(metrics, reference if champion_col else None)
+    table = comparison_table(metrics, reference if champion_col else None, order=gate.metric_order)
     header = "| metric (eval split) | this version |" + (f" {champion_col} |" if champion_col else "") + " baseline |"
     sep = "|---|---:|" + ("---:|" if champion_col else "") + "---:|"
     rows = [
@@ -285,7 +284,7 @@ def model_card(
         lines += [
             "**Gate** on `{}` ({} is better, margin {}): {} - {} {} vs {} {}.".format(
                 gate.metric,
-                "higher" if higher_is_better(gate.metric) else "lower",
+                "higher" if gate.higher_is_better else "lower",
                 gate.margin,
                 decision.get("gate_verdict", "passed" if decision["outcome"] == "promoted" else "failed"),
                 gate.metric,
@@ -450,7 +449,9 @@ def _register_locked(
         "comparison": [
             {"metric": key, **row}
             for key, row in comparison_table(
-                metrics, reference if str(decision.get("compared_against", "")).startswith("champion") else None
+                metrics,
+                reference if str(decision.get("compared_against", "")).startswith("champion") else None,
+                order=gate.metric_order,
             ).items()
         ],
     }
@@ -517,8 +518,8 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
                 f"champion v{champion.version} was evaluated on dataset version "
                 f"{champion.tags.get(TAG + 'dataset_version')}, not {lineage.dataset_version}, and no rescore was given"
             )
-    passed = decide(candidate, reference, gate.metric, gate.margin)
-    direction = "higher" if higher_is_better(gate.metric) else "lower"
+    passed = decide(candidate, reference, gate.higher_is_better, gate.margin)
+    direction = "higher" if gate.higher_is_better else "lower"
     reason = f"{gate.metric} {candidate:.4f} vs {against} {reference:.4f} ({direction} is better, margin {gate.margin})"
     verdict = {
         "passed": passed,
@@ -526,7 +527,8 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
         "metric": gate.metric,
         "candidate_value": f"{candidate:.6g}",
         "reference_value": f"{reference:.6g}",
-        "improvement": f"{improvement(candidate, reference, gate.metric):.6g}",
+        "improvement": f"{improvement(candidate, reference, gate.higher_is_better):.6g}",
+        "direction": direction,
         "compared_against": against,
         "margin": str(gate.margin),
         "previous_champion": champion.version if champion is not None else "",
@@ -736,7 +738,7 @@ def approval_request(
         links: ``mlflow_run``, ``model_version``, ``airflow_run`` URLs and ``plots``
             (``{name: url}``); missing ones are left out.
         timeout_hours: The response timeout, said in the body.
-        baseline_name: What the baseline is (``ItemPop``, ``constant velocity``).
+        baseline_name: What the baseline is (the pipeline's ``baseline_name``).
 
     Returns:
         ``(subject, body)``.
@@ -751,7 +753,7 @@ def approval_request(
     champion_col = against if against.startswith("champion") else ""
     verdict = decision.get("gate_verdict", "")
     subject = f"Promote {name} v{version} to champion? (gate {verdict})"
-    direction = "higher" if higher_is_better(metric) else "lower"
+    direction = decision.get("direction") or "higher"
     lines = [
         f"**{name} v{version}** is `challenger`. Approve to make it `champion`; reject to keep it `challenger`.",
         "",

@@ -1,4 +1,5 @@
-"""The contract between the generic train loop and a model family (recommendation, driving).
+"""The contract between the generic train loop and a model family (one per pipeline, see
+:attr:`tasks.pipelines.PipelineSpec.family`).
 
 The loop (``trainers.loop``) owns distribution (DDP/FSDP wrapping), the optimizer, gradient
 accumulation, mixed precision, checkpoints, progress lines and MLflow logging. A family owns

@@ -2,8 +2,8 @@
 
 One code path runs alone and under torchrun (a family's ``__main__`` calls :func:`main`)::
 
-    python -m trainers.recommendation --config run.json --train.epochs=2
-    torchrun --standalone --nproc-per-node 2 -m trainers.recommendation --config run.json
+    python -m trainers.train --pipeline NAME --config run.json --train.epochs=2
+    torchrun --standalone --nproc-per-node 2 -m trainers.train --pipeline NAME --config run.json
 
 What the loop does, in order: join the process group (:mod:`trainers.distributed`), seed,
 load the manifest, build the family's model and wrap it (DDP, or FSDP2 ``fully_shard`` on the
@@ -434,6 +434,7 @@ class Trainer:
             torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
             store.write_bytes("model.pt", buffer.getvalue())
             config = {
+                "pipeline": family.manifest.kind,
                 "family": family.name,
                 "family_config": _as_dict(self.family_config),
                 "export_config": family.export_config(),
@@ -615,6 +616,18 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # entry points -----------------------------------------------------------------------------
+def read_run_config(path_or_url: str) -> dict[str, Any]:
+    """A run configuration file (``{"train": {...}, "family": {...}}``) from a local path or any
+    storage URL (the train step writes it into the run directory, which every node can read)."""
+    if "://" in path_or_url:
+        from tasks.storage import Storage
+
+        base, _, name = path_or_url.rstrip("/").rpartition("/")
+        return json.loads(Storage(base).read_bytes(name))
+    with open(path_or_url) as handle:
+        return json.load(handle)
+
+
 def parse_args(argv: list[str] | None, family_config_cls: type) -> tuple[Any, TrainConfig]:
     """``--config FILE`` (JSON ``{"train": {...}, "family": {...}}``) plus overrides
     ``--train.FIELD=VALUE`` / ``--family.FIELD=VALUE`` (values parsed as JSON, else text)."""
@@ -623,8 +636,7 @@ def parse_args(argv: list[str] | None, family_config_cls: type) -> tuple[Any, Tr
     known, rest = parser.parse_known_args(argv)
     data: dict[str, dict[str, Any]] = {"train": {}, "family": {}}
     if known.config:
-        with open(known.config) as handle:
-            loaded = json.load(handle)
+        loaded = read_run_config(known.config)
         data["train"].update(loaded.get("train", {}))
         data["family"].update(loaded.get("family", {}))
     for arg in rest:

@@ -14,7 +14,6 @@ import json
 import re
 from typing import Any
 
-KIND_BY_DAG_ID = {"recommendation_training": "recommendation", "driving_training": "driving"}
 TRIGGER_PATH = re.compile(r"/api/v2/dags/(?P<dag_id>[^/]+)/dagRuns/?$")
 
 
@@ -26,7 +25,7 @@ class RejectUnknownConfKeys:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         match = TRIGGER_PATH.search(scope.get("path", "")) if scope["type"] == "http" else None
-        kind = KIND_BY_DAG_ID.get(match["dag_id"]) if match and scope.get("method") == "POST" else None
+        kind = _pipeline_of(match["dag_id"]) if match and scope.get("method") == "POST" else None
         if kind is None:
             await self.app(scope, receive, send)
             return
@@ -53,10 +52,31 @@ class RejectUnknownConfKeys:
         await self.app(scope, replay, send)
 
 
+def _pipeline_of(dag_id: str) -> str | None:
+    """The registered pipeline whose DAG is ``dag_id`` (``None``: not a trainflow pipeline's DAG,
+    which this middleware leaves to Airflow)."""
+    from tasks.pipelines import pipeline_for_dag
+
+    spec = pipeline_for_dag(dag_id)
+    return spec.name if spec is not None else None
+
+
 def _unknown_key_detail(body: bytes, kind: str) -> str | None:
-    """The 400 detail for the first unknown conf key, or ``None`` (also for a body Airflow itself
-    should judge: not JSON, no ``conf`` object)."""
-    from tasks.params import unknown_param_message, unknown_params
+    """The 400 detail for the first unknown conf key or invalid value, or ``None`` (also for a
+    body Airflow itself should judge: not JSON, no ``conf`` object).
+
+    The values are checked as the first task checks them (:func:`tasks.params.validate_params`:
+    combinations, the family's ``model_options``, ``batch_size`` vs the world size), except what
+    depends on the worker's machine (CPU and GPU counts), which the first task still checks.
+    """
+    from tasks.params import (
+        ParamError,
+        check_schema,
+        param_specs,
+        unknown_param_message,
+        unknown_params,
+        validate_params,
+    )
 
     try:
         conf = json.loads(body or b"{}").get("conf")
@@ -65,6 +85,16 @@ def _unknown_key_detail(body: bytes, kind: str) -> str | None:
     if not isinstance(conf, dict):
         return None
     unknown = unknown_params(conf, kind)
-    if not unknown:
-        return None
-    return f"Invalid input for param {unknown[0]}: {unknown_param_message(unknown[0], kind)}"
+    if unknown:
+        return f"Invalid input for param {unknown[0]}: {unknown_param_message(unknown[0], kind)}"
+    specs = param_specs(kind)
+    try:
+        for key, value in conf.items():
+            check_schema(key, value, specs[key]["schema"])
+    except ParamError:
+        return None  # a value the declared schema refuses: Airflow's own 400 says so
+    try:
+        validate_params(conf, kind, check_machine=False)
+    except ParamError as exc:
+        return f"Invalid input for param {exc.field}: {exc.reason}"
+    return None

@@ -1,7 +1,11 @@
-"""What both pipeline DAGs share: params, default args, Airflow-side connections.
+"""What every pipeline's DAG shares: params from the pipeline's spec, default args, the task
+bodies, Airflow-side connections. A DAG file is a few lines (see ``dags/``)::
 
-Imports nothing heavy at module level: the DAG
-files import it at parse time.
+    @dag(schedule="@weekly", params=build_params("my_pipeline"), ...)
+    def my_pipeline_training():
+        pipeline_tasks("my_pipeline", DATASET, MODEL)
+
+Imports nothing heavy at module level: the DAG files import it at parse time.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ log = logging.getLogger(__name__)
 OWNER = "trainflow"
 
 
-def build_params(kind: str) -> dict[str, Param]:
-    """Typed trigger-form params (JSON schema) for the ``kind`` pipeline."""
+def build_params(pipeline: str) -> dict[str, Param]:
+    """Typed trigger-form params (JSON schema) of the registered pipeline ``pipeline``.
+
+    Raises:
+        tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
+    """
     params = {}
-    for key, spec in param_specs(kind).items():
+    for key, spec in param_specs(pipeline).items():
         schema = dict(spec["schema"])
         params[key] = Param(spec["default"], description=spec["description"], title=spec["title"], **schema)
     return params
@@ -85,12 +93,12 @@ def fail_fast_on_bad_input():
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
-def run_shard(context: dict[str, Any], kind: str, asset) -> dict[str, Any]:
+def run_shard(context: dict[str, Any], pipeline: str, asset) -> dict[str, Any]:
     """Body of the ``shard`` task: shard (or reuse) the dataset and annotate the Asset event."""
     from tasks.pipeline import shard_step
 
     with fail_fast_on_bad_input():
-        result = shard_step(dict(context["params"]), kind, settings_with_connections())
+        result = shard_step(dict(context["params"]), pipeline, settings_with_connections())
     outlet_events = context.get("outlet_events")
     if outlet_events is not None:
         outlet_events[asset].extra = {
@@ -166,7 +174,7 @@ def kubernetes_client():
     return KubernetesHook(conn_id=conn_id).get_conn()
 
 
-def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> dict[str, Any]:
+def run_train(context: dict[str, Any], pipeline: str, dataset: dict[str, Any]) -> dict[str, Any]:
     """Body of the ``train`` task: torchrun on this machine (node 0 when ``nnodes > 1``) or a
     Kubernetes job; resumes on a retry."""
     from tasks.pipeline import train_step
@@ -182,7 +190,7 @@ def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> di
         result = train_step(
             params,
             dataset,
-            kind=kind,
+            pipeline=pipeline,
             dag_id=dag_id,
             run_id=run_id,
             try_number=try_number,
@@ -194,13 +202,13 @@ def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> di
     return result
 
 
-def run_train_node(context: dict[str, Any], kind: str, node_rank: int) -> dict[str, Any]:
+def run_train_node(context: dict[str, Any], pipeline: str, node_rank: int) -> dict[str, Any]:
     """Body of a ``train_node`` task: node ``node_rank`` joins node 0's rendezvous."""
     from tasks.pipeline import train_node_step
 
     with fail_fast_on_bad_input():
         return train_node_step(
-            dict(context["params"]), node_rank, kind=kind, nodes=node_channel(context), settings=settings_with_connections()
+            dict(context["params"]), node_rank, pipeline=pipeline, nodes=node_channel(context), settings=settings_with_connections()
         )
 
 
@@ -211,17 +219,17 @@ def peer_node_ranks(params: dict[str, Any]) -> list[int]:
     return list(range(1, int(params.get("nnodes", 1))))
 
 
-def run_evaluate(context: dict[str, Any], kind: str, train: dict[str, Any]) -> dict[str, Any]:
+def run_evaluate(context: dict[str, Any], pipeline: str, train: dict[str, Any]) -> dict[str, Any]:
     """Body of the ``evaluate`` task."""
     from tasks.pipeline import evaluate_model_step
     from trainflow_airflow.links import persist_mlflow_links
 
     persist_mlflow_links(context, experiment_id=train["mlflow_experiment_id"], run_id=train["mlflow_run_id"])
-    return evaluate_model_step(kind, train, settings_with_connections())
+    return evaluate_model_step(pipeline, train, settings_with_connections())
 
 
 def run_register(
-    context: dict[str, Any], kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
+    context: dict[str, Any], pipeline: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
 ) -> dict[str, Any]:
     """Body of the ``register`` task: a model version, the gate, and the model Asset event."""
     from tasks.pipeline import register_model_step, run_report, write_run_report
@@ -233,7 +241,7 @@ def run_register(
         dataset,
         train,
         evaluation,
-        kind=kind,
+        pipeline=pipeline,
         dag_id=dag_id,
         run_id=run_id,
         airflow_run_url=airflow_run_url(context),
@@ -247,7 +255,7 @@ def run_register(
         model_name=result["name"],
         model_version=result["version"],
     )
-    report = run_report(kind, dataset, train, evaluation, result)
+    report = run_report(pipeline, dataset, train, evaluation, result)
     log.info("run report: %s", write_run_report(report, dag_id, run_id, settings_with_connections()))
     _annotate_model_event(context, asset, result)
     return result
@@ -301,7 +309,7 @@ def run_promote(context: dict[str, Any], registered: dict[str, Any], answer: dic
     return result
 
 
-def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "training") -> None:
+def pipeline_tasks(pipeline: str, dataset_asset, model_asset, training_pool: str = "training") -> None:
     """Define shard → train → evaluate → register → approve → promote inside the current ``@dag`` body.
 
     ``approve`` and ``promote`` run only when the run requires approval (``require_approval``);
@@ -315,13 +323,13 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
     @task(outlets=[dataset_asset])
     def shard(**context):
         """Shard the raw data (or reuse the committed version)."""
-        return run_shard(context, kind, dataset_asset)
+        return run_shard(context, pipeline, dataset_asset)
 
     @trainflow_task(pool=training_pool, execution_timeout=dt.timedelta(hours=6))
     def train(dataset, **context):
         """Train with torchrun (node 0 with nnodes > 1) or a Kubernetes job; a retry resumes
         from the last committed checkpoint."""
-        return run_train(context, kind, dataset)
+        return run_train(context, pipeline, dataset)
 
     @task
     def plan_nodes(**context):
@@ -335,17 +343,17 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
     )
     def train_node(node_rank, dataset, **context):
         """Node node_rank of a multi-node training: joins node 0's rendezvous (runs with train)."""
-        return run_train_node(context, kind, node_rank)
+        return run_train_node(context, pipeline, node_rank)
 
     @trainflow_task(trigger_rule="none_failed")
     def evaluate(train_result, **context):
         """Score the model on the held-out split against the baseline; plots to MLflow."""
-        return run_evaluate(context, kind, train_result)
+        return run_evaluate(context, pipeline, train_result)
 
     @trainflow_task(outlets=[model_asset])
     def register(dataset, train_result, evaluation, **context):
         """Register a model version and apply the champion/challenger gate."""
-        return run_register(context, kind, dataset, train_result, evaluation, model_asset)
+        return run_register(context, pipeline, dataset, train_result, evaluation, model_asset)
 
     @trainflow_task(outlets=[model_asset])
     def promote(registered, answer, **context):

@@ -57,7 +57,7 @@ def parse_delimited(
         column_names: Names for the leading columns; extra columns are an error.
         column_types: pyarrow types by column name.
         delimiter: One-character delimiter.
-        multi_char_delimiter: A delimiter such as ``b"::"`` (MovieLens .dat), replaced by
+        multi_char_delimiter: A delimiter such as ``b"::"`` (as in ``.dat`` files), replaced by
             ``delimiter`` before parsing.
         skip_header: Skip the first line of the file.
         block_bytes: Bytes per parsed block (bounds memory).

@@ -61,3 +61,18 @@ def test_a_body_airflow_must_judge_passes_through(client):
 
 def test_the_plugin_registers_it():
     assert [m["middleware"] for m in TrainflowPlugin.fastapi_root_middlewares] == [RejectUnknownConfKeys]
+
+
+@pytest.mark.parametrize(
+    ("conf", "field", "match"),
+    [
+        ({"model_options": {"dropuot": 0.1}}, "model_options", "'dropuot' is no setting of RecommendationConfig"),
+        ({"batch_size": 255, "nproc_per_node": 2}, "batch_size", "not a multiple of the world size 2"),
+    ],
+)
+def test_a_bad_run_config_gets_400_naming_the_field(client, conf, field, match):
+    """The trigger is refused before a run exists: nothing is launched, nothing retried."""
+    response = client.post("/api/v2/dags/recommendation_training/dagRuns", json={"conf": conf})
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert detail.startswith(f"Invalid input for param {field}: ") and match in detail

@@ -40,7 +40,7 @@ def _train(run_id, dataset, barrier, queue):
     barrier.wait(timeout=120)
     started = time.time()
     try:
-        result = train_step(PARAMS, dataset, kind="recommendation", dag_id=DAG_ID, run_id=run_id, try_number=1)
+        result = train_step(PARAMS, dataset, pipeline="recommendation", dag_id=DAG_ID, run_id=run_id, try_number=1)
         queue.put((run_id, started, time.time(), result, None))
     except BaseException:  # reported to the test, not lost in the child
         queue.put((run_id, started, time.time(), None, traceback.format_exc()))

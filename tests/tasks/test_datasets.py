@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.datasets import movielens, synthetic
 from tasks.datasets.sources import SourceNotFoundError, resolve_source
 from tasks.datasets.textio import SourceFormatError
+from trainers.driving import synthetic as driving_synthetic
+from trainers.recommendation import movielens, synthetic
 
 
 def _read(text: str, name: str, **kwargs) -> pa.Table:
@@ -223,7 +224,7 @@ def test_synthetic_recommendation_is_deterministic_and_structured():
 
 
 def test_synthetic_driving_is_plausible():
-    gen = synthetic.SyntheticDriving(synthetic.SyntheticDrivingConfig(num_sequences=20, seed=2))
+    gen = driving_synthetic.SyntheticDriving(driving_synthetic.SyntheticDrivingConfig(num_sequences=20, seed=2))
     records = list(gen.iter_records())
     assert [r["seq_id"] for r in records] == [r["seq_id"] for r in gen.iter_records()]
     for record in records:

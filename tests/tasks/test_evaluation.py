@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from tasks import metrics as M
-from tasks.evaluation import evaluate_driving, evaluate_recommendation, evaluate_step
+from tasks.evaluation import evaluate_step
 from tasks.manifest import load_manifest
 from tasks.sharding import shard_dataset
+from trainers.driving.evaluation import evaluate_driving
+from trainers.recommendation.evaluation import evaluate_recommendation
 
 REC = "synthetic://recommendation?num_interactions=4000&num_users=40&num_items=300&seed=2"
 DRV = "synthetic://driving?num_sequences=60&seed=4"

@@ -150,7 +150,7 @@ def test_what_the_job_carries():
     container = master["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch" and container["image"] == "registry.example/trainflow-trainer:1.0"
     assert container["resources"]["limits"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"}
-    assert container["command"][-2:] == ["-m", "trainers.recommendation"]
+    assert container["command"][-2:] == ["-m", "trainers.train"]
     env = {e["name"]: e for e in container["env"]}
     assert env["TRAINFLOW_STORAGE_ROOT"]["value"] == "s3://bucket/trainflow"
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio:9000" and env["OMP_NUM_THREADS"]["value"] == "4"

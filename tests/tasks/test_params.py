@@ -71,7 +71,7 @@ def test_cuda_with_enough_devices_passes():
 
 
 def test_unknown_kind():
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match=r"unknown pipeline 'weather' \(registered: .*recommendation"):
         param_specs("weather")
 
 
@@ -88,6 +88,28 @@ def test_family_args_presets_sizes_and_options():
     assert args.count("--family.max_seq_len=100") == 1 and "--family.max_seq_len=50" not in args
     values = validate_params({"model": "mlp"}, "driving", cpu_count=2)
     assert "--family.max_neighbours=0" in family_args("driving", values)
+    assert "--family.context_dim=0" in family_args("driving", values)
+
+
+@pytest.mark.parametrize(
+    ("conf", "field", "match"),
+    [
+        ({"model_options": {"dropuot": 0.1}}, "model_options", r"'dropuot' is no setting of RecommendationConfig \(did you mean 'dropout'"),
+        ({"model_options": {"dropout": 1.5}}, "model_options", "dropout"),
+        ({"batch_size": 255, "nproc_per_node": 2}, "batch_size", "not a multiple of the world size 2"),
+    ],
+)
+def test_bad_run_config_fails_at_the_door_naming_the_field(conf, field, match):
+    """What only the trainer found before (inside torchrun, retried) fails the validation."""
+    with pytest.raises(ParamError, match=match) as info:
+        validate_params(conf, "recommendation", cpu_count=2)
+    assert info.value.field == field
+
+
+def test_driving_model_options_are_checked_against_its_config():
+    with pytest.raises(ParamError, match="no setting of DrivingConfig"):
+        validate_params({"model_options": {"hidden_size": 8}}, "driving", cpu_count=2)
+    assert validate_params({"model_options": {"hidden_dim": 8}}, "driving", cpu_count=2)["model_options"] == {"hidden_dim": 8}
 
 
 def test_parallelism_precision_and_compile():

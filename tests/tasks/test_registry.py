@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.registry import TAG, GateConfig, Lineage, higher_is_better, register_step
+from tasks.pipelines import get_pipeline
+from tasks.registry import TAG, GateConfig, Lineage, register_step
 from tasks.settings import get_settings
 
 NAME = "trainflow-test-model"
@@ -136,8 +137,9 @@ def test_champion_from_another_dataset_version_is_rescored(mlflow_env):
 
 
 def test_lower_is_better_metrics():
-    assert higher_is_better("ndcg_at_10") and higher_is_better("hr_at_5")
-    assert not higher_is_better("ade") and not higher_is_better("fde_3s") and not higher_is_better("miss_rate")
+    rec, drv = get_pipeline("recommendation"), get_pipeline("driving")
+    assert rec.higher_is_better("ndcg_at_10") and rec.higher_is_better("hr_at_10")
+    assert not drv.higher_is_better("ade") and not drv.higher_is_better("fde_3s") and not drv.higher_is_better("miss_rate")
 
 
 def test_unknown_promotion_metric_is_rejected(mlflow_env):

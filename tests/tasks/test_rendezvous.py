@@ -100,7 +100,7 @@ def test_a_retried_node_after_the_training_finished_joins_nothing(tf_env):
     mem = MemoryChannel(2)
     mem.plan = {**_plan(), "state": "finished"}
     mem.states[0] = "success"  # node 0 done, exporting or already finished
-    result = train_node_step({**SMALL_REC, "nnodes": 2}, 1, kind="recommendation", nodes=mem.channel())
+    result = train_node_step({**SMALL_REC, "nnodes": 2}, 1, pipeline="recommendation", nodes=mem.channel())
     assert result["already_finished"] is True and result["rdzv_id"] == "r"
 
 
@@ -140,10 +140,10 @@ def test_two_nodes_train_one_model_through_the_task_functions(tf_env, caplog):
         mem.states[rank] = "running"
         try:
             if rank == 0:
-                results[0] = train_step(params, dataset, kind="recommendation", dag_id="recommendation_training",
+                results[0] = train_step(params, dataset, pipeline="recommendation", dag_id="recommendation_training",
                                         run_id="two_nodes", try_number=1, nodes=mem.channel())
             else:
-                results[rank] = train_node_step(params, rank, kind="recommendation", nodes=mem.channel())
+                results[rank] = train_node_step(params, rank, pipeline="recommendation", nodes=mem.channel())
             mem.states[rank] = "success"
         except BaseException as exc:
             mem.states[rank] = "failed"

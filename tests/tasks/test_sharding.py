@@ -33,7 +33,7 @@ def test_recommendation_ncf_protocol(tf_env):
     assert len(train) + len(test) == stats["num_interactions"]
     assert len(manifest.shards("train")) > 1  # sized by bytes: several shards
     # Source data, regenerated: each user's held-out item is the latest by (timestamp, item id).
-    from tasks.datasets.synthetic import SyntheticRecommendation, SyntheticRecommendationConfig
+    from trainers.recommendation.synthetic import SyntheticRecommendation, SyntheticRecommendationConfig
 
     gen = SyntheticRecommendation(SyntheticRecommendationConfig(6000, 60, 400, seed=3))
     import pyarrow as pa

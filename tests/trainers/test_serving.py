@@ -97,7 +97,7 @@ def test_recommender_serves_without_trainflow(tf_env):
 def test_forecaster_serves_without_trainflow(tf_env):
     manifest_uri, run_dir, run_id = _train("driving", "synthetic://driving?num_sequences=80", [])
     logged = log_serving_model(run_dir, run_id)
-    from tasks.evaluation import focal_tracks
+    from trainers.driving.evaluation import focal_tracks
     from trainers.driving.model import build_forecaster, forecast
 
     _, tracks = focal_tracks(load_manifest(manifest_uri), "eval")

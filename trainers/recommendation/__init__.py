@@ -1,6 +1,23 @@
-"""Recommendation family: NCF (GMF, MLP, NeuMF) and SASRec over the dataset manifests."""
+"""The recommendation pipeline: NCF (GMF, MLP, NeuMF) and SASRec on MovieLens-style interactions.
 
-from trainers.recommendation.config import RecommendationConfig
-from trainers.recommendation.family import RecommendationFamily
+Its spec is :data:`trainers.recommendation.pipeline.PIPELINE`. The family classes are imported
+lazily (they import torch), so reading the spec stays light.
+"""
 
-__all__ = ["RecommendationConfig", "RecommendationFamily"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "RecommendationConfig": "trainers.recommendation.config",
+    "RecommendationFamily": "trainers.recommendation.family",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -110,22 +110,15 @@ class RecommendationFamily(ModelFamily):
     def build_model(self) -> torch.nn.Module:
         import torch
 
-        from trainers.recommendation import models
+        from trainers.recommendation.models import build_model
 
         c = self.config
         torch.manual_seed(c.seed)
-        if c.model == "gmf":
-            return models.GMF(self.num_users, self.num_items, c.gmf_factors)
-        if c.model == "mlp":
-            return models.MLP(self.num_users, self.num_items, c.mlp_layers, c.dropout)
-        if c.model == "neumf":
-            model = models.NeuMF(self.num_users, self.num_items, c.gmf_factors, c.mlp_layers, c.dropout)
-            if c.pretrained_gmf and c.pretrained_mlp:
-                model.load_pretrained(_load_state(c.pretrained_gmf), _load_state(c.pretrained_mlp), c.pretrain_alpha)
+        model = build_model(c, self.num_users, self.num_items)
+        if c.model == "neumf" and c.pretrained_gmf and c.pretrained_mlp:
+            model.load_pretrained(_load_state(c.pretrained_gmf), _load_state(c.pretrained_mlp), c.pretrain_alpha)
+        if c.model != "sasrec":
             return model
-        model = models.SASRec(
-            self.num_users, self.num_items, c.max_seq_len, c.hidden_size, c.num_blocks, c.num_heads, c.dropout
-        )
         # What an exported model serves from: every known interaction, the valid one included.
         model.histories.copy_(torch.from_numpy(self._history_table("eval")))
         return model

@@ -12,6 +12,8 @@ hooks run for training and evaluation alike:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,3 +200,32 @@ class SASRec(nn.Module):
 
     def embedding_modules(self) -> list[nn.Module]:
         return [self.item_embedding]
+
+
+def build_model(config: Any, num_users: int, num_items: int) -> nn.Module:
+    """The one builder of a recommendation model, for training and for serving.
+
+    Args:
+        config: A :class:`~trainers.recommendation.config.RecommendationConfig` or the same
+            fields as a dict (an exported ``config.json``'s ``family_config``).
+        num_users: Rows of the user table.
+        num_items: Rows of the item table.
+
+    Raises:
+        ValueError: an unknown ``model``.
+    """
+    c = config if not isinstance(config, dict) else _Fields(config)
+    if c.model == "gmf":
+        return GMF(num_users, num_items, c.gmf_factors)
+    if c.model == "mlp":
+        return MLP(num_users, num_items, tuple(c.mlp_layers), c.dropout)
+    if c.model == "neumf":
+        return NeuMF(num_users, num_items, c.gmf_factors, tuple(c.mlp_layers), c.dropout)
+    if c.model == "sasrec":
+        return SASRec(num_users, num_items, c.max_seq_len, c.hidden_size, c.num_blocks, c.num_heads, c.dropout)
+    raise ValueError(f"unknown recommendation model {c.model!r}")
+
+
+class _Fields:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.__dict__.update(data)
