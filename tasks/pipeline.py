@@ -32,8 +32,7 @@ def shard_step(params: dict[str, Any], pipeline: Any, settings: Settings | None 
         settings: Storage root and credentials (default: from the environment).
 
     Returns:
-        The sharding summary (``manifest_uri``, ``version``, ``cache_hit``, split sizes,
-        stats) plus the validated ``params``.
+        The sharding summary (``manifest_uri``, ``version``, ``cache_hit``, split sizes, stats).
     """
     settings = settings or get_settings()
     values = validate_params(params, pipeline)
@@ -50,7 +49,7 @@ def shard_step(params: dict[str, Any], pipeline: Any, settings: Settings | None 
     else:
         log.info("dataset %s version %s: new version committed", summary["name"], summary["version"])
     log.info("splits: %s", summary["splits"])
-    return {**summary, "params": values}
+    return summary
 
 
 # --- train -----------------------------------------------------------------------------------

@@ -296,10 +296,6 @@ class Storage:
                     out.append(rel)
         return sorted(set(out))
 
-    def walk_files(self, path: str = "") -> Iterator[str]:
-        """Every file below ``path``, relative to the root, sorted."""
-        yield from self.list(path, recursive=True)
-
     def delete(self, path: str, recursive: bool = False) -> None:
         """Remove the file (or, with ``recursive``, the folder) at ``path``; missing is fine."""
         if not _clean_relpath(path) and recursive:

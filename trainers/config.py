@@ -109,9 +109,6 @@ class TrainConfig:
     """Wrap the model in ``torch.compile`` (the default inductor backend; the first steps
     compile, so it pays off on long runs)."""
 
-    num_workers: int = 0
-    """DataLoader worker processes per rank for the train loader."""
-
     keep_best: bool = True
     """Export the weights of the best ``valid`` epoch (``False``: the last epoch's)."""
 
@@ -124,7 +121,7 @@ class TrainConfig:
         safe_name(self.dag_id, "dag_id")
         safe_name(self.run_id, "run_id")
         _positive(self, "epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps")
-        _non_negative(self, "checkpoint_every_steps", "warmup_steps", "num_workers", "weight_decay")
+        _non_negative(self, "checkpoint_every_steps", "warmup_steps", "weight_decay")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

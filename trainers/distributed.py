@@ -45,11 +45,6 @@ class World:
         return self.rank == 0
 
     @property
-    def is_local_main(self) -> bool:
-        """The first process on each node (node-local side effects: caches, downloads)."""
-        return self.local_rank == 0
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

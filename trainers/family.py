@@ -77,3 +77,32 @@ class ModelFamily(abc.ABC):
     def export_config(self) -> dict[str, Any]:
         """What, besides the state dict, rebuilds the model without training code."""
         return {}
+
+
+class ShardLoaderFamily(ModelFamily):
+    """A family whose training batches are rows of the ``train`` split as tensors, streamed by
+    :class:`trainers.loader.ShardLoader`: the default batch path (each rank reads its own share
+    of the shards, every row once per epoch, resumable mid-epoch).
+
+    A subclass sets :attr:`columns` (``None``: every column) and writes ``build_model``,
+    ``loss`` and ``evaluate``; it may override :meth:`to_batch` to shape the tensors.
+    """
+
+    columns: list[str] | None = None
+    shuffle_seed_offset: int = 0
+
+    def num_train_samples(self, epoch: int) -> int:
+        return self.manifest.num_rows("train")
+
+    def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        from trainers.loader import ShardLoader
+
+        seed = int(getattr(self.config, "seed", 0)) + self.shuffle_seed_offset
+        loader = ShardLoader(self.manifest, "train", batch_size, world=self.world, columns=self.columns, seed=seed)
+        loader.load_state_dict({"epoch": epoch, "position": skip_batches})
+        for batch in loader:
+            yield self.to_batch(batch)
+
+    def to_batch(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The loader's batch (column → tensor) as the loss takes it; default unchanged."""
+        return batch

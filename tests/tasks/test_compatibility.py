@@ -84,3 +84,18 @@ def test_model_logged_before_still_loads_and_serves(kind, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     got = np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(got, np.asarray(expected["output"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["recommendation", "driving"])
+def test_dag_params_are_unchanged(pipeline):
+    """The trigger form of both example DAGs: same params in the same order, same defaults,
+    schemas, titles and descriptions as before (batch_size's description now says it must be a
+    multiple of the world size, which is checked at the door)."""
+    from tasks.params import param_specs
+
+    before = json.loads((FIXTURES / "param_specs.json").read_text())[pipeline]
+    now = param_specs(pipeline)
+    assert list(now) == list(before)
+    for key, old in before.items():
+        for field in ("default", "schema", "title") + (() if key == "batch_size" else ("description",)):
+            assert now[key][field] == old[field], (key, field)

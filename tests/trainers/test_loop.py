@@ -51,7 +51,7 @@ def _losses(result: dict) -> np.ndarray:
 def test_config_validation_names_the_field(toy_manifest):
     for kwargs, field in [({"epochs": 0}, "epochs"), ({"parallelism": "tp"}, "parallelism"),
                           ({"learning_rate": 0}, "learning_rate"), ({"device": "tpu"}, "device"),
-                          ({"run_id": "../x"}, "run_id"), ({"num_workers": -1}, "num_workers")]:
+                          ({"run_id": "../x"}, "run_id"), ({"warmup_steps": -1}, "warmup_steps")]:
         with pytest.raises(ValueError, match=field):
             TrainConfig(manifest_uri="file:///m", **kwargs)
     with pytest.raises(ValueError, match="multiple of world_size"):

@@ -108,7 +108,7 @@ def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighb
     Raises:
         ValueError: the split holds no usable sample.
     """
-    from tasks.datasets.argoverse import batch_tracks
+    from trainers.driving.argoverse import batch_tracks
 
     parts: list[dict[str, np.ndarray]] = []
     scenario = 0

@@ -227,6 +227,5 @@ class DrivingFamily(ModelFamily):
             "frame_rate_hz": FRAME_RATE_HZ,
             "input": {"name": "history", "dtype": "float32", "shape": [-1, HISTORY_FRAMES, 2]},
             "output": {"name": "forecast", "dtype": "float32", "shape": [-1, FUTURE_FRAMES, 2]},
-            "builder": "trainers.driving.model:build_forecaster",
             "predict": "trainers.driving.model:forecast",
         }

@@ -57,6 +57,35 @@ class ServedModel:
     output_offset: Any = 0.0
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def table_served_model(module: torch.nn.Module, manifest, feature_columns: list[str], tmp_dir: str) -> ServedModel:
+    """The served model of a network over a table's feature columns (float32 ``(n, f)`` in):
+    the generic pyfunc (``table_pyfunc.py``) takes a DataFrame with those columns.
+
+    Args:
+        module: The trained network, taking one ``(n, len(feature_columns))`` float32 tensor.
+        manifest: The dataset version (the input example is the first rows of ``eval``).
+        feature_columns: The columns, in the order the network takes them.
+        tmp_dir: Where to write the artifacts.
+    """
+    table = manifest.read_table("eval", columns=list(feature_columns)).slice(0, 8)
+    example = table.to_pandas()
+    features = np.ascontiguousarray(example[list(feature_columns)].to_numpy(dtype=np.float32))
+    columns = os.path.join(tmp_dir, "columns.json")
+    with open(columns, "w") as handle:
+        json.dump(list(feature_columns), handle)
+    return ServedModel(
+        module=module.eval(),
+        inputs=(torch.from_numpy(features),),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        example=example,
+        code=os.path.join(HERE, "table_pyfunc.py"),
+        artifacts={"columns": columns},
+    )
+
+
 def pipeline_of(config: dict[str, Any]):
     """The pipeline spec an exported ``config.json`` belongs to."""
     from tasks.pipelines import get_pipeline
