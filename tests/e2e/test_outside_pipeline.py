@@ -185,7 +185,7 @@ def tabreg(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
-def test_a_pipeline_from_outside_runs_end_to_end(airflow_db, tf_env, tmp_path, tabreg):
+def test_a_pipeline_from_outside_runs_end_to_end(airflow_db, tf_env, tmp_path, tabreg, monkeypatch):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.utils.state import DagRunState
     from mlflow import MlflowClient
@@ -200,6 +200,11 @@ def test_a_pipeline_from_outside_runs_end_to_end(airflow_db, tf_env, tmp_path, t
     dags = tmp_path / "dags"
     dags.mkdir()
     (dags / "tabreg_training.py").write_text(textwrap.dedent(DAG_PY))
+    # The user's DAG folder is one more DAG bundle of this Airflow (dag.test() runs serialized DAGs).
+    local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+    bundles = [{"name": "dags-folder", "classpath": local, "kwargs": {}},
+               {"name": "tabreg-dags", "classpath": local, "kwargs": {"path": str(dags), "refresh_interval": 0}}]
+    monkeypatch.setenv("AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST", json.dumps(bundles))
     bag = DagBag(dag_folder=str(dags))
     assert bag.import_errors == {}
     dag = bag.dags["tabreg_training"]

@@ -71,7 +71,9 @@ def table_served_model(module: torch.nn.Module, manifest, feature_columns: list[
         tmp_dir: Where to write the artifacts.
     """
     table = manifest.read_table("eval", columns=list(feature_columns)).slice(0, 8)
-    example = table.to_pandas()
+    # float64 in the signature: MLflow casts float32 up safely, never float64 down (a user's
+    # DataFrame of Python floats is float64); the pyfunc feeds the network float32.
+    example = table.to_pandas().astype(np.float64)
     features = np.ascontiguousarray(example[list(feature_columns)].to_numpy(dtype=np.float32))
     columns = os.path.join(tmp_dir, "columns.json")
     with open(columns, "w") as handle:
