@@ -23,17 +23,17 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag
-from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
+from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks, raw_data_asset, training_schedule
 
 KIND = "driving"
 TRAINING_POOL = "training"
-RAW_DATA = Asset(name="trainflow_driving_raw", uri="trainflow://raw/driving")
+RAW_DATA = raw_data_asset(KIND)
 DATASET = Asset(name="trainflow_driving_dataset", uri="trainflow://datasets/driving")
 MODEL = Asset(name="trainflow_driving_model", uri="trainflow://models/driving")
 
 
 @dag(
-    schedule=[RAW_DATA],
+    schedule=training_schedule(KIND, None, RAW_DATA),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
@@ -43,7 +43,7 @@ MODEL = Asset(name="trainflow_driving_model", uri="trainflow://models/driving")
     doc_md=__doc__,
 )
 def driving_training():
-    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL)
+    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL, raw_asset=RAW_DATA)
 
 
 driving_training()

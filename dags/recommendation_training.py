@@ -24,16 +24,17 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag
-from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
+from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks, raw_data_asset, training_schedule
 
 KIND = "recommendation"
 TRAINING_POOL = "training"
+RAW_DATA = raw_data_asset(KIND)
 DATASET = Asset(name="trainflow_recommendation_dataset", uri="trainflow://datasets/recommendation")
 MODEL = Asset(name="trainflow_recommendation_model", uri="trainflow://models/recommendation")
 
 
 @dag(
-    schedule="@weekly",
+    schedule=training_schedule(KIND, "@weekly", RAW_DATA),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
@@ -43,7 +44,7 @@ MODEL = Asset(name="trainflow_recommendation_model", uri="trainflow://models/rec
     doc_md=__doc__,
 )
 def recommendation_training():
-    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL)
+    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL, raw_asset=RAW_DATA)
 
 
 recommendation_training()

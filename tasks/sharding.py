@@ -438,6 +438,25 @@ def shard_dataset(
     return summarize(manifest, cache_hit=False)
 
 
+def _driving_split_protocol(config: dict[str, Any]) -> str:
+    return (
+        f"scenario hash split (eval {config.get('eval_fraction')}, valid {config.get('valid_fraction')}, "
+        f"seed {config.get('seed')})"
+    )
+
+
+def split_protocol(manifest: Manifest) -> str:
+    """How the dataset was split, as the gate compares it (with the dataset's name).
+
+    Read from the manifest's stats; manifests written before driving recorded it get the
+    same description from their sharding config.
+    """
+    recorded = manifest.stats.get("split_protocol")
+    if recorded:
+        return str(recorded)
+    return _driving_split_protocol(manifest.data.get("config", {})) if manifest.kind == "driving" else "unknown"
+
+
 def summarize(manifest: Manifest, cache_hit: bool) -> dict[str, Any]:
     """The small JSON an Airflow task returns for a dataset version."""
     return {
@@ -446,6 +465,7 @@ def summarize(manifest: Manifest, cache_hit: bool) -> dict[str, Any]:
         "version": manifest.version,
         "kind": manifest.kind,
         "cache_hit": cache_hit,
+        "split_protocol": split_protocol(manifest),
         "splits": {split: manifest.num_rows(split) for split in manifest.splits},
         "stats": manifest.stats,
     }
@@ -951,6 +971,7 @@ def _shard_driving(source: DrivingSource, store: Storage, config: ShardingConfig
         if entry["num_rows"] == 0:
             log.warning("split %s is empty: too few scenarios for the configured fractions", split)
     stats = {
+        "split_protocol": _driving_split_protocol(dataclasses.asdict(config)),
         "num_sequences": kept,
         "num_tracks": tracks,
         "num_frames": argoverse.NUM_FRAMES,
