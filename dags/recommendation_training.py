@@ -24,7 +24,13 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag
-from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks, raw_data_asset, training_schedule
+from trainflow_airflow.dag_support import (
+    build_params,
+    default_args,
+    pipeline_tasks,
+    raw_data_asset,
+    training_schedule,
+)
 
 KIND = "recommendation"
 TRAINING_POOL = "training"
