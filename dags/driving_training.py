@@ -14,8 +14,11 @@ scenarios, end to end:
 4. **register**: a version of `registered_model_name` with lineage tags; `champion` only if it
    beats the current champion by `promotion_margin` (lower ADE/FDE is better).
 
-Runs when the raw driving data Asset is updated, and on manual trigger with the form or a
-`conf`, e.g. `{"source_url": "s3://bucket/argoverse/train"}`.
+Runs when new raw data is announced on the Asset `trainflow://raw/driving` (the event's extra
+`source_url` is what it shards; dags/announce_raw_data.py, dags/watch_raw_data.py or
+`POST /api/v2/assets/events`), and on manual trigger with the form or a `conf`, e.g.
+`{"source_url": "s3://bucket/argoverse/train"}`. Without a reviewer a version becomes champion
+only by beating the champion on the same dataset.
 """
 
 from __future__ import annotations

@@ -16,7 +16,11 @@ Trains a recommender on MovieLens-style interactions, end to end:
    becomes `champion` only if it beats the current champion by `promotion_margin`.
 
 Trigger it with the form (every param is described there) or with a `conf`, e.g.
-`{"source_url": "movielens-1m", "epochs": 10}`. Runs weekly; each run is idempotent.
+`{"source_url": "movielens-1m", "epochs": 10}`. Runs weekly on the production configuration
+(Variable `trainflow_recommendation_production`; none set: the run fails at once, it never trains
+on the form's demo defaults) and whenever new raw data is announced on the Asset
+`trainflow://raw/recommendation` (the event's `source_url` is sharded). Without a reviewer a
+version becomes champion only by beating the champion on the same dataset. Each run is idempotent.
 """
 
 from __future__ import annotations

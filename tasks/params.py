@@ -80,7 +80,15 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
         raise ValueError(f"kind must be 'recommendation' or 'driving', got {kind!r}")
     size = 64 if kind == "recommendation" else 256
     return {
-        "source_url": _spec(source, {"type": "string", "minLength": 1}, source_help, "Data source"),
+        "source_url": _spec(
+            source,
+            {"type": "string", "minLength": 1},
+            source_help
+            + f" Manual runs only: a scheduled run trains on the production configuration (Airflow Variable "
+            f"trainflow_{kind}_production or TRAINFLOW_{kind.upper()}_PRODUCTION) and fails if there is none; an "
+            "Asset-triggered run on the triggering event's source_url.",
+            "Data source",
+        ),
         "dataset_name": _spec(
             None,
             {"type": ["null", "string"], "pattern": r"^[A-Za-z0-9_][A-Za-z0-9._+=@,-]*$", "maxLength": 128},
@@ -241,7 +249,10 @@ def param_specs(kind: str) -> dict[str, dict[str, Any]]:
             },
             "Whether a human approves the promotion to champion (in the Airflow UI, task 'approve') after "
             "the automated gate has passed. auto: yes for a manually triggered run, no for a scheduled or "
-            "Asset-triggered one.",
+            "Asset-triggered one (those train only on the production configuration or the event's data, never "
+            "on this form's defaults). Without a reviewer, champion moves only when the gate passes on the same "
+            "dataset as the champion's (same dataset name and split protocol; a newer version of it is re-scored), "
+            "or, with no champion yet, against the baseline; a model trained on another dataset stays challenger.",
             "Require approval",
         ),
         "approval_timeout_hours": _spec(
