@@ -91,6 +91,21 @@ def _next_run(stack, run_type: str, after: set[str], timeout: float = 240.0) -> 
     raise StackError(f"no new {run_type} run of {DAG} within {timeout:.0f} s\n{stack.log_tails(['scheduler'])}")
 
 
+def _next_production_run(stack, seen: set[str], timeout: float = 600.0) -> str:
+    """The first new scheduled run that trained on the production configuration (a run the
+    scheduler created just before the Variable was set fails fast and is passed over)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run_id = _next_run(stack, "scheduled", seen, timeout=max(1.0, deadline - time.monotonic()))
+        seen.add(run_id)
+        if stack.api.wait_for_run(DAG, run_id, timeout=900, raise_on_failure=False) == "success":
+            return run_id
+        log = stack.api.task_log(DAG, run_id, "shard", 1)
+        if "has no production data to train on" not in log:
+            raise StackError(f"scheduled run {run_id} failed\n{stack.api.describe_run(DAG, run_id)}")
+    raise StackError(f"no scheduled run trained on the production configuration within {timeout:.0f} s")
+
+
 def _fingerprint(stack, url: str) -> str:
     from tasks.datasets.sources import resolve_source
     from tasks.settings import Settings
@@ -146,12 +161,7 @@ def test_scheduled_and_asset_triggered_retraining(stack):
     seen = {r["dag_run_id"] for r in _runs(stack, "scheduled")}
     _set_variable(stack, "trainflow_recommendation_production",
                   {**FAST, "source_url": _url(stack, "drop-a"), "dataset_name": "ratings"})
-    scheduled = _next_run(stack, "scheduled", seen, timeout=300)
-    try:
-        api.wait_for_run(DAG, scheduled, timeout=900)
-    finally:
-        # Later ticks fail fast again instead of training every minute.
-        api.delete("variables/trainflow_recommendation_production")
+    scheduled = _next_production_run(stack, seen)
     shard = api.xcom(DAG, scheduled, "shard")
     assert shard["source_origin"] == "production" and shard["name"] == "ratings"
     manifest = _manifest(stack, shard["manifest_uri"])
@@ -163,30 +173,30 @@ def test_scheduled_and_asset_triggered_retraining(stack):
     assert v2["trainflow.decision.same_dataset"] == "true"
     assert v2["trainflow.decision.compared_against"].startswith("champion v1")
     assert v2["trainflow.decision.approval_required"] == "false"  # scheduled + auto: no reviewer
-    champion_after_scheduled = str(client.get_model_version_by_alias(MODEL, "champion").version)
-    assert champion_after_scheduled == ("2" if v2["trainflow.decision.outcome"] == "promoted" else "1")
+    champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
+    assert champion == (str(register["version"]) if v2["trainflow.decision.outcome"] == "promoted" else "1")
 
     # 4. New data announced through the REST API: the event's source_url is what the run shards.
     assets = api.json("GET", "assets", params={"uri_pattern": "trainflow://raw/recommendation"})["assets"]
     asset_id = next(a["id"] for a in assets if a["uri"] == "trainflow://raw/recommendation")
     seen = {r["dag_run_id"] for r in _runs(stack, "asset_triggered")}
-    _set_variable(stack, "trainflow_recommendation_production", {**FAST, "source_url": _url(stack, "drop-a")})
-    try:
-        api.json("POST", "assets/events", json={
-            "asset_id": asset_id, "extra": {"source_url": _url(stack, "drop-b"), "dataset_name": "clicks"}})
-        triggered = _next_run(stack, "asset_triggered", seen, timeout=180)
-        api.wait_for_run(DAG, triggered, timeout=900)
-    finally:
-        api.delete("variables/trainflow_recommendation_production")
+    # The production configuration stays set: the event's run takes its other params (FAST).
+    # Scheduled runs go on training on drop-a meanwhile; runs are serialised (max_active_runs=1).
+    api.json("POST", "assets/events", json={
+        "asset_id": asset_id, "extra": {"source_url": _url(stack, "drop-b"), "dataset_name": "clicks"}})
+    triggered = _next_run(stack, "asset_triggered", seen, timeout=180)
+    api.wait_for_run(DAG, triggered, timeout=900)
     shard = api.xcom(DAG, triggered, "shard")
     assert shard["source_origin"] == "asset_event" and shard["name"] == "clicks"
     manifest = _manifest(stack, shard["manifest_uri"])
     assert manifest["source"]["url"] == _url(stack, "drop-b")
     assert manifest["source"]["fingerprint"] == _fingerprint(stack, _url(stack, "drop-b"))
-    # Trained on another dataset, no reviewer (auto + asset-triggered): champion stays.
+    # Trained on another dataset, no reviewer (auto + asset-triggered): champion does not move to
+    # it (it stays with a model trained on "ratings", whichever scheduled run trained it).
     register = api.xcom(DAG, triggered, "register")
-    assert register["aliases"] == ["challenger"]
-    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == champion_after_scheduled
+    assert "champion" not in register["aliases"]
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) != str(register["version"]) and champion.tags["trainflow.dataset_name"] == "ratings"
     tags = client.get_model_version(MODEL, str(register["version"])).tags
     assert tags["trainflow.source_origin"] == "asset_event"
     assert tags["trainflow.decision.outcome"] == "rejected" and tags["trainflow.decision.same_dataset"] == "false"
