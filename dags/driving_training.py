@@ -14,8 +14,11 @@ scenarios, end to end:
 4. **register**: a version of `registered_model_name` with lineage tags; `champion` only if it
    beats the current champion by `promotion_margin` (lower ADE/FDE is better).
 
-Runs when the raw driving data Asset is updated, and on manual trigger with the form or a
-`conf`, e.g. `{"source_url": "s3://bucket/argoverse/train"}`.
+Runs when new raw data is announced on the Asset `trainflow://raw/driving` (the event's extra
+`source_url` is what it shards; dags/announce_raw_data.py, dags/watch_raw_data.py or
+`POST /api/v2/assets/events`), and on manual trigger with the form or a `conf`, e.g.
+`{"source_url": "s3://bucket/argoverse/train"}`. Without a reviewer a version becomes champion
+only by beating the champion on the same dataset.
 """
 
 from __future__ import annotations
@@ -23,27 +26,33 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag
-from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
+from trainflow_airflow.dag_support import (
+    build_params,
+    default_args,
+    pipeline_tasks,
+    raw_data_asset,
+    training_schedule,
+)
 
-PIPELINE = "driving"
+KIND = "driving"
 TRAINING_POOL = "training"
-RAW_DATA = Asset(name="trainflow_driving_raw", uri="trainflow://raw/driving")
+RAW_DATA = raw_data_asset(KIND)
 DATASET = Asset(name="trainflow_driving_dataset", uri="trainflow://datasets/driving")
 MODEL = Asset(name="trainflow_driving_model", uri="trainflow://models/driving")
 
 
 @dag(
-    schedule=[RAW_DATA],
+    schedule=training_schedule(KIND, None, RAW_DATA),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    params=build_params(PIPELINE),
+    params=build_params(KIND),
     default_args=default_args(),
-    tags=["trainflow", PIPELINE, "training"],
+    tags=["trainflow", KIND, "training"],
     doc_md=__doc__,
 )
 def driving_training():
-    pipeline_tasks(PIPELINE, DATASET, MODEL, TRAINING_POOL)
+    pipeline_tasks(KIND, DATASET, MODEL, TRAINING_POOL, raw_asset=RAW_DATA)
 
 
 driving_training()

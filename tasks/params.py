@@ -68,6 +68,11 @@ def param_specs(pipeline: Any) -> dict[str, dict[str, Any]]:
                                override.get("title"))
     if specs["source_url"]["default"] is None:
         raise ValueError(f"pipeline {spec.name!r}: give the source_url param a default in PipelineSpec.params")
+    specs["source_url"]["description"] += (
+        f" Manual runs only: a scheduled run trains on the production configuration (Airflow Variable "
+        f"trainflow_{spec.name}_production or TRAINFLOW_{spec.name.upper()}_PRODUCTION) and fails if there is none; an "
+        "Asset-triggered run on the triggering event's source_url."
+    )
     return specs
 
 
@@ -237,7 +242,10 @@ def _common_specs() -> dict[str, dict[str, Any]]:
             },
             "Whether a human approves the promotion to champion (in the Airflow UI, task 'approve') after "
             "the automated gate has passed. auto: yes for a manually triggered run, no for a scheduled or "
-            "Asset-triggered one.",
+            "Asset-triggered one (those train only on the production configuration or the event's data, never "
+            "on this form's defaults). Without a reviewer, champion moves only when the gate passes on the same "
+            "dataset as the champion's (same dataset name and split protocol; a newer version of it is re-scored), "
+            "or, with no champion yet, against the baseline; a model trained on another dataset stays challenger.",
             "Require approval",
         ),
         "approval_timeout_hours": _spec(

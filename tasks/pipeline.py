@@ -23,16 +23,22 @@ from tasks.sharding import ShardingConfig, shard_dataset
 log = logging.getLogger(__name__)
 
 
-def shard_step(params: dict[str, Any], pipeline: Any, settings: Settings | None = None) -> dict[str, Any]:
+def shard_step(
+    params: dict[str, Any], pipeline: Any, settings: Settings | None = None, *, source_origin: str = "form"
+) -> dict[str, Any]:
     """Validate the params, then shard the source into a dataset version (or find it).
 
     Args:
-        params: The DAG run's params.
+        params: The run's params (for an unattended run, as :func:`tasks.retraining.resolve_run_params`
+            made them).
         pipeline: The pipeline's name or spec (see :mod:`tasks.pipelines`).
-        settings: Storage root and credentials (default: from the environment).
+        settings: Storage root and credentials.
+        source_origin: Where the source came from (``form``, ``production``, ``asset_event``);
+            recorded with the dataset and, at registration, on the model version.
 
     Returns:
-        The sharding summary (``manifest_uri``, ``version``, ``cache_hit``, split sizes, stats).
+        The sharding summary (``manifest_uri``, ``version``, ``cache_hit``, split sizes,
+        stats) plus the validated ``params`` (the run's params from here on) and ``source_origin``.
     """
     settings = settings or get_settings()
     values = validate_params(params, pipeline)
@@ -49,7 +55,7 @@ def shard_step(params: dict[str, Any], pipeline: Any, settings: Settings | None 
     else:
         log.info("dataset %s version %s: new version committed", summary["name"], summary["version"])
     log.info("splits: %s", summary["splits"])
-    return summary
+    return {**summary, "params": values, "source_origin": source_origin}
 
 
 # --- train -----------------------------------------------------------------------------------
@@ -447,6 +453,7 @@ def register_model_step(
     from tasks.params import approval_required
     from tasks.pipelines import get_pipeline
     from tasks.registry import GateConfig, Lineage, code_version, register_step
+    from tasks.sharding import split_protocol
 
     settings = settings or get_settings()
     spec = get_pipeline(pipeline)
@@ -478,6 +485,8 @@ def register_model_step(
         torch_version=torch_version,
         code_version=code_version(),
         airflow_run_url=airflow_run_url,
+        split_protocol=dataset.get("split_protocol") or split_protocol(manifest),
+        source_origin=str(dataset.get("source_origin", "")),
     )
     shards = [s for split in manifest.splits for s in manifest.shards(split)]
     dataset_facts = {

@@ -86,6 +86,9 @@ class PipelineSpec:
             ``train`` / ``valid`` / ``eval`` shards of ``source`` with
             :class:`tasks.sharding.ShardWriter` into ``store`` and return the manifest body
             (``splits``, ``stats`` and any extra keys such as ``files``).
+        split_protocol: ``(sharding config) -> str``: how a dataset written *before* the split
+            recorded ``stats["split_protocol"]`` was split (the gate compares the dataset's name
+            and split protocol); optional: a split that records it needs none.
         family: ``"module:Class"`` of the :class:`trainers.family.ModelFamily`.
         family_config: ``"module:Class"`` of the family's config dataclass.
         family_settings: ``(params) -> dict``: the family config's fields from the run's
@@ -124,6 +127,7 @@ class PipelineSpec:
     params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     plot: Callable[..., list[str]] | None = None
     baseline_name: str = "baseline"
+    split_protocol: Callable[[dict[str, Any]], str] | None = None
     promotion_metric: str | None = None
     registered_model_name: str | None = None
     dag_id: str | None = None

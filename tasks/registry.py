@@ -71,6 +71,12 @@ class Lineage:
     Attributes:
         dag_id, run_id, try_number: The Airflow task instance that trained it.
         manifest_uri, dataset_version, dataset_name: The dataset version trained on.
+        split_protocol: How the dataset was split into train / valid / eval; with
+            ``dataset_name`` it is the dataset's identity for the gate (same name and protocol:
+            the same dataset, perhaps a newer version of it).
+        source_origin: Where the run's data came from: ``form`` (a person chose it),
+            ``production`` (the deployment's production configuration, a scheduled run) or
+            ``asset_event`` (the Asset event that triggered the run).
         mlflow_run_id: The MLflow run holding params, metrics and plots.
         world_size, parallelism, device: How it was trained.
         torch_version, code_version: Software versions.
@@ -90,6 +96,13 @@ class Lineage:
     torch_version: str = ""
     code_version: str = ""
     airflow_run_url: str = ""
+    split_protocol: str = ""
+    source_origin: str = ""
+
+    @property
+    def dataset_identity(self) -> str:
+        """``name (split protocol)``: what must match between a candidate and the champion."""
+        return dataset_identity(self.dataset_name, self.split_protocol)
 
     @property
     def training_key(self) -> str:
@@ -99,6 +112,23 @@ class Lineage:
         tags = {TAG + k: str(v) for k, v in dataclasses.asdict(self).items() if v not in ("", None)}
         tags[TAG + "training_key"] = self.training_key
         return tags
+
+
+def dataset_identity(name: str | None, split_protocol: str | None) -> str:
+    """A dataset's identity as the gate compares it: its name and split protocol."""
+    return f"{name or '?'} ({split_protocol or 'split protocol not recorded'})"
+
+
+def same_dataset(champion_tags: dict[str, str], lineage: Lineage) -> bool:
+    """Whether the champion was trained on the candidate's dataset (another version is fine).
+
+    Same dataset name and same split protocol, as recorded in the lineage tags. A champion
+    registered before the split protocol was recorded matches on the name alone.
+    """
+    if champion_tags.get(TAG + "dataset_name") != lineage.dataset_name:
+        return False
+    recorded = champion_tags.get(TAG + "split_protocol")
+    return recorded is None or recorded == lineage.split_protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,6 +519,7 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
         previous champion, a reason) and the reference's metrics on the candidate's eval set.
     """
     candidate = float(metrics[gate.metric])
+    dataset_mismatch = ""
     champion = champion_version(client, name)
     if champion is not None and str(champion.version) == str(version.version):
         champion = None
@@ -499,6 +530,21 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
         reference = float(metrics[reference_key])
         reference_metrics = {k.removeprefix("baseline_"): float(v) for k, v in metrics.items() if k.startswith("baseline_")}
         against = "baseline"
+    elif not same_dataset(champion.tags, lineage):
+        # Not comparable: scores on two different datasets say nothing about which model is
+        # better. The candidate is judged against its own baseline only and never replaces the
+        # champion without a reviewer (_record_gate).
+        champion_dataset = dataset_identity(champion.tags.get(TAG + "dataset_name"), champion.tags.get(TAG + "split_protocol"))
+        reference_key = f"baseline_{gate.metric}"
+        if reference_key not in metrics:
+            raise ValueError(f"the champion was trained on another dataset and there is no {reference_key} to compare with")
+        reference = float(metrics[reference_key])
+        reference_metrics = {k.removeprefix("baseline_"): float(v) for k, v in metrics.items() if k.startswith("baseline_")}
+        against = "baseline"
+        dataset_mismatch = (
+            f"trained on dataset {lineage.dataset_identity}, champion v{champion.version} on "
+            f"{champion_dataset}: not comparable"
+        )
     else:
         against = f"champion v{champion.version}"
         same_set = champion.tags.get(TAG + "dataset_version") == lineage.dataset_version
@@ -509,7 +555,7 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
             }
             reference = float(stored)
         elif rescore is not None:
-            log.info("champion v%s was evaluated on another dataset version: re-scoring it on this one", champion.version)
+            log.info("champion v%s was evaluated on another version of this dataset: re-scoring it on this one", champion.version)
             reference_metrics = {k: float(v) for k, v in rescore(f"models:/{name}/{champion.version}").items()}
             reference = reference_metrics[gate.metric]
             against += " (re-scored on this eval set)"
@@ -521,6 +567,8 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
     passed = decide(candidate, reference, gate.higher_is_better, gate.margin)
     direction = "higher" if gate.higher_is_better else "lower"
     reason = f"{gate.metric} {candidate:.4f} vs {against} {reference:.4f} ({direction} is better, margin {gate.margin})"
+    if dataset_mismatch:
+        reason = f"{dataset_mismatch}; {reason}"
     verdict = {
         "passed": passed,
         "reason": reason,
@@ -532,7 +580,11 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
         "compared_against": against,
         "margin": str(gate.margin),
         "previous_champion": champion.version if champion is not None else "",
+        "same_dataset": "false" if dataset_mismatch else "true",
+        "dataset": lineage.dataset_identity,
     }
+    if dataset_mismatch:
+        verdict["dataset_mismatch"] = dataset_mismatch
     return verdict, reference_metrics
 
 
@@ -552,8 +604,17 @@ def _record_gate(
     client, name, version, verdict: dict[str, Any], reference: dict[str, float], lineage: Lineage, approval: bool, allow_override: bool
 ) -> dict[str, Any]:
     passed = verdict["passed"]
+    mismatch = verdict.get("dataset_mismatch", "")
     now = dt.datetime.now(dt.UTC).isoformat()
-    if not approval:
+    if not approval and mismatch:
+        # Unattended promotion needs a like-for-like win; a champion trained on other data
+        # is only ever replaced by a reviewer's decision.
+        outcome = "rejected"
+        reason = verdict["reason"] + (
+            ": a run without a reviewer never replaces a champion trained on another dataset, stays challenger"
+        )
+        note = ""
+    elif not approval:
         outcome = "promoted" if passed else "rejected"
         reason = verdict["reason"] + (": promoted" if passed else ": not better by the margin, stays challenger")
         note = ""
@@ -563,6 +624,11 @@ def _record_gate(
             ": gate passed, waiting for a reviewer" if passed else ": gate failed, a reviewer may override it"
         )
         note = "gate passed" if passed else "gate failed; allow_gate_override is on, so approving overrides the gate"
+        if mismatch:
+            note = (
+                f"the datasets differ ({mismatch}): the candidate was compared with its baseline only; "
+                "approving replaces the champion with a model trained on other data; " + note
+            )
     else:
         outcome = "rejected"
         reason = verdict["reason"] + ": not better by the margin, stays challenger (no approval asked: a failed gate is final)"
@@ -761,6 +827,12 @@ def approval_request(
         f"{decision.get('candidate_value')} vs {against} {decision.get('reference_value')}, "
         f"improvement {float(decision.get('improvement', 0) or 0):+.4f}, required margin > {decision.get('margin')}.",
     ]
+    if decision.get("dataset_mismatch"):
+        lines += [
+            "",
+            f"⚠️ **The datasets differ**: {decision['dataset_mismatch']}. The candidate was compared with its "
+            "baseline only; approving replaces the champion with a model trained on other data.",
+        ]
     if verdict == "failed":
         lines += ["", "⚠️ The gate **failed**: approving is an **override** (allow_gate_override is on) and is recorded as such."]
     header = f"| metric (eval split) | candidate v{version} |" + (f" {champion_col} |" if champion_col else "") + f" {baseline_name} |"

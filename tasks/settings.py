@@ -250,3 +250,22 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
 def get_settings() -> Settings:
     """Settings from the current environment (read anew each call: tests change it)."""
     return Settings.from_env()
+
+
+def pipeline_setting(pipeline: str, name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A per-pipeline deployment setting, ``TRAINFLOW_<PIPELINE>_<NAME>`` (empty: ``None``).
+
+    The ones trainflow reads: ``PRODUCTION`` (the production configuration of scheduled and
+    data-triggered runs, see :mod:`tasks.retraining`), ``WATCH`` (an object-store prefix the
+    raw-data watcher DAG polls) and ``SCHEDULE`` (the training DAG's time schedule, read when
+    the DAG file is parsed).
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(f"TRAINFLOW_{pipeline.upper()}_{name.upper()}", "").strip()
+    return value or None
+
+
+def watch_schedule(environ: Mapping[str, str] | None = None) -> str | None:
+    """The raw-data watcher DAG's poll schedule (``TRAINFLOW_WATCH_SCHEDULE``, a cron), or ``None``."""
+    env = os.environ if environ is None else environ
+    return env.get("TRAINFLOW_WATCH_SCHEDULE", "").strip() or None

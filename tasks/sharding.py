@@ -429,6 +429,27 @@ def shard_dataset(
     return summarize(manifest, cache_hit=False)
 
 
+def split_protocol(manifest: Manifest) -> str:
+    """How the dataset was split, as the gate compares it (with the dataset's name).
+
+    Read from the manifest's stats (a split protocol records it there); for manifests written
+    before their pipeline recorded it, the pipeline's :attr:`~tasks.pipelines.PipelineSpec.split_protocol`
+    describes it from their sharding config.
+    """
+    recorded = manifest.stats.get("split_protocol")
+    if recorded:
+        return str(recorded)
+    from tasks.pipelines import UnknownPipelineError, get_pipeline
+
+    try:
+        spec = get_pipeline(manifest.kind)
+    except UnknownPipelineError:
+        return "unknown"
+    if spec.split_protocol is None:
+        return "unknown"
+    return spec.split_protocol(manifest.data.get("config", {}))
+
+
 def summarize(manifest: Manifest, cache_hit: bool) -> dict[str, Any]:
     """The small JSON an Airflow task returns for a dataset version."""
     return {
@@ -437,6 +458,7 @@ def summarize(manifest: Manifest, cache_hit: bool) -> dict[str, Any]:
         "version": manifest.version,
         "kind": manifest.kind,
         "cache_hit": cache_hit,
+        "split_protocol": split_protocol(manifest),
         "splits": {split: manifest.num_rows(split) for split in manifest.splits},
         "stats": manifest.stats,
     }

@@ -199,6 +199,10 @@ class Storage:
         """Whether a file or a non-empty folder exists at ``path``."""
         return bool(self._call("exists", path, self.fs.exists, self._abs(path)))
 
+    def is_dir(self, path: str) -> bool:
+        """Whether ``path`` is a folder (a prefix with objects below it, on S3)."""
+        return bool(self._call("isdir", path, self.fs.isdir, self._abs(path)))
+
     def read_bytes(self, path: str) -> bytes:
         """The whole content of the file at ``path``.
 

@@ -26,17 +26,45 @@ log = logging.getLogger(__name__)
 OWNER = "trainflow"
 
 
-def build_params(pipeline: str) -> dict[str, Param]:
-    """Typed trigger-form params (JSON schema) of the registered pipeline ``pipeline``.
+def build_params(kind: str) -> dict[str, Param]:
+    """Typed trigger-form params (JSON schema) of the registered pipeline ``kind``.
 
     Raises:
         tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
     """
     params = {}
-    for key, spec in param_specs(pipeline).items():
+    for key, spec in param_specs(kind).items():
         schema = dict(spec["schema"])
         params[key] = Param(spec["default"], description=spec["description"], title=spec["title"], **schema)
     return params
+
+
+def raw_data_asset(kind: str):
+    """The Asset whose events announce new raw data for the ``kind`` pipeline
+    (``trainflow://raw/<kind>``); an event's extra carries ``source_url``."""
+    from airflow.sdk import Asset
+
+    return Asset(name=f"trainflow_{kind}_raw", uri=f"trainflow://raw/{kind}")
+
+
+def training_schedule(kind: str, default: str | None, raw_asset):
+    """The training DAG's schedule: new raw data (``raw_asset`` events) and, where a time
+    schedule is set, that too.
+
+    Args:
+        kind: The pipeline.
+        default: The time schedule (cron or preset) when ``TRAINFLOW_<KIND>_SCHEDULE`` is not
+            set; ``None`` for data-triggered runs only. The setting ``none`` turns it off.
+        raw_asset: See :func:`raw_data_asset`.
+    """
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from tasks.settings import pipeline_setting
+
+    cron = pipeline_setting(kind, "SCHEDULE") or default
+    if cron is None or cron.lower() == "none":
+        return [raw_asset]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[raw_asset])
 
 
 def default_args() -> dict[str, Any]:
@@ -93,18 +121,77 @@ def fail_fast_on_bad_input():
         raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
 
-def run_shard(context: dict[str, Any], pipeline: str, asset) -> dict[str, Any]:
-    """Body of the ``shard`` task: shard (or reuse) the dataset and annotate the Asset event."""
+def production_config(kind: str) -> dict[str, Any] | None:
+    """The ``kind`` pipeline's production configuration: the Airflow Variable
+    ``trainflow_<kind>_production`` if set, else the setting ``TRAINFLOW_<KIND>_PRODUCTION``
+    (see :mod:`tasks.retraining`); ``None`` when neither is."""
+    from airflow.sdk import Variable
+
+    from tasks.retraining import parse_production_config, production_variable
+    from tasks.settings import pipeline_setting
+
+    raw = Variable.get(production_variable(kind), default=None)
+    origin = f"Airflow Variable {production_variable(kind)!r}"
+    if raw in (None, ""):
+        raw, origin = pipeline_setting(kind, "PRODUCTION"), f"setting TRAINFLOW_{kind.upper()}_PRODUCTION"
+    config = parse_production_config(raw, kind)
+    if config is not None:
+        from tasks.settings import redact_url
+
+        log.info("production configuration of %s from the %s: source %s", kind, origin, redact_url(config["source_url"]))
+    return config
+
+
+def triggering_event_extras(context: dict[str, Any], asset) -> list[dict[str, Any]]:
+    """The extras of the ``asset`` events that triggered this run, oldest first."""
+    accessor = context.get("triggering_asset_events")
+    if not accessor:
+        return []
+    try:
+        events = list(accessor[asset])
+    except KeyError:
+        return []
+    events.sort(key=lambda event: str(getattr(event, "timestamp", "")))
+    return [dict(getattr(event, "extra", None) or {}) for event in events]
+
+
+def run_params(context: dict[str, Any], kind: str, raw_asset=None) -> tuple[dict[str, Any], str]:
+    """The params this run trains with and where its data comes from (``form``,
+    ``production``, ``asset_event``): manual runs keep the form; scheduled runs take the
+    production configuration; Asset-triggered runs the event's ``source_url``. Raises
+    :class:`tasks.retraining.RunSourceError` (bad input, never retried) when there is none."""
+    from tasks.retraining import UNATTENDED_RUN_TYPES, resolve_run_params
+
+    kind_of_run = run_type(context)
+    production = production_config(kind) if kind_of_run in UNATTENDED_RUN_TYPES else None
+    events = triggering_event_extras(context, raw_asset) if raw_asset is not None else []
+    return resolve_run_params(dict(context["params"]), kind_of_run, kind, production=production, events=events)
+
+
+def dataset_params(context: dict[str, Any], dataset: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's params as the ``shard`` task settled them (production configuration or the
+    triggering event applied); the form's params for a result without them."""
+    params = (dataset or {}).get("params")
+    return dict(params) if params else dict(context["params"])
+
+
+def run_shard(context: dict[str, Any], kind: str, asset, raw_asset=None) -> dict[str, Any]:
+    """Body of the ``shard`` task: settle the run's data (see :func:`run_params`), shard (or
+    reuse) the dataset and annotate the Asset event."""
     from tasks.pipeline import shard_step
+    from tasks.settings import redact_url
 
     with fail_fast_on_bad_input():
-        result = shard_step(dict(context["params"]), pipeline, settings_with_connections())
+        params, origin = run_params(context, kind, raw_asset)
+        log.info("%s run: source %s (from the %s)", run_type(context) or "manual", redact_url(params["source_url"]), origin)
+        result = shard_step(params, kind, settings_with_connections(), source_origin=origin)
     outlet_events = context.get("outlet_events")
     if outlet_events is not None:
         outlet_events[asset].extra = {
             "manifest_uri": result["manifest_uri"],
             "version": result["version"],
             "cache_hit": result["cache_hit"],
+            "source_origin": origin,
         }
     return result
 
@@ -126,7 +213,7 @@ TRAIN_NODE_TASK = "train_node"
 RENDEZVOUS_XCOM_KEY = "rendezvous"
 
 
-def node_channel(context: dict[str, Any]):
+def node_channel(context: dict[str, Any], params: dict[str, Any]):
     """The node tasks' channel (:class:`tasks.rendezvous.NodeChannel`) over this DAG run:
     node 0's plan in XCom (key ``rendezvous`` of ``train``), the node tasks' states from the
     execution API. Node ``r > 0`` is map index ``r - 1`` of ``train_node``."""
@@ -147,7 +234,7 @@ def node_channel(context: dict[str, Any]):
     def node_states() -> dict[int, str | None]:
         states = ti.get_task_states(dag_id=dag_id, task_ids=[TRAIN_TASK, TRAIN_NODE_TASK], run_ids=[run_id])
         by_task = (states or {}).get(run_id, {})
-        nnodes = int(context["params"].get("nnodes", 1))
+        nnodes = int(params.get("nnodes", 1))
         out: dict[int, str | None] = {0: _state(by_task.get(TRAIN_TASK))}
         for rank in range(1, nnodes):
             out[rank] = _state(by_task.get(f"{TRAIN_NODE_TASK}_{rank - 1}"))
@@ -174,14 +261,14 @@ def kubernetes_client():
     return KubernetesHook(conn_id=conn_id).get_conn()
 
 
-def run_train(context: dict[str, Any], pipeline: str, dataset: dict[str, Any]) -> dict[str, Any]:
+def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> dict[str, Any]:
     """Body of the ``train`` task: torchrun on this machine (node 0 when ``nnodes > 1``) or a
     Kubernetes job; resumes on a retry."""
     from tasks.pipeline import train_step
     from trainflow_airflow.links import persist_mlflow_links
 
     dag_id, run_id, try_number = _ids(context)
-    params = dict(context["params"])
+    params = dataset_params(context, dataset)
     if try_number > 1:
         log.info("try %d: training resumes from the last committed checkpoint of this DAG run", try_number)
     launcher = params.get("launcher", "local")
@@ -190,25 +277,26 @@ def run_train(context: dict[str, Any], pipeline: str, dataset: dict[str, Any]) -
         result = train_step(
             params,
             dataset,
-            pipeline=pipeline,
+            pipeline=kind,
             dag_id=dag_id,
             run_id=run_id,
             try_number=try_number,
             settings=settings_with_connections(),
-            nodes=node_channel(context) if multi_node else None,
+            nodes=node_channel(context, params) if multi_node else None,
             kubernetes=kubernetes_client() if launcher == "kubernetes" else None,
         )
     persist_mlflow_links(context, experiment_id=result["mlflow_experiment_id"], run_id=result["mlflow_run_id"])
     return result
 
 
-def run_train_node(context: dict[str, Any], pipeline: str, node_rank: int) -> dict[str, Any]:
+def run_train_node(context: dict[str, Any], kind: str, node_rank: int, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """Body of a ``train_node`` task: node ``node_rank`` joins node 0's rendezvous."""
     from tasks.pipeline import train_node_step
 
+    params = dataset_params(context, dataset)
     with fail_fast_on_bad_input():
         return train_node_step(
-            dict(context["params"]), node_rank, pipeline=pipeline, nodes=node_channel(context), settings=settings_with_connections()
+            params, node_rank, pipeline=kind, nodes=node_channel(context, params), settings=settings_with_connections()
         )
 
 
@@ -219,17 +307,17 @@ def peer_node_ranks(params: dict[str, Any]) -> list[int]:
     return list(range(1, int(params.get("nnodes", 1))))
 
 
-def run_evaluate(context: dict[str, Any], pipeline: str, train: dict[str, Any]) -> dict[str, Any]:
+def run_evaluate(context: dict[str, Any], kind: str, train: dict[str, Any]) -> dict[str, Any]:
     """Body of the ``evaluate`` task."""
     from tasks.pipeline import evaluate_model_step
     from trainflow_airflow.links import persist_mlflow_links
 
     persist_mlflow_links(context, experiment_id=train["mlflow_experiment_id"], run_id=train["mlflow_run_id"])
-    return evaluate_model_step(pipeline, train, settings_with_connections())
+    return evaluate_model_step(kind, train, settings_with_connections())
 
 
 def run_register(
-    context: dict[str, Any], pipeline: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
+    context: dict[str, Any], kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
 ) -> dict[str, Any]:
     """Body of the ``register`` task: a model version, the gate, and the model Asset event."""
     from tasks.pipeline import register_model_step, run_report, write_run_report
@@ -237,11 +325,11 @@ def run_register(
 
     dag_id, run_id, _ = _ids(context)
     result = register_model_step(
-        dict(context["params"]),
+        dataset_params(context, dataset),
         dataset,
         train,
         evaluation,
-        pipeline=pipeline,
+        pipeline=kind,
         dag_id=dag_id,
         run_id=run_id,
         airflow_run_url=airflow_run_url(context),
@@ -255,7 +343,7 @@ def run_register(
         model_name=result["name"],
         model_version=result["version"],
     )
-    report = run_report(pipeline, dataset, train, evaluation, result)
+    report = run_report(kind, dataset, train, evaluation, result)
     log.info("run report: %s", write_run_report(report, dag_id, run_id, settings_with_connections()))
     _annotate_model_event(context, asset, result)
     return result
@@ -309,7 +397,7 @@ def run_promote(context: dict[str, Any], registered: dict[str, Any], answer: dic
     return result
 
 
-def pipeline_tasks(pipeline: str, dataset_asset, model_asset, training_pool: str = "training") -> None:
+def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "training", raw_asset=None) -> None:
     """Define shard → train → evaluate → register → approve → promote inside the current ``@dag`` body.
 
     ``approve`` and ``promote`` run only when the run requires approval (``require_approval``);
@@ -322,19 +410,20 @@ def pipeline_tasks(pipeline: str, dataset_asset, model_asset, training_pool: str
 
     @task(outlets=[dataset_asset])
     def shard(**context):
-        """Shard the raw data (or reuse the committed version)."""
-        return run_shard(context, pipeline, dataset_asset)
+        """Shard the raw data (or reuse the committed version): the form's source for a manual
+        run, the production configuration's for a scheduled one, the event's for an Asset-triggered one."""
+        return run_shard(context, kind, dataset_asset, raw_asset)
 
     @trainflow_task(pool=training_pool, execution_timeout=dt.timedelta(hours=6))
     def train(dataset, **context):
         """Train with torchrun (node 0 with nnodes > 1) or a Kubernetes job; a retry resumes
         from the last committed checkpoint."""
-        return run_train(context, pipeline, dataset)
+        return run_train(context, kind, dataset)
 
     @task
-    def plan_nodes(**context):
+    def plan_nodes(dataset, **context):
         """Node ranks 1..nnodes-1 (none for one node or launcher=kubernetes): one train_node each."""
-        return peer_node_ranks(dict(context["params"]))
+        return peer_node_ranks(dataset_params(context, dataset))
 
     @task(
         pool=training_pool,
@@ -343,17 +432,17 @@ def pipeline_tasks(pipeline: str, dataset_asset, model_asset, training_pool: str
     )
     def train_node(node_rank, dataset, **context):
         """Node node_rank of a multi-node training: joins node 0's rendezvous (runs with train)."""
-        return run_train_node(context, pipeline, node_rank)
+        return run_train_node(context, kind, node_rank, dataset)
 
     @trainflow_task(trigger_rule="none_failed")
     def evaluate(train_result, **context):
         """Score the model on the held-out split against the baseline; plots to MLflow."""
-        return run_evaluate(context, pipeline, train_result)
+        return run_evaluate(context, kind, train_result)
 
     @trainflow_task(outlets=[model_asset])
     def register(dataset, train_result, evaluation, **context):
         """Register a model version and apply the champion/challenger gate."""
-        return run_register(context, pipeline, dataset, train_result, evaluation, model_asset)
+        return run_register(context, kind, dataset, train_result, evaluation, model_asset)
 
     @trainflow_task(outlets=[model_asset])
     def promote(registered, answer, **context):
@@ -362,7 +451,7 @@ def pipeline_tasks(pipeline: str, dataset_asset, model_asset, training_pool: str
 
     dataset = shard()
     trained = train(dataset)
-    peers = train_node.partial(dataset=dataset).expand(node_rank=plan_nodes())
+    peers = train_node.partial(dataset=dataset).expand(node_rank=plan_nodes(dataset))
     # Every node's task must succeed; with one node the mapped train_node is skipped (empty).
     evaluation = evaluate(trained)
     peers >> evaluation

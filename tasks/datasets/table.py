@@ -153,6 +153,10 @@ def table_split(key: str, columns: list[str] | None = None) -> Callable[..., dic
         for s, entry in splits.items():
             if entry["num_rows"] == 0:
                 log.warning("split %s is empty: too few rows for the configured fractions", s)
-        return {"splits": splits, "stats": {"num_rows": sum(e["num_rows"] for e in splits.values()), "key": key}}
+        protocol = (
+            f"hash split of {key} (eval {config.eval_fraction}, valid {config.valid_fraction}, seed {config.seed})"
+        )
+        stats = {"split_protocol": protocol, "num_rows": sum(e["num_rows"] for e in splits.values()), "key": key}
+        return {"splits": splits, "stats": stats}
 
     return split

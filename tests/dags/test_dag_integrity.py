@@ -15,6 +15,10 @@ DAGS = {
     "recommendation_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register", "approve", "promote"},
     "driving_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register", "approve", "promote"},
 }
+PRODUCER_DAGS = {
+    "announce_raw_data": {"is_recommendation", "announce_recommendation", "is_driving", "announce_driving"},
+    "watch_raw_data": {"detect_recommendation", "remember_recommendation", "detect_driving", "remember_driving"},
+}
 DAG_FILES = sorted((PROJECT_DIR / "dags").glob("*.py"))
 
 
@@ -30,8 +34,8 @@ def test_no_import_errors(dagbag):
 
 
 def test_dag_ids_and_tasks(dagbag):
-    assert set(dagbag.dags) == set(DAGS)
-    for dag_id, task_ids in DAGS.items():
+    assert set(dagbag.dags) == set(DAGS) | set(PRODUCER_DAGS)
+    for dag_id, task_ids in {**DAGS, **PRODUCER_DAGS}.items():
         dag = dagbag.dags[dag_id]
         assert {t.task_id for t in dag.tasks} >= task_ids
         assert dag.fileloc.endswith(f"{dag_id}.py")  # dag_id equals the file stem
@@ -137,6 +141,69 @@ def test_parsing_imports_nothing_heavy_and_opens_no_connection(path):
     assert "CONNECT []" in out.stdout, out.stdout
 
 
+@pytest.mark.parametrize("dag_id", sorted(PRODUCER_DAGS))
+def test_producer_dag_metadata(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.owner == "trainflow" and {"trainflow", "raw-data"} <= set(dag.tags)
+    assert dag.doc_md and "source_url" in dag.doc_md
+    assert dag.catchup is False
+    assert all(task.retries >= 1 for task in dag.tasks)
+
+
+def _asset_uris(condition) -> set[str]:
+    objects = getattr(condition, "objects", None)
+    if objects is None:
+        return {condition.uri}
+    return set().union(*(_asset_uris(o) for o in objects))
+
+
+def test_training_schedules_fire_on_time_and_on_new_raw_data(dagbag):
+    """recommendation: weekly or when its raw data Asset gets an event; driving: on the event."""
+    from airflow.sdk import AssetOrTimeSchedule
+
+    rec = dagbag.dags["recommendation_training"]
+    assert isinstance(rec.timetable, AssetOrTimeSchedule)
+    assert rec.timetable.timetable.expression == "0 0 * * 0"  # @weekly
+    assert _asset_uris(rec.timetable.asset_condition) == {"trainflow://raw/recommendation"}
+    drv = dagbag.dags["driving_training"]
+    assert _asset_uris(drv.timetable.asset_condition) == {"trainflow://raw/driving"}
+    assert not isinstance(drv.timetable, AssetOrTimeSchedule)  # data-triggered only by default
+
+
+def test_producers_emit_the_training_dags_raw_data_assets(dagbag):
+    for kind in ("recommendation", "driving"):
+        uri = f"trainflow://raw/{kind}"
+        announce = dagbag.dags["announce_raw_data"].get_task(f"announce_{kind}")
+        detect = dagbag.dags["watch_raw_data"].get_task(f"detect_{kind}")
+        assert [a.uri for a in announce.outlets] == [uri] and [a.uri for a in detect.outlets] == [uri]
+        assert announce.upstream_task_ids == {f"is_{kind}"}
+        assert dagbag.dags["watch_raw_data"].get_task(f"remember_{kind}").upstream_task_ids == {f"detect_{kind}"}
+    params = dagbag.dags["announce_raw_data"].params
+    assert params.get_param("pipeline").schema["enum"] == ["driving", "recommendation"]  # the registered ones
+    assert params.get_param("pipeline").value == "recommendation"
+
+
+def test_schedule_settings_change_the_parsed_schedule():
+    """TRAINFLOW_<PIPELINE>_SCHEDULE sets the time schedule (``none`` leaves the Asset alone)."""
+    code = textwrap.dedent(
+        f"""
+        import runpy
+        ns = runpy.run_path({str(PROJECT_DIR / "dags" / "recommendation_training.py")!r})
+        print("TT", type(ns["recommendation_training"]().timetable).__name__)
+        """
+    )
+    import os
+
+    def parsed(value):
+        env = {**os.environ, "TRAINFLOW_RECOMMENDATION_SCHEDULE": value}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split("TT ", 1)[1].strip()
+
+    assert parsed("*/5 * * * *") == "AssetOrTimeSchedule"
+    assert parsed("none") == "AssetTriggeredTimetable"
+
+
 @pytest.mark.parametrize("dag_id", sorted(DAGS))
 def test_multi_node_wiring(dagbag, dag_id):
     """Node 0 is `train` (its result feeds evaluate); nodes 1..n-1 are the mapped `train_node`,
@@ -149,6 +216,7 @@ def test_multi_node_wiring(dagbag, dag_id):
     assert isinstance(node, MappedOperator)
     assert node.pool == train.pool == "training"
     assert node.upstream_task_ids == {"shard", "plan_nodes"} and train.upstream_task_ids == {"shard"}
+    assert dag.get_task("plan_nodes").upstream_task_ids == {"shard"}  # the run's params, as shard settled them
     assert evaluate.upstream_task_ids == {"train", "train_node"}
     assert evaluate.trigger_rule == "none_failed"
     assert dag.get_task("register").trigger_rule == "all_success"

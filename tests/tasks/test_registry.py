@@ -31,7 +31,8 @@ def mlflow_env(tf_env):
     return settings
 
 
-def _train(run_id: str, value: float, dataset_version: str = "d1"):
+def _train(run_id: str, value: float, dataset_version: str = "d1", dataset_name: str = "x",
+           split_protocol: str = "leave-latest-out (NCF)", source_origin: str = "form"):
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -45,12 +46,14 @@ def _train(run_id: str, value: float, dataset_version: str = "d1"):
         try_number=1,
         manifest_uri=f"file:///store/datasets/x/{dataset_version}/_manifest.json",
         dataset_version=dataset_version,
-        dataset_name="x",
+        dataset_name=dataset_name,
         mlflow_run_id=run.info.run_id,
         world_size=2,
         parallelism="ddp",
         torch_version="2.13.0",
         code_version="abc123",
+        split_protocol=split_protocol,
+        source_origin=source_origin,
     )
     return info.model_uri, lineage
 
@@ -134,6 +137,60 @@ def test_champion_from_another_dataset_version_is_rescored(mlflow_env):
     uri3, lin3 = _train("run-z", 0.3, dataset_version="newer")
     with pytest.raises(ValueError, match="no rescore"):
         _register(uri3, lin3, 0.4)
+
+
+def test_a_run_without_reviewer_never_replaces_a_champion_trained_on_another_dataset(mlflow_env):
+    """The scheduled-retraining scenario: a champion trained on real data; an unattended run on
+    another dataset (here: another name; below: another split protocol) scores far higher on its
+    own eval split. champion does not move; the version records why; nothing is re-scored."""
+    client = MlflowClient()
+    uri1, lin1 = _train("run-1", 0.3, dataset_name="ncf-ml-100k")
+    assert _register(uri1, lin1, 0.30)["aliases"] == ["challenger", "champion"]
+
+    def rescore(model_uri):
+        raise AssertionError("a champion from another dataset must not be re-scored on the candidate's data")
+
+    uri2, lin2 = _train("scheduled__2026-12-01", 0.9, dataset_version="d9", dataset_name="synthetic-recommendation",
+                        source_origin="production")
+    out = _register(uri2, lin2, 0.90, rescore=rescore)
+    assert out["aliases"] == ["challenger"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags[TAG + "decision.outcome"] == "rejected"
+    assert tags[TAG + "decision.same_dataset"] == "false"
+    assert tags[TAG + "decision.compared_against"] == "baseline"
+    assert "synthetic-recommendation (leave-latest-out (NCF))" in tags[TAG + "decision.dataset_mismatch"]
+    assert "champion v1 on ncf-ml-100k" in tags[TAG + "decision.dataset_mismatch"]
+    assert "never replaces a champion trained on another dataset" in tags[TAG + "decision.reason"]
+    assert tags[TAG + "split_protocol"] == "leave-latest-out (NCF)" and tags[TAG + "source_origin"] == "production"
+    assert "not comparable" in client.get_model_version(NAME, "2").description  # the model card says why
+
+    # Same name, another split protocol: not the same dataset either.
+    uri3, lin3 = _train("run-3", 0.9, dataset_version="d1", dataset_name="ncf-ml-100k", split_protocol="given NCF split")
+    assert _register(uri3, lin3, 0.90, rescore=rescore)["aliases"] == ["challenger"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+    # A newer version of the champion's dataset: re-scored and compared like for like.
+    uri4, lin4 = _train("run-4", 0.5, dataset_version="d2", dataset_name="ncf-ml-100k")
+    out = _register(uri4, lin4, 0.50, rescore=lambda uri: {"ndcg_at_10": 0.31, "hr_at_10": 0.6})
+    assert out["decision"]["compared_against"] == "champion v1 (re-scored on this eval set)"
+    assert out["aliases"] == ["challenger", "champion"]
+
+
+def test_with_a_reviewer_a_different_dataset_waits_and_the_request_says_the_datasets_differ(mlflow_env):
+    from tasks.registry import approval_request
+
+    uri1, lin1 = _train("run-1", 0.3, dataset_name="a")
+    _register(uri1, lin1, 0.30)
+    uri2, lin2 = _train("run-2", 0.5, dataset_name="b")
+    out = _register(uri2, lin2, 0.50, approval=True, allow_override=False)
+    assert out["decision"]["outcome"] == "pending_approval" and out["aliases"] == ["challenger"]
+    assert "the datasets differ" in out["approval"]["reason"]
+    _, body = approval_request(out)
+    assert "The datasets differ" in body and "champion v1 on a (" in body
+    # ... and one that does not even beat its baseline is rejected without asking anyone.
+    uri3, lin3 = _train("run-3", 0.1, dataset_name="c")
+    assert _register(uri3, lin3, 0.10, approval=True, allow_override=False)["decision"]["outcome"] == "rejected"
 
 
 def test_lower_is_better_metrics():

@@ -49,6 +49,12 @@ def _split(source, store, config, tmp_dir) -> dict[str, Any]:
     return shard_driving(source, store, config, tmp_dir)
 
 
+def _describe_split(config: dict[str, Any]) -> str:
+    from trainers.driving.split import describe_split
+
+    return describe_split(config)
+
+
 def _evaluate(manifest, predict, split: str = "eval") -> dict[str, Any]:
     from trainers.driving.evaluation import evaluate_driving
 
@@ -66,6 +72,7 @@ PIPELINE = PipelineSpec(
     description="Motion forecasting of the focal vehicle (2 s of history → 3 s) on Argoverse-style scenarios.",
     resolve_source=_resolve,
     split=_split,
+    split_protocol=_describe_split,
     family="trainers.driving.family:DrivingFamily",
     family_config="trainers.driving.config:DrivingConfig",
     family_settings=family_settings,

@@ -6,6 +6,7 @@ deterministic and the eval set is never trained on. Moved unchanged from ``tasks
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -17,6 +18,15 @@ from trainers.driving import argoverse
 from trainers.driving.sources import DrivingSource
 
 log = logging.getLogger(__name__)
+
+
+def describe_split(config: dict[str, Any]) -> str:
+    """The split protocol as the gate compares it (recorded in the manifest's stats; derived from
+    the sharding config for manifests written before it was recorded)."""
+    return (
+        f"scenario hash split (eval {config.get('eval_fraction')}, valid {config.get('valid_fraction')}, "
+        f"seed {config.get('seed')})"
+    )
 
 
 def shard_driving(source: DrivingSource, store: Storage, config: ShardingConfig, tmp_dir: str) -> dict[str, Any]:
@@ -65,6 +75,7 @@ def shard_driving(source: DrivingSource, store: Storage, config: ShardingConfig,
         if entry["num_rows"] == 0:
             log.warning("split %s is empty: too few scenarios for the configured fractions", split)
     stats = {
+        "split_protocol": describe_split(dataclasses.asdict(config)),
         "num_sequences": kept,
         "num_tracks": tracks,
         "num_frames": argoverse.NUM_FRAMES,
