@@ -2,7 +2,8 @@
 
 The fixtures under ``tests/fixtures/before_plugins`` were made by the code before that change
 (commit 6bd03c5): the dataset versions it computed for fixed inputs, and two served models it
-logged to MLflow (a GMF recommender and a driving forecaster) with their outputs on fixed inputs.
+logged to MLflow (a GMF recommender and a driving forecaster) with their outputs on fixed inputs;
+``param_specs.json`` is both DAGs' params as main had them just before (commit 8094a2e, after #15).
 """
 
 from __future__ import annotations
