@@ -107,6 +107,28 @@ def test_cross_field_check_fails_the_first_task_naming_the_field(dagbag, tf_env,
     assert not (tf_env / "store").exists()
 
 
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"model_options": {"dropuot": 0.1}}, "param 'model_options': 'dropuot' is no setting of RecommendationConfig"),
+        ({"batch_size": 127}, "param 'batch_size': 127 is not a multiple of the world size 2"),
+    ],
+)
+def test_a_bad_run_config_fails_the_first_task_once_before_any_launch(dagbag, tf_env, capfd, conf, message):
+    """What only torchrun found before (and Airflow and torchrun retried, up to 6 launches) fails
+    the first task at once: one try, no retry, nothing launched, the field named."""
+    from airflow.utils.state import DagRunState
+
+    run = dagbag.dags["recommendation_training"].test(run_conf={**REC_CONF, **conf})
+    assert run.state == DagRunState.FAILED
+    tis = {t.task_id: t for t in run.get_task_instances()}
+    assert tis["shard"].state == "failed" and tis["shard"].try_number == 1
+    assert tis["train"].state in ("upstream_failed", None)
+    out, err = capfd.readouterr()
+    assert message in out + err
+    assert not (tf_env / "store").exists()  # no run directory, no run_config.json: nothing launched
+
+
 def test_driving_pipeline(dagbag, tf_env):
     settings = get_settings()
     conf = {"source_url": "synthetic://driving?num_sequences=150&seed=3", "epochs": 2, "model_size": 32, "batch_size": 64,
