@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
 import socket
 import time
@@ -87,7 +86,9 @@ def node_address() -> str:
     to a reachable address, e.g. ``status.podIP`` on Kubernetes); otherwise what this host's
     name resolves to, or the name itself.
     """
-    configured = os.environ.get("TRAINFLOW_NODE_ADDRESS", "").strip()
+    from tasks.settings import get_settings
+
+    configured = get_settings().node_address
     if configured:
         return configured
     name = socket.gethostname()

@@ -112,6 +112,14 @@ class Settings:
             (:mod:`tasks.shardcache`).
         shard_cache_bytes: Most bytes that cache holds (least recently used evicted first);
             ``0`` turns it off.
+        node_address: ``TRAINFLOW_NODE_ADDRESS``: the address other nodes reach this worker at
+            (multi-node rendezvous); ``None``: what the host name resolves to.
+        log_level: ``TRAINFLOW_LOG_LEVEL``: the trainer processes' log level.
+        mlflow_ui_url: ``TRAINFLOW_MLFLOW_UI_URL``: the MLflow UI the Airflow links open;
+            ``None``: derived from the tracking URI.
+        aws_conn_id: ``TRAINFLOW_AWS_CONN_ID``: the Airflow connection with S3 credentials.
+        kubernetes_conn_id: ``TRAINFLOW_KUBERNETES_CONN_ID``: the Airflow connection of the
+            Kubernetes launcher.
     """
 
     data_dir: Path
@@ -123,6 +131,11 @@ class Settings:
     mlflow_artifact_root: str | None = None
     shard_cache_dir: Path | None = None
     shard_cache_bytes: int = 20 << 30
+    node_address: str | None = None
+    log_level: str = "INFO"
+    mlflow_ui_url: str | None = None
+    aws_conn_id: str = "aws_default"
+    kubernetes_conn_id: str = "kubernetes_default"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -163,6 +176,11 @@ class Settings:
             mlflow_artifact_root=artifact_root,
             shard_cache_dir=Path(env.get("TRAINFLOW_SHARD_CACHE_DIR") or data_dir / "shard-cache").expanduser(),
             shard_cache_bytes=cache_bytes,
+            node_address=env.get("TRAINFLOW_NODE_ADDRESS", "").strip() or None,
+            log_level=env.get("TRAINFLOW_LOG_LEVEL") or "INFO",
+            mlflow_ui_url=(env.get("TRAINFLOW_MLFLOW_UI_URL") or "").rstrip("/") or None,
+            aws_conn_id=env.get("TRAINFLOW_AWS_CONN_ID") or "aws_default",
+            kubernetes_conn_id=env.get("TRAINFLOW_KUBERNETES_CONN_ID") or "kubernetes_default",
         )
 
     def with_s3_credentials(
@@ -269,3 +287,10 @@ def watch_schedule(environ: Mapping[str, str] | None = None) -> str | None:
     """The raw-data watcher DAG's poll schedule (``TRAINFLOW_WATCH_SCHEDULE``, a cron), or ``None``."""
     env = os.environ if environ is None else environ
     return env.get("TRAINFLOW_WATCH_SCHEDULE", "").strip() or None
+
+
+def extra_setting(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A setting a pipeline or plug-in reads for itself, ``TRAINFLOW_<NAME>`` (empty: ``None``),
+    so that every ``TRAINFLOW_*`` variable is read here (e.g. a reader's download mirror)."""
+    env = os.environ if environ is None else environ
+    return env.get(f"TRAINFLOW_{name.upper()}", "").strip() or None

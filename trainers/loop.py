@@ -664,7 +664,7 @@ def main(family_cls: type[ModelFamily], family_config_cls: type, argv: list[str]
     def _main() -> dict[str, Any]:
         rank = os.environ.get("RANK", "0")
         logging.basicConfig(
-            level=os.environ.get("TRAINFLOW_LOG_LEVEL", "INFO"),
+            level=get_settings().log_level,
             format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
             stream=sys.stdout,
         )

@@ -88,7 +88,7 @@ def settings_with_connections():
     from tasks.settings import get_settings
 
     settings = get_settings()
-    conn_id = os.environ.get("TRAINFLOW_AWS_CONN_ID", "aws_default")
+    conn_id = settings.aws_conn_id
     try:
         from airflow.sdk import BaseHook
 
@@ -256,7 +256,9 @@ def kubernetes_client():
     ``KubernetesHook`` resolves it)."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    conn_id = os.environ.get("TRAINFLOW_KUBERNETES_CONN_ID", "kubernetes_default")
+    from tasks.settings import get_settings
+
+    conn_id = get_settings().kubernetes_conn_id
     log.info("Kubernetes client from Airflow connection %r", conn_id)
     return KubernetesHook(conn_id=conn_id).get_conn()
 

@@ -8,7 +8,6 @@ failed early, a run without MLflow) or anything goes wrong: a link never breaks 
 from __future__ import annotations
 
 import logging
-import os
 import urllib.parse
 from typing import Any, ClassVar
 
@@ -22,10 +21,12 @@ XCOM_KEY = "trainflow_mlflow"
 def mlflow_ui_url(tracking_uri: str | None = None) -> str:
     """Base URL of the MLflow UI: ``TRAINFLOW_MLFLOW_UI_URL``, else an http(s) tracking URI,
     else the local ``mlflow ui`` default."""
-    explicit = os.environ.get("TRAINFLOW_MLFLOW_UI_URL")
-    if explicit:
-        return explicit.rstrip("/")
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    if settings.mlflow_ui_url:
+        return settings.mlflow_ui_url
+    tracking_uri = tracking_uri or settings.mlflow_tracking_uri
     if tracking_uri.startswith(("http://", "https://")):
         parsed = urllib.parse.urlsplit(tracking_uri)
         return f"{parsed.scheme}://{parsed.hostname}{':' + str(parsed.port) if parsed.port else ''}{parsed.path}".rstrip("/")

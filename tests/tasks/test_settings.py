@@ -82,3 +82,39 @@ def test_mlflow_artifacts_stay_beside_a_local_store(tmp_path):
     assert server.mlflow_artifact_root is None
     explicit = Settings.from_env({"MLFLOW_TRACKING_URI": "http://x", "TRAINFLOW_MLFLOW_ARTIFACT_ROOT": "s3://b/a"})
     assert explicit.mlflow_artifact_root == "s3://b/a"
+
+
+def test_trainflow_variables_are_read_only_in_the_settings_module():
+    """Settings come from ``tasks.settings`` (its ``Settings`` fields, ``pipeline_setting``,
+    ``extra_setting``); no other shared module reads a ``TRAINFLOW_*`` variable itself (the
+    trainer's inert test hooks aside)."""
+    import re
+    import subprocess
+
+    from tasks.settings import PROJECT_DIR
+
+    files = subprocess.run(["git", "-C", str(PROJECT_DIR), "ls-files", "tasks", "trainers", "plugins"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"(environ(\.get)?\s*[\(\[]|getenv\s*\()\s*f?[\"']TRAINFLOW_")
+    offenders = [
+        f"{path}:{n}: {line.strip()}"
+        for path in files if path.endswith(".py") and path != "tasks/settings.py"
+        for n, line in enumerate((PROJECT_DIR / path).read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, "\n".join(offenders)
+    assert pattern.search('os.environ.get("TRAINFLOW_X")') and pattern.search("os.getenv('TRAINFLOW_Y')")
+
+
+def test_the_settings_that_moved_here_keep_their_variables(monkeypatch):
+    from tasks.settings import Settings, extra_setting
+
+    env = {"TRAINFLOW_NODE_ADDRESS": " 10.0.0.7 ", "TRAINFLOW_LOG_LEVEL": "DEBUG", "TRAINFLOW_MLFLOW_UI_URL": "http://ui:5000/",
+           "TRAINFLOW_AWS_CONN_ID": "s3conn", "TRAINFLOW_KUBERNETES_CONN_ID": "k8s", "TRAINFLOW_MOVIELENS_BASE_URL": "http://m/"}
+    s = Settings.from_env(env)
+    assert (s.node_address, s.log_level, s.mlflow_ui_url, s.aws_conn_id, s.kubernetes_conn_id) == (
+        "10.0.0.7", "DEBUG", "http://ui:5000", "s3conn", "k8s")
+    d = Settings.from_env({})
+    assert (d.node_address, d.log_level, d.mlflow_ui_url, d.aws_conn_id, d.kubernetes_conn_id) == (
+        None, "INFO", None, "aws_default", "kubernetes_default")
+    assert extra_setting("movielens_base_url", env) == "http://m/" and extra_setting("nothing", env) is None

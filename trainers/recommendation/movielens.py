@@ -199,7 +199,9 @@ def download_release(name: str, download_dir: Path, base_url: str | None = None)
     if name not in RELEASES:
         raise KeyError(f"unknown MovieLens release {name!r}; known: {', '.join(sorted(RELEASES))}")
     release = RELEASES[name]
-    base = (base_url or os.environ.get("TRAINFLOW_MOVIELENS_BASE_URL") or GROUPLENS_BASE_URL).rstrip("/") + "/"
+    from tasks.settings import extra_setting
+
+    base = (base_url or extra_setting("MOVIELENS_BASE_URL") or GROUPLENS_BASE_URL).rstrip("/") + "/"
     target_dir = Path(download_dir) / name
     ratings = target_dir / release.member
     marker = target_dir / ".complete"
