@@ -311,11 +311,9 @@ def run_dir_url(dag_id: str, run_id: str, settings=None) -> str:
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    from tasks.storage import Storage, safe_name
+    from tasks.layout import run_dir_url as layout_run_dir_url
 
-    safe_name(dag_id, "dag_id")
-    safe_name(run_id, "run_id")
-    return Storage.from_settings(settings).url(f"runs/{dag_id}/{run_id}")
+    return layout_run_dir_url(dag_id, run_id, settings)
 
 
 def read_result(run_dir: str, settings=None) -> dict:
@@ -324,9 +322,10 @@ def read_result(run_dir: str, settings=None) -> dict:
     Raises:
         FileNotFoundError: naming the URL, when training did not finish.
     """
+    from tasks.layout import RESULT_NAME
     from tasks.storage import Storage
 
-    return json.loads(Storage(run_dir, settings).read_bytes("result.json"))
+    return json.loads(Storage(run_dir, settings).read_bytes(RESULT_NAME))
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-MANIFEST_NAME = "_manifest.json"
+from tasks.layout import MANIFEST_NAME, manifest_path  # noqa: F401  (the store layout lives in tasks.layout)
+
 MANIFEST_FORMAT = "trainflow.dataset/1"
 CHECKSUMS = ("auto", "xxh3_128", "sha256")
 
@@ -270,11 +271,6 @@ class Manifest:
     def read_file_table(self, key: str) -> pa.Table:
         """A side file (Parquet) listed under ``files``, verified."""
         return self.open_shard(self.file(key)).read()
-
-
-def manifest_path(name: str, version: str) -> str:
-    """Path of a version's manifest relative to the storage root."""
-    return f"datasets/{name}/{version}/{MANIFEST_NAME}"
 
 
 def load_manifest(uri: str, settings: Settings | None = None) -> Manifest:

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from tasks.kubernetes import TRAINER_MODULE
+from tasks.layout import REPORT_NAME, RUN_CONFIG_NAME
 from tasks.params import validate_params
 from tasks.rendezvous import NodeChannel
 from tasks.settings import Settings, get_settings, redact_url
@@ -276,7 +277,6 @@ def train_node_step(
     return {**summary, "already_finished": False}
 
 
-RUN_CONFIG_NAME = "run_config.json"
 
 
 def run_config(
@@ -535,7 +535,6 @@ def register_model_step(
 
 
 # --- report ----------------------------------------------------------------------------------
-REPORT_NAME = "report.json"
 
 
 def run_report(pipeline: Any, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], registry: dict[str, Any]) -> dict[str, Any]:
@@ -601,10 +600,11 @@ def update_run_report_registry(dag_id: str, run_id: str, registry: dict[str, Any
 
 def latest_run_report(dag_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
     """The most recently finished run report of ``dag_id``, or ``None``."""
-    from tasks.storage import Storage, safe_name
+    from tasks.layout import runs_dir
+    from tasks.storage import Storage
 
     settings = settings or get_settings()
-    store = Storage.from_settings(settings).child(f"runs/{safe_name(dag_id, 'dag_id')}")
+    store = Storage.from_settings(settings).child(runs_dir(dag_id))
     reports = [
         json.loads(store.read_bytes(path)) for path in store.list(recursive=True) if path.endswith("/" + REPORT_NAME)
     ]

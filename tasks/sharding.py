@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from tasks.datasets.sources import resolve_source
+from tasks.layout import dataset_dir
 from tasks.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -378,7 +379,7 @@ def shard_dataset(
     name = safe_name(name or source.default_name, "dataset name")
     version = dataset_version(source, config)
     root = Storage.from_settings(settings)
-    version_dir = f"datasets/{name}/{version}"
+    version_dir = dataset_dir(name, version)
     store = root.child(version_dir)
     if store.exists(MANIFEST_NAME):
         manifest = load_manifest(store.url(MANIFEST_NAME), settings)

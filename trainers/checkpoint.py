@@ -37,6 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from tasks.layout import CHECKPOINT_STEP_PREFIX, CHECKPOINTS_DIR, checkpoint_dir
 from tasks.settings import Settings, get_settings, redact_url
 from tasks.storage import Storage
 from trainers.distributed import World, barrier
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "_COMMITTED"
 CHECKPOINT_FORMAT = "trainflow.checkpoint/1"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(rf"^{re.escape(CHECKPOINT_STEP_PREFIX)}(\d+)$")
 
 
 def run_dir_url(dag_id: str, run_id: str, settings: Settings | None = None) -> str:
@@ -101,7 +102,7 @@ class Checkpointer:
         self.settings = settings or get_settings()
         self.world = world
         self.keep = keep
-        self.storage = Storage(run_url, self.settings).child("checkpoints")
+        self.storage = Storage(run_url, self.settings).child(CHECKPOINTS_DIR)
 
     @property
     def url(self) -> str:
@@ -162,7 +163,7 @@ class Checkpointer:
         Returns:
             The committed checkpoint.
         """
-        name = f"step-{step}"
+        name = checkpoint_dir(step)
         if self.world.is_main:
             if self.storage.exists(f"{name}/{COMMIT_MARKER}"):
                 log.info("checkpoint %s is already committed; not writing it again", name)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasks.layout import BEST_MODEL_DIR, MODEL_CONFIG_NAME, MODEL_DIR, MODEL_WEIGHTS_NAME, RESULT_NAME
 from tasks.manifest import load_manifest
 from tasks.settings import Settings, get_settings, redact_url
 from tasks.storage import Storage
@@ -54,8 +55,6 @@ from trainers.parallel import SHARDED_EMBEDDINGS, clip_grad_norm, memory_bytes, 
 
 log = logging.getLogger(__name__)
 
-RESULT_NAME = "result.json"
-MODEL_DIR = "model"
 RESULT_FORMAT = "trainflow.result/1"
 
 
@@ -336,7 +335,7 @@ class Trainer:
             if better:
                 state["best"] = {"epoch": epoch, "step": step, "metric": metric_key, "value": metrics.get(metric_key),
                                  "valid": metrics}
-                self._write_model(family, state_model, "best")
+                self._write_model(family, state_model, BEST_MODEL_DIR)
             epoch += 1
             position = 0 if not stop else position
             self._save(ckpt, step, state_model, optimizer, scheduler, epoch if not stop else epoch - 1,
@@ -432,7 +431,7 @@ class Trainer:
         if self.world.is_main:
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
-            store.write_bytes("model.pt", buffer.getvalue())
+            store.write_bytes(MODEL_WEIGHTS_NAME, buffer.getvalue())
             config = {
                 "pipeline": family.manifest.kind,
                 "family": family.name,
@@ -441,7 +440,7 @@ class Trainer:
                 "train_config": self.config.to_dict(),
                 "torch_version": torch.__version__,
             }
-            store.commit_bytes("config.json", (json.dumps(config, indent=2, default=str) + "\n").encode())
+            store.commit_bytes(MODEL_CONFIG_NAME, (json.dumps(config, indent=2, default=str) + "\n").encode())
         barrier(self.world)
         return redact_url(store.url())
 
@@ -450,7 +449,7 @@ class Trainer:
 
         distributed = self.world.distributed
         if self.world.is_main or not distributed:
-            raw = self.run_storage.read_bytes("best/model.pt")
+            raw = self.run_storage.read_bytes(f"{BEST_MODEL_DIR}/{MODEL_WEIGHTS_NAME}")
             state = torch.load(io.BytesIO(raw), weights_only=True)
         else:
             state = {}
@@ -461,8 +460,8 @@ class Trainer:
 def load_exported_model(run_dir: str, settings: Settings | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The exported weights and config of a finished run (plain torch, no process group)."""
     store = Storage(run_dir, settings).child(MODEL_DIR)
-    state = torch.load(io.BytesIO(store.read_bytes("model.pt")), weights_only=True)
-    return state, json.loads(store.read_bytes("config.json"))
+    state = torch.load(io.BytesIO(store.read_bytes(MODEL_WEIGHTS_NAME)), weights_only=True)
+    return state, json.loads(store.read_bytes(MODEL_CONFIG_NAME))
 
 
 def manifest_tags(manifest) -> dict[str, Any]:

@@ -59,3 +59,18 @@ def test_any_name_is_rejected_or_stays_one_component_under_the_root(value):
         normal = posixpath.normpath(candidate)
         assert normal.startswith("/srv/store/runs/dag/"), (value, normal)
         assert posixpath.dirname(normal) == "/srv/store/runs/dag"
+
+
+def test_the_store_layout_is_the_one_stores_already_have():
+    """tasks.layout is the one place of the store's paths; they are the paths existing stores use."""
+    from tasks import layout
+
+    assert layout.manifest_path("ncf-ml-100k", "48ae74924b31ed64") == "datasets/ncf-ml-100k/48ae74924b31ed64/_manifest.json"
+    assert layout.run_dir("recommendation_training", "manual__1") == "runs/recommendation_training/manual__1"
+    assert layout.checkpoint_dir(120) == "step-120" and layout.CHECKPOINTS_DIR == "checkpoints"
+    assert (layout.MODEL_DIR, layout.MODEL_WEIGHTS_NAME, layout.MODEL_CONFIG_NAME) == ("model", "model.pt", "config.json")
+    assert (layout.RESULT_NAME, layout.REPORT_NAME, layout.RUN_CONFIG_NAME) == ("result.json", "report.json", "run_config.json")
+    with pytest.raises(ValueError):
+        layout.run_dir("../etc", "x")
+    with pytest.raises(ValueError):
+        layout.dataset_dir("a/b", "v")

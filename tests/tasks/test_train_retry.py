@@ -34,7 +34,7 @@ def test_retried_train_resumes_from_the_last_committed_checkpoint(tf_env, tmp_pa
     caplog.set_level(logging.INFO)
     settings = get_settings()
     dataset = shard_step(PARAMS, "recommendation", settings)
-    ids = {"kind": "recommendation", "dag_id": "recommendation_training", "run_id": "manual__retry"}
+    ids = {"pipeline": "recommendation", "dag_id": "recommendation_training", "run_id": "manual__retry"}
     marker = tmp_path / "fault-happened"
     monkeypatch.setenv("TRAINFLOW_TEST_FAIL_AFTER_COMMIT_STEP", "1")  # the first commit: end of epoch 1
     monkeypatch.setenv("TRAINFLOW_TEST_FAULT_MARKER", str(marker))
