@@ -20,7 +20,7 @@ from tasks.metrics import constant_velocity_forecast, displacement_metrics
 from trainers.driving.config import DrivingConfig
 from trainers.driving.data import ForecastSamples, load_samples
 from trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
-from trainers.driving.model import ForecastModel
+from trainers.driving.model import build_forecaster
 from trainers.family import ModelFamily
 
 if TYPE_CHECKING:
@@ -105,16 +105,8 @@ class DrivingFamily(ModelFamily):
         c = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
-            return ForecastModel(
-                history_frames=HISTORY_FRAMES,
-                future_frames=FUTURE_FRAMES,
-                hidden_dim=c.hidden_dim,
-                num_layers=c.num_layers,
-                context_dim=c.context_dim,
-                dropout=c.dropout,
-                num_members=c.num_members,
-                mirror_average=c.mirror_average,
-            )
+            # The one builder: serving rebuilds the model from the same export config.
+            return build_forecaster(self.export_config())
 
     def num_train_samples(self, epoch: int) -> int:
         return len(self.train_samples)
