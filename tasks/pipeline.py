@@ -503,6 +503,8 @@ def register_model_step(
         allow_override=bool(values["allow_gate_override"]),
         settings=settings,
     )
+    # The run's own timeout (a production configuration may set it), not the form's default.
+    result["approval"]["timeout_hours"] = float(values["approval_timeout_hours"])
     result["review"] = {
         "dataset": {"name": dataset["name"], "version": dataset["version"], **dataset_facts},
         # [label, value] pairs: XCom on PostgreSQL (JSONB) does not keep the order of keys.
