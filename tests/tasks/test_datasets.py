@@ -261,9 +261,9 @@ def test_unsupported_scheme_is_named_as_such(tf_env, url):
 def test_s3_source_without_credentials_names_the_url_and_how_to_give_them(s3_server, tf_env, monkeypatch, tmp_path):
     import boto3
     from airflow.sdk.exceptions import AirflowFailException
+    from trainflow_airflow.dag_support import fail_fast_on_bad_input
 
     from tasks.datasets.sources import SourceCredentialsError
-    from trainflow_airflow.dag_support import fail_fast_on_bad_input
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
                       aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key")
