@@ -1,6 +1,6 @@
 """Command line for the steps that run without Airflow.
 
-    python -m tasks.cli shard SOURCE_URL --kind recommendation [--name NAME]
+    python -m tasks.cli shard SOURCE_URL --kind recommendation [--name NAME] [--verify sha256]
     python -m tasks.cli manifest SOURCE_URL --kind recommendation [--name NAME] [--full]
     python -m tasks.cli report DAG_ID          # the last finished pipeline run, for people
 """
@@ -13,7 +13,7 @@ import logging
 import sys
 
 from tasks.datasets.sources import resolve_source
-from tasks.manifest import load_manifest, manifest_path
+from tasks.manifest import VERIFY_MODES, load_manifest, manifest_path
 from tasks.settings import get_settings
 from tasks.sharding import ShardingConfig, dataset_version, shard_dataset
 from tasks.storage import Storage, safe_name
@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--name", default=None)
         if command == "manifest":
             p.add_argument("--full", action="store_true", help="print the whole manifest, shards included")
+        else:
+            p.add_argument(
+                "--verify", choices=VERIFY_MODES, default=None,
+                help="how a committed version is checked before reuse (damage is repaired): auto (default; "
+                "sizes + xxh3-128 locally, sizes remotely), sizes, xxh3_128, sha256 (full re-hash)",
+            )
     report = sub.add_parser("report")
     report.add_argument("dag_id")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_report(args.dag_id, as_json=args.json)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "shard":
-        print(json.dumps(shard_dataset(args.source_url, args.kind, name=args.name), indent=2))
+        print(json.dumps(shard_dataset(args.source_url, args.kind, name=args.name, verify=args.verify), indent=2))
         return 0
     manifest = load_manifest(_manifest_uri(args.source_url, args.kind, args.name))
     data = dict(manifest.data)

@@ -53,8 +53,8 @@ class ShardVerificationError(RuntimeError):
     shard``) on the same source, which verifies the committed version and rewrites it.
     """
 
-    def __init__(self, shard_url: str, reason: str) -> None:
-        super().__init__(f"shard {shard_url}: {reason}. {REPAIR_HINT}")
+    def __init__(self, shard_url: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(f"shard {shard_url}: {reason}. {hint or REPAIR_HINT}")
         self.shard_url = shard_url
         self.reason = reason
 
@@ -64,6 +64,19 @@ REPAIR_HINT = (
     "SOURCE_URL --kind KIND`) on the same source: it verifies the committed version and rewrites "
     "it from the source under the same version id"
 )
+
+
+def repair_hint(data: dict[str, Any]) -> str:
+    """How to repair the dataset version a manifest describes, with its own source and kind."""
+    source = (data.get("source") or {}).get("url")
+    if not source or not data.get("kind"):
+        return REPAIR_HINT
+    name = f" --name {data['name']}" if data.get("name") else ""
+    return (
+        "To repair the dataset version, re-run the DAG run's shard task (same params), or "
+        f"`python -m tasks.cli shard '{source}' --kind {data['kind']}{name}`: it verifies the committed "
+        "version and rewrites it from the source under the same version id"
+    )
 
 
 class ManifestError(RuntimeError):
@@ -143,6 +156,9 @@ class Manifest:
             )
         self.data = data
         self.storage = storage
+
+    def _shard_error(self, url: str, reason: str) -> ShardVerificationError:
+        return ShardVerificationError(url, reason, hint=repair_hint(self.data))
 
     # identity -------------------------------------------------------------------------
     @property
@@ -253,24 +269,24 @@ class Manifest:
                     )
                 data = pa.py_buffer(self.storage.read_bytes(shard.path))
         except FileNotFoundError:
-            raise ShardVerificationError(url, "missing (listed in the manifest, not in the store)") from None
+            raise self._shard_error(url, "missing (listed in the manifest, not in the store)") from None
         return self._verify(shard, checksum, data)
 
     def _verify(self, shard: ShardInfo, checksum: str, data: pa.Buffer, where: str | None = None) -> pa.Buffer:
         """``data`` if its size and checksum are the manifest's, else ShardVerificationError."""
         url = where or redact_url(self.storage.url(shard.path))
         if data.size != shard.num_bytes:
-            raise ShardVerificationError(
+            raise self._shard_error(
                 url, f"size {data.size} bytes, manifest says {shard.num_bytes}: corrupt or truncated"
             )
         algorithm = checksum if checksum != "auto" else ("xxh3_128" if shard.xxh3_128 else "sha256")
         expected = shard.xxh3_128 if algorithm == "xxh3_128" else shard.sha256
         if expected is None:
-            raise ShardVerificationError(url, "the manifest records no xxh3_128 for it (written before it existed)")
+            raise self._shard_error(url, "the manifest records no xxh3_128 for it (written before it existed)")
         digest = digest_buffer(data, algorithm)
         if digest != expected:
             # Whole digests: two prefixes can agree (the issue saw two equal 16-character ones).
-            raise ShardVerificationError(url, f"{algorithm} of the bytes is {digest}, the manifest says {expected}: corrupt")
+            raise self._shard_error(url, f"{algorithm} of the bytes is {digest}, the manifest says {expected}: corrupt")
         return data
 
     def open_shard(self, shard: ShardInfo, checksum: str = "auto") -> pq.ParquetFile:
@@ -292,15 +308,15 @@ class Manifest:
         try:
             parquet = pq.ParquetFile(pa.BufferReader(data))
         except Exception as exc:  # a checksum match on an unreadable file: wrong manifest
-            raise ShardVerificationError(url, f"not readable Parquet: {exc}") from exc
+            raise self._shard_error(url, f"not readable Parquet: {exc}") from exc
         meta = parquet.metadata
         footer_groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
         if meta.num_rows != shard.num_rows:
-            raise ShardVerificationError(
+            raise self._shard_error(
                 url, f"its Parquet footer has {meta.num_rows} rows, the manifest's num_rows says {shard.num_rows}"
             )
         if footer_groups != tuple(shard.row_groups):
-            raise ShardVerificationError(
+            raise self._shard_error(
                 url, f"its Parquet footer has row groups {list(footer_groups)}, the manifest's row_groups says "
                 f"{list(shard.row_groups)}"
             )
@@ -325,6 +341,52 @@ class Manifest:
     def read_file_table(self, key: str) -> pa.Table:
         """A side file (Parquet) listed under ``files``, verified."""
         return self.open_shard(self.file(key)).read()
+
+
+VERIFY_MODES = ("auto", "sizes", "xxh3_128", "sha256")
+
+
+def verify_version(manifest: Manifest, mode: str = "auto") -> list[str]:
+    """Check every file a committed version lists (shards and side files) against the manifest.
+
+    Args:
+        manifest: The version.
+        mode: ``sizes`` (one listing of the version folder: each file present with its size),
+            ``xxh3_128`` (sizes, then every file read and hashed: memory speed locally, a full
+            download from a remote store), ``sha256`` (the full cryptographic re-hash), or
+            ``auto``: ``xxh3_128`` for a local store, ``sizes`` for a remote one.
+
+    Returns:
+        One line per damaged or missing file (empty: intact).
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {mode!r}")
+    if mode == "auto":
+        mode = "xxh3_128" if manifest.storage.protocol == "file" else "sizes"
+    entries = [shard for split in manifest.splits for shard in manifest.shards(split)]
+    entries += [manifest.file(key) for key in manifest.data.get("files") or {}]
+    sizes = manifest.storage.list_sizes()
+    problems: list[str] = []
+    for entry in entries:
+        size = sizes.get(entry.path)
+        if size is None:
+            problems.append(f"{entry.path}: missing")
+        elif size != entry.num_bytes:
+            problems.append(f"{entry.path}: size {size} bytes, the manifest says {entry.num_bytes}")
+        elif mode != "sizes":
+            try:
+                if manifest.storage.protocol == "file":
+                    manifest.read_shard_buffer(entry, mode)
+                else:  # the store's bytes, never a cached copy
+                    import pyarrow as pa
+
+                    manifest._verify(entry, mode, pa.py_buffer(manifest.storage.read_bytes(entry.path)))
+            except ShardVerificationError as exc:
+                problems.append(f"{entry.path}: {exc.reason}")
+    return problems
 
 
 def manifest_path(name: str, version: str) -> str:
@@ -454,7 +516,7 @@ def check_integrity(data: dict[str, Any], where: str) -> None:
     if problems:
         raise ManifestIntegrityError(
             f"{where} was changed after it was committed or contradicts itself: {'; '.join(problems)}. "
-            f"{REPAIR_HINT}",
+            f"{repair_hint(data)}",
             fields,
         )
 

@@ -113,6 +113,9 @@ class Settings:
             (:mod:`tasks.shardcache`).
         shard_cache_bytes: Most bytes that cache holds (least recently used evicted first);
             ``0`` turns it off.
+        shard_verify: How the ``shard`` step checks a committed dataset version before it
+            reuses it (``TRAINFLOW_SHARD_VERIFY``): ``auto`` (sizes, plus xxh3-128 of every
+            file in a local store), ``sizes``, ``xxh3_128``, or ``sha256`` (a full re-hash).
     """
 
     data_dir: Path
@@ -124,6 +127,7 @@ class Settings:
     mlflow_artifact_root: str | None = None
     shard_cache_dir: Path | None = None
     shard_cache_bytes: int = 20 << 30
+    shard_verify: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -150,6 +154,11 @@ class Settings:
         # 0 turns the shard cache off; anything else must be a positive size
         cache_off = env.get("TRAINFLOW_SHARD_CACHE_BYTES") == "0"
         cache_bytes = 0 if cache_off else _positive_int(env, "TRAINFLOW_SHARD_CACHE_BYTES", 20 << 30)
+        shard_verify = env.get("TRAINFLOW_SHARD_VERIFY") or "auto"
+        if shard_verify not in ("auto", "sizes", "xxh3_128", "sha256"):
+            raise ValueError(
+                f"TRAINFLOW_SHARD_VERIFY must be auto, sizes, xxh3_128 or sha256, got {shard_verify!r}"
+            )
         artifact_root = env.get("TRAINFLOW_MLFLOW_ARTIFACT_ROOT") or None
         if artifact_root is None and not tracking.startswith(("http://", "https://", "databricks")):
             # A local store: keep artifacts beside it, never in the current directory.
@@ -164,6 +173,7 @@ class Settings:
             mlflow_artifact_root=artifact_root,
             shard_cache_dir=Path(env.get("TRAINFLOW_SHARD_CACHE_DIR") or data_dir / "shard-cache").expanduser(),
             shard_cache_bytes=cache_bytes,
+            shard_verify=shard_verify,
         )
 
     def with_s3_credentials(

@@ -332,6 +332,24 @@ class Storage:
                     out.append(rel)
         return sorted(set(out))
 
+    def list_sizes(self, path: str = "") -> dict[str, int]:
+        """Every file below ``path`` with its size in bytes (one listing), relative to the root."""
+        try:
+            found = self._call("list", path, self.fs.find, self._abs(path), detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self._root.rstrip("/") + "/"
+        out: dict[str, int] = {}
+        for item, info in found.items():
+            item = item.rstrip("/")
+            if self.protocol == "file":
+                item = os.path.abspath(item)
+            if item.startswith(root) and info.get("type", "file") == "file":
+                rel = item[len(root):]
+                if rel and not posixpath.basename(rel).startswith(".tmp-"):
+                    out[rel] = int(info.get("size") or 0)
+        return out
+
     def walk_files(self, path: str = "") -> Iterator[str]:
         """Every file below ``path``, relative to the root, sorted."""
         yield from self.list(path, recursive=True)

@@ -42,7 +42,7 @@ def test_edited_split_num_rows_is_detected_naming_the_field(tf_env):
     assert "splits.train.num_rows" in caught.value.fields
     assert f"splits.train.num_rows is {manifest.num_rows('train') + 1000}" in message
     assert f"sum to {manifest.num_rows('train')}" in message
-    assert "re-run the DAG's shard task" in message
+    assert "shard task" in message and "python -m tasks.cli shard 'synthetic://recommendation" in message
 
 
 def test_consistent_edit_of_a_shard_is_caught_by_the_checksum_and_by_the_footer(tf_env):
