@@ -86,3 +86,18 @@ def test_a_failed_run_is_reported_as_this_runs_failure(tmp_path):
     run_id = output.split("[main] the DAG run ", 1)[1].split(" ", 1)[0]
     assert run_id.startswith("manual__") and "REPORT" not in output
     assert (data / "logs" / "main" / f"recommendation-{run_id}.log").exists()
+
+
+def test_report_of_one_run_not_the_latest(tf_env):
+    """`tasks.cli report --run-id` (what main.sh prints) reads that run's report.json."""
+    import json
+
+    from tasks.cli import run_report
+    from tasks.pipeline import latest_run_report, write_run_report
+
+    for run_id, finished in (("manual__a", "2026-12-02T03:00:00"), ("manual__b", "2026-12-02T04:00:00")):
+        write_run_report({"run": run_id, "finished_at": finished}, "recommendation_training", run_id)
+    assert latest_run_report("recommendation_training")["run"] == "manual__b"
+    assert run_report("recommendation_training", "manual__a")["run"] == "manual__a"
+    assert run_report("recommendation_training", "manual__c") is None
+    assert json.dumps(run_report("recommendation_training", "manual__b"))
