@@ -21,6 +21,7 @@ import numpy as np
 from tasks import metrics as M
 from tasks.manifest import Manifest, load_manifest
 from tasks.settings import Settings, get_settings
+from tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ def evaluate_step(
     manifest = load_manifest(manifest_uri, settings)
     if manifest.kind != kind:
         raise ValueError(f"{manifest_uri} holds {manifest.kind} data, not {kind}")
+    require_tracking_server(settings.mlflow_tracking_uri)  # refused: fail in seconds, not minutes
     predict = load_predictor(model_uri, settings.mlflow_tracking_uri)
     if kind == "recommendation":
         report = evaluate_recommendation(manifest, predict, split=split)

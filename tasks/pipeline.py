@@ -18,6 +18,7 @@ from tasks.params import validate_params
 from tasks.rendezvous import NodeChannel
 from tasks.settings import Settings, get_settings
 from tasks.sharding import ShardingConfig, shard_dataset
+from tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, ru
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    require_tracking_server(settings.mlflow_tracking_uri)  # refused: fail in seconds, not after 265 s of retries
     with _sqlite_schema_lock(settings.mlflow_tracking_uri):  # the client creates the schema
         client = MlflowClient(settings.mlflow_tracking_uri)
         exp = client.get_experiment_by_name(experiment)

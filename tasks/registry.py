@@ -29,6 +29,7 @@ from typing import Any
 
 from tasks.settings import PROJECT_DIR, Settings, get_settings, redact_url
 from tasks.storage import Storage, lease
+from tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class GateConfig:
 def _client(settings: Settings):
     from mlflow import MlflowClient
 
+    require_tracking_server(settings.mlflow_tracking_uri, error=RegistryUnavailableError)  # refused: seconds, not 265 s
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
 
 

@@ -25,15 +25,27 @@ from typing import Any
 from tasks.datasets import argoverse, movielens, synthetic
 from tasks.datasets.textio import SourceFormatError
 from tasks.settings import Settings, get_settings, redact_url
-from tasks.storage import filesystem
+from tasks.storage import CREDENTIALS_HINT, filesystem, is_credentials_error, refuse_credentials_in_url
 
 log = logging.getLogger(__name__)
 
 KINDS = ("recommendation", "driving")
 
 
+SUPPORTED_SCHEMES = ("file", "s3", "s3a")
+"""URL schemes a source may have besides ``synthetic://`` (plain paths are local files)."""
+
+
 class SourceNotFoundError(FileNotFoundError):
     """The source URL names nothing readable, or nothing of the expected kind."""
+
+
+class UnsupportedSourceError(ValueError):
+    """The source URL's scheme is not one trainflow reads (``http://``...): bad input."""
+
+
+class SourceCredentialsError(ValueError):
+    """No (valid) credentials for an ``s3://`` source: a configuration error, never retried."""
 
 
 @dataclasses.dataclass
@@ -50,7 +62,8 @@ class RecommendationSource:
             (user_id, item_id, rating, timestamp).
         given_split: For NCF-format sources: callables for the train batches, the test
             rows and the test negatives; ``None`` when the split is ours to make.
-        bad_rows: Rows with the wrong number of fields seen so far (skipped, counted).
+        bad_rows: Rows with the wrong number of fields seen so far (skipped, counted once
+            each, however many passes read the file: see :meth:`add_bad_row`).
     """
 
     url: str
@@ -62,6 +75,13 @@ class RecommendationSource:
     given_split: dict[str, Callable[[], Iterator]] | None = None
     bad_rows: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
     kind: str = "recommendation"
+    _bad_seen: set[tuple[str, int]] = dataclasses.field(default_factory=set, repr=False)
+
+    def add_bad_row(self, file: str, line: int, text: str) -> None:
+        """Record a skipped malformed row once: the sharder reads the source several times."""
+        if (file, line) not in self._bad_seen:
+            self._bad_seen.add((file, line))
+            self.bad_rows.append((file, line, text))
 
 
 @dataclasses.dataclass
@@ -121,6 +141,9 @@ def resolve_source(url: str, kind: str, settings: Settings | None = None) -> Rec
     Raises:
         ValueError: unknown kind, malformed synthetic URL.
         SourceNotFoundError: nothing at the URL, or nothing of ``kind`` there.
+        UnsupportedSourceError: a scheme other than ``file``, ``s3``, ``s3a``, ``synthetic``.
+        CredentialsInUrlError: credentials inside the URL (refused, shown masked).
+        SourceCredentialsError: an ``s3://`` source without valid credentials.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -143,9 +166,25 @@ def resolve_source(url: str, kind: str, settings: Settings | None = None) -> Rec
         raise SourceNotFoundError(
             f"source_url {url!r} is neither a URL nor a known dataset name (known: {known})"
         )
-    if kind == "recommendation":
-        return _recommendation_from_url(url, settings)
-    return _driving_from_url(url, settings)
+    refuse_credentials_in_url(url, "source_url")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if scheme not in SUPPORTED_SCHEMES:
+        raise UnsupportedSourceError(
+            f"source_url {redact_url(url)}: the scheme {scheme}:// is not supported; use a local path, "
+            "file://, s3:// (or s3a://), synthetic://, or a MovieLens release name "
+            f"({', '.join(sorted(movielens.RELEASES))}); download other sources first"
+        )
+    try:
+        if kind == "recommendation":
+            return _recommendation_from_url(url, settings)
+        return _driving_from_url(url, settings)
+    except Exception as exc:
+        if is_credentials_error(exc):
+            raise SourceCredentialsError(
+                f"source_url {redact_url(url)}: no valid S3 credentials to read it "
+                f"({type(exc).__name__}); {CREDENTIALS_HINT}"
+            ) from None
+        raise
 
 
 def _synthetic_recommendation(url: str, params: dict[str, Any]) -> RecommendationSource:
@@ -215,7 +254,7 @@ def _recommendation_from_url(url: str, settings: Settings) -> RecommendationSour
                 handle,
                 ratings,
                 file_label=redact_url(url if file_path == path else url.rstrip("/") + "/" + ratings),
-                on_bad_row=lambda line, text: source.bad_rows.append((ratings, line, text)),
+                on_bad_row=lambda line, text: source.add_bad_row(ratings, line, text),
             )
 
     source.open_interactions = open_interactions
@@ -245,7 +284,7 @@ def _ncf_source(url: str, fs, path: str, prefix: str) -> RecommendationSource:
                         handle,
                         f"{prefix}.{part}",
                         file_label=label,
-                        on_bad_row=lambda line, text: source.bad_rows.append((f"{prefix}.{part}", line, text)),
+                        on_bad_row=lambda line, text: source.add_bad_row(f"{prefix}.{part}", line, text),
                     )
 
         return open_part
@@ -301,7 +340,9 @@ def _driving_from_url(url: str, settings: Settings) -> DrivingSource:
 __all__ = [
     "DrivingSource",
     "RecommendationSource",
+    "SourceCredentialsError",
     "SourceFormatError",
     "SourceNotFoundError",
+    "UnsupportedSourceError",
     "resolve_source",
 ]
