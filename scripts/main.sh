@@ -24,22 +24,36 @@ esac
 echo "[main] data: $SOURCE"
 "$VENV/bin/airflow" db migrate > "$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -40 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
 "$VENV/bin/airflow" pools set training 1 "trainflow training jobs (one at a time on this machine)" > /dev/null
-LOG="$TRAINFLOW_DATA_DIR/last-${KIND}-run.log"
+# One log per run: written under a name of this job's own, renamed after the run id once
+# `airflow dags test` has printed it (it chooses the id); the success check and the report are
+# this run's, so two main jobs in one data folder never read each other's log or report.
+LOG_DIR="$TRAINFLOW_DATA_DIR/logs/main"
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/${KIND}-started-$(date -u +%Y%m%dT%H%M%S)-$$.log"
 echo "[main] running ${KIND}_training with airflow dags test: shard -> train -> evaluate -> register (log: $LOG)"
 EXTRA="${TRAINFLOW_MAIN_CONF:-}"; [ -n "$EXTRA" ] || EXTRA='{}'
 # `airflow dags test` is a manual run, which would wait for a reviewer (require_approval=auto):
 # the main job lets the gate decide unless TRAINFLOW_MAIN_CONF says otherwise.
 CONF="$("$VENV/bin/python" -c 'import json,sys; print(json.dumps({"source_url": sys.argv[1], "require_approval": "never", **json.loads(sys.argv[2])}))' "$SOURCE" "$EXTRA")"
 START=$(date +%s)
-if ! "$VENV/bin/airflow" dags test "${KIND}_training" -c "$CONF" > "$LOG" 2>&1; then
-  tail -60 "$LOG"; echo "[main] the DAG run failed; see $LOG" >&2; exit 1
+STATUS=0
+"$VENV/bin/airflow" dags test "${KIND}_training" -c "$CONF" > "$LOG" 2>&1 || STATUS=$?
+FINISHED="$(grep -E "DagRun Finished: dag_id=${KIND}_training, " "$LOG" | tail -1 || true)"
+RUN_ID="$(printf '%s\n' "$FINISHED" | sed -nE 's/.* run_id=([^,]+),.*/\1/p')"
+if [ -n "$RUN_ID" ]; then
+  RUN_LOG="$LOG_DIR/${KIND}-${RUN_ID}.log"
+  mv "$LOG" "$RUN_LOG"; LOG="$RUN_LOG"
 fi
-if ! grep -q "DagRun Finished: dag_id=${KIND}_training.*state=success" "$LOG"; then
-  grep -E "ERROR|Error|Traceback" "$LOG" | tail -20; echo "[main] the DAG run did not succeed; see $LOG" >&2; exit 1
+ln -sfn "$LOG" "$TRAINFLOW_DATA_DIR/last-${KIND}-run.log"  # the latest run's, for convenience
+if [ "$STATUS" -ne 0 ]; then
+  tail -60 "$LOG"; echo "[main] the DAG run ${RUN_ID:-(no run id)} failed; see $LOG" >&2; exit 1
 fi
-echo "[main] finished in $(( $(date +%s) - START )) s"
+if [ -z "$RUN_ID" ] || ! printf '%s\n' "$FINISHED" | grep -q "state=success"; then
+  grep -E "ERROR|Error|Traceback" "$LOG" | tail -20; echo "[main] the DAG run ${RUN_ID:-(no run id)} did not succeed; see $LOG" >&2; exit 1
+fi
+echo "[main] run $RUN_ID finished in $(( $(date +%s) - START )) s (log: $LOG)"
 echo
-"$VENV/bin/python" -m tasks.cli report "${KIND}_training"
+"$VENV/bin/python" -m tasks.cli report "${KIND}_training" --run-id "$RUN_ID"
 cat <<MSG
 
 [main] To look at the results:

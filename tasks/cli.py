@@ -1,9 +1,9 @@
 """Command line for the steps that run without Airflow.
 
-    python -m tasks.cli shard SOURCE_URL --kind PIPELINE [--name NAME]
+    python -m tasks.cli shard SOURCE_URL --kind PIPELINE [--name NAME] [--verify sha256]
     python -m tasks.cli manifest SOURCE_URL --kind PIPELINE [--name NAME] [--full]
-    python -m tasks.cli pipelines                # the registered pipelines
-    python -m tasks.cli report DAG_ID          # the last finished pipeline run, for people
+    python -m tasks.cli pipelines                         # the registered pipelines
+    python -m tasks.cli report DAG_ID [--run-id RUN_ID]   # the last (or that) finished run, for people
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import sys
 
 from tasks.datasets.sources import resolve_source
-from tasks.manifest import load_manifest, manifest_path
+from tasks.manifest import VERIFY_MODES, load_manifest, manifest_path
 from tasks.pipelines import get_pipeline, pipeline_names
 from tasks.settings import get_settings
 from tasks.sharding import ShardingConfig, dataset_version, shard_dataset
@@ -40,13 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--name", default=None)
         if command == "manifest":
             p.add_argument("--full", action="store_true", help="print the whole manifest, shards included")
+        else:
+            p.add_argument(
+                "--verify", choices=VERIFY_MODES, default=None,
+                help="how a committed version is checked before reuse (damage is repaired): auto (default; "
+                "sizes + xxh3-128 locally, sizes remotely), sizes, xxh3_128, sha256 (full re-hash)",
+            )
     sub.add_parser("pipelines", help="list the registered pipelines")
     report = sub.add_parser("report")
     report.add_argument("dag_id")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--run-id", default=None, help="this DAG run's report (default: the latest finished run's)")
     args = parser.parse_args(argv)
     if args.command == "report":
-        return print_report(args.dag_id, as_json=args.json)
+        return print_report(args.dag_id, as_json=args.json, run_id=args.run_id)
     if args.command == "pipelines":
         for name in pipeline_names():
             spec = get_pipeline(name)
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "shard":
-        print(json.dumps(shard_dataset(args.source_url, args.kind, name=args.name), indent=2))
+        print(json.dumps(shard_dataset(args.source_url, args.kind, name=args.name, verify=args.verify), indent=2))
         return 0
     manifest = load_manifest(_manifest_uri(args.source_url, args.kind, args.name))
     data = dict(manifest.data)
@@ -67,13 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_report(dag_id: str, as_json: bool = False) -> int:
-    """Print the last run report of ``dag_id``: dataset, training, metrics, registry."""
+def run_report(dag_id: str, run_id: str) -> dict | None:
+    """The report of one DAG run (``{root}/runs/{dag_id}/{run_id}/report.json``), or ``None``."""
+    from tasks.pipeline import REPORT_NAME
+
+    store = Storage.from_settings(get_settings())
+    path = f"runs/{safe_name(dag_id, 'dag_id')}/{safe_name(run_id, 'run_id')}/{REPORT_NAME}"
+    try:
+        return json.loads(store.read_bytes(path))
+    except FileNotFoundError:
+        return None
+
+
+def print_report(dag_id: str, as_json: bool = False, run_id: str | None = None) -> int:
+    """Print the run report of ``dag_id``'s run ``run_id`` (default: the latest finished run):
+    dataset, training, metrics, registry."""
     from tasks.pipeline import latest_run_report
 
-    report = latest_run_report(dag_id)
+    report = run_report(dag_id, run_id) if run_id else latest_run_report(dag_id)
     if report is None:
-        print(f"no finished run of {dag_id} yet")
+        print(f"no report of run {run_id} of {dag_id}" if run_id else f"no finished run of {dag_id} yet")
         return 1
     if as_json:
         print(json.dumps(report, indent=2))

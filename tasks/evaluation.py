@@ -20,6 +20,7 @@ import numpy as np
 
 from tasks.manifest import load_manifest
 from tasks.settings import Settings, get_settings
+from tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def evaluate_step(
     manifest = load_manifest(manifest_uri, settings)
     if manifest.kind != spec.name:
         raise ValueError(f"{manifest_uri} holds {manifest.kind} data, not {spec.name}")
+    require_tracking_server(settings.mlflow_tracking_uri)  # refused: fail in seconds, not minutes
     predict = load_predictor(model_uri, settings.mlflow_tracking_uri)
     report = spec.evaluate(manifest, predict, split=split)
     metrics = {k: float(v) for k, v in report["metrics"].items()}

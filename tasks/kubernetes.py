@@ -20,6 +20,13 @@ job and referenced with ``secretKeyRef``; they never appear in the job's manifes
 :class:`KubernetesJobRunner` creates, watches, streams node 0's log and deletes on cancel
 through an injected ``kubernetes.client.ApiClient`` (the DAG side builds it with the
 cncf.kubernetes provider's ``KubernetesHook``). This module never imports Airflow.
+
+A job that never starts does not wait for the task's execution timeout: until every pod runs,
+the runner reads the pods' status and events at each poll (new warning events are logged). A
+pod whose image cannot be pulled, or that no node can take (``Unschedulable``, unless the
+cluster autoscaler says it is adding a node), fails the task at once with the reason, and so
+does any job whose pods are not all running after ``kubernetes_start_timeout_s`` (default
+:data:`DEFAULT_START_TIMEOUT_S`); the job is then deleted, so it cannot start later unattended.
 """
 
 from __future__ import annotations
@@ -48,8 +55,24 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
+DEFAULT_START_TIMEOUT_S = 900.0
+"""Seconds a job's pods may take to all be running (image pulls of CUDA images, a scale-up)."""
+IMAGE_ERRORS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONTAINER_CONFIG_ERRORS = ("CreateContainerConfigError", "CreateContainerError")
+
+
 class KubernetesJobFailed(RuntimeError):
     """The job ended in a failed state; the message carries the controller's reason."""
+
+
+class KubernetesJobNotStarted(KubernetesJobFailed):
+    """The job's pods did not start: unschedulable, a container that cannot be created, or
+    not all running within the start timeout. The message names the pod and the reason."""
+
+
+class KubernetesImagePullError(KubernetesJobNotStarted, ValueError):
+    """A pod's image cannot be pulled: the ``kubernetes_image`` param (or the registry's
+    credentials) is wrong, which no retry fixes: bad input."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +260,13 @@ def node0_pod_selector(spec: KubernetesJobSpec) -> str:
     return f"training.kubeflow.org/job-name={spec.name},training.kubeflow.org/replica-type=master"
 
 
+def job_pods_selector(spec: KubernetesJobSpec) -> str:
+    """Label selector of every pod of the job."""
+    if spec.job_kind == "trainjob":
+        return f"jobset.sigs.k8s.io/jobset-name={spec.name}"
+    return f"training.kubeflow.org/job-name={spec.name}"
+
+
 def job_state(job: dict[str, Any], job_kind: str) -> tuple[str, str]:
     """``("running" | "succeeded" | "failed" | "suspended", reason)`` from the job's conditions."""
     conditions = (job.get("status") or {}).get("conditions") or []
@@ -261,10 +291,13 @@ class KubernetesJobRunner:
         on_line: Called with each log line of node 0's trainer container.
         poll_s: Seconds between status reads.
         timeout_s: Give up (and delete the job) after this long; ``None``: wait for ever.
+        start_timeout_s: Give up (and delete the job) if its pods are not all running after
+            this long; ``None``: no limit (an image-pull error or an unschedulable pod still
+            fails at once).
     """
 
     def __init__(self, api_client: Any, on_line: Callable[[str], None] | None = None, poll_s: float = 5.0,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, start_timeout_s: float | None = DEFAULT_START_TIMEOUT_S) -> None:
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
@@ -272,6 +305,7 @@ class KubernetesJobRunner:
         self.on_line = on_line or (lambda line: log.info("%s", line))
         self.poll_s = poll_s
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
 
     def submit(self, spec: KubernetesJobSpec) -> dict[str, Any]:
         """Create the Secret and the job; a job of the same name left by a crashed try is replaced."""
@@ -303,12 +337,16 @@ class KubernetesJobRunner:
 
         Raises:
             KubernetesJobFailed: the job failed (the controller's reason) or was deleted, or the timeout passed.
+            KubernetesJobNotStarted: a pod cannot start (unschedulable, its container cannot be
+                created), or not all pods run after ``start_timeout_s``.
+            KubernetesImagePullError: a pod's image cannot be pulled.
         """
         from kubernetes.client.exceptions import ApiException
 
         r = spec.resource
         started = time.monotonic()
         streamer = _LogStreamer(self.core, spec, self.on_line)
+        starting = _StartWatch(self.core, spec)
         try:
             while True:
                 try:
@@ -325,6 +363,14 @@ class KubernetesJobRunner:
                 if state == "failed":
                     streamer.finish()
                     raise KubernetesJobFailed(f"{r['kind']} {spec.namespace}/{spec.name} failed: {reason or 'no reason given'}")
+                if not starting.started:
+                    starting.check()  # raises at once on a pod that cannot start
+                    waited = time.monotonic() - started
+                    if not starting.started and self.start_timeout_s is not None and waited > self.start_timeout_s:
+                        raise KubernetesJobNotStarted(
+                            f"{r['kind']} {spec.namespace}/{spec.name} did not start within {self.start_timeout_s:.0f} s "
+                            f"(kubernetes_start_timeout_s): {starting.describe()}"
+                        )
                 streamer.poll()
                 if self.timeout_s is not None and time.monotonic() - started > self.timeout_s:
                     raise KubernetesJobFailed(
@@ -355,8 +401,8 @@ class KubernetesJobRunner:
         try:
             job = self.wait(spec)
         except KubernetesJobFailed as exc:
-            if "did not finish" in str(exc):
-                self.cancel(spec)
+            if "did not finish" in str(exc) or isinstance(exc, KubernetesJobNotStarted):
+                self.cancel(spec)  # never let a job that could not start start later, unattended
             else:
                 self._delete_secret(spec)  # a failed job stays for `kubectl describe`; its pods hold no secrets
             raise
@@ -375,6 +421,91 @@ class KubernetesJobRunner:
         except ApiException as exc:
             if exc.status != 404:
                 log.error("could not delete Secret %s/%s: %s", spec.namespace, spec.secret_name, exc.reason)
+
+
+class _StartWatch:
+    """Until every pod of the job runs: reads pod status and events at each poll, logs new
+    warning events, and raises on a pod that cannot start (see the module docstring)."""
+
+    def __init__(self, core: Any, spec: KubernetesJobSpec) -> None:
+        self.core, self.spec = core, spec
+        self.started = False
+        self.pods: list[Any] = []
+        self.seen_events: set[tuple[str, str, str]] = set()
+        self.last_event: str | None = None
+        self.events_readable = True
+
+    def _events(self, name: str) -> list[Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        if not self.events_readable:
+            return []
+        try:
+            return self.core.list_namespaced_event(
+                self.spec.namespace, field_selector=f"involvedObject.name={name}"
+            ).items or []
+        except ApiException as exc:  # events are a help, not a requirement (RBAC may forbid them)
+            log.info("cannot read events in namespace %s (HTTP %s): pod status only", self.spec.namespace, exc.status)
+            self.events_readable = False
+            return []
+
+    def check(self) -> None:
+        spec = self.spec
+        where = f"{spec.resource['kind']} {spec.namespace}/{spec.name}"
+        self.pods = self.core.list_namespaced_pod(spec.namespace, label_selector=job_pods_selector(spec)).items or []
+        running = [p for p in self.pods if p.status is not None and p.status.phase in ("Running", "Succeeded", "Failed")]
+        if len(running) >= spec.nnodes:
+            self.started = True
+            log.info("%s: all %d pod(s) started", where, len(running))
+            return
+        events_by_object: dict[str, list[Any]] = {}
+        for name in [spec.name] + [p.metadata.name for p in self.pods]:
+            events = self._events(name)
+            events_by_object[name] = events
+            for event in events:
+                key = (name, event.reason or "", event.message or "")
+                text = f"{event.involved_object.kind or 'object'} {name}: {event.reason}: {event.message}"
+                if event.type == "Warning":
+                    self.last_event = text
+                if key not in self.seen_events:
+                    self.seen_events.add(key)
+                    (log.warning if event.type == "Warning" else log.info)("%s: event %s", where, text)
+        for pod in self.pods:
+            name, status = pod.metadata.name, pod.status
+            if status is None:
+                continue
+            for container in (status.init_container_statuses or []) + (status.container_statuses or []):
+                waiting = container.state.waiting if container.state is not None else None
+                if waiting is None:
+                    continue
+                if waiting.reason in IMAGE_ERRORS:
+                    raise KubernetesImagePullError(
+                        f"{where} cannot start: pod {name} cannot pull its image {container.image}: {waiting.reason}: "
+                        f"{waiting.message or 'no message'}. Check the kubernetes_image param and the registry's "
+                        "credentials (imagePullSecrets of the pods' service account)"
+                    )
+                if waiting.reason in CONTAINER_CONFIG_ERRORS:
+                    raise KubernetesJobNotStarted(
+                        f"{where} cannot start: pod {name}, container {container.name}: {waiting.reason}: "
+                        f"{waiting.message or 'no message'}"
+                    )
+            for condition in status.conditions or []:
+                if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
+                    if any(e.reason == "TriggeredScaleUp" for e in events_by_object.get(name, [])):
+                        continue  # the cluster autoscaler is adding a node: the start timeout bounds the wait
+                    raise KubernetesJobNotStarted(
+                        f"{where} cannot start: pod {name} is unschedulable: {condition.message or 'no message'}. "
+                        "Ask for less per node (kubernetes_gpus_per_node, kubernetes_cpu_per_node, "
+                        "kubernetes_memory_per_node) or fewer nodes, or add capacity"
+                    )
+
+    def describe(self) -> str:
+        if not self.pods:
+            state = "no pod was created (is the training operator running? quota?)"
+        else:
+            phases = ", ".join(f"{p.metadata.name} {p.status.phase if p.status else 'unknown'}" for p in self.pods)
+            state = f"{len(self.pods)} of {self.spec.nnodes} pod(s): {phases}"
+        return state + (f"; last warning: {self.last_event}" if self.last_event else "")
 
 
 class _LogStreamer:
@@ -522,11 +653,14 @@ def run_kubernetes_training(
     """Run the training as a Kubeflow job and return the finished job object.
 
     The trainer writes ``result.json`` and the model to the shared store exactly as under the
-    local launcher, so the caller reads the result the same way afterwards.
+    local launcher, so the caller reads the result the same way afterwards. The pods must all
+    run within ``values["kubernetes_start_timeout_s"]`` (default :data:`DEFAULT_START_TIMEOUT_S`).
     """
     out = logger or log
     spec = job_spec_from_params(kind=kind, values=values, args=args, dag_id=dag_id, run_id=run_id,
                                 try_number=try_number, settings=settings)
     out.info("kubernetes job manifest:\n%s", json.dumps(render_job(spec), indent=2))
-    runner = KubernetesJobRunner(api_client, on_line=lambda line: out.info("[node 0] %s", line), poll_s=poll_s)
+    start_timeout = values.get("kubernetes_start_timeout_s") or DEFAULT_START_TIMEOUT_S
+    runner = KubernetesJobRunner(api_client, on_line=lambda line: out.info("[node 0] %s", line), poll_s=poll_s,
+                                 start_timeout_s=float(start_timeout))
     return runner.run(spec)

@@ -14,6 +14,15 @@ speed, 10-20x faster than sha256 here, so verifying every shard on every read co
 almost nothing. ``checksum="sha256"`` verifies the cryptographic digest instead, for stores
 where deliberate tampering is in scope. Manifests written before ``xxh3_128`` existed are
 verified with sha256.
+
+The manifest protects itself too. Since ``checksum`` was added to it, a manifest records the
+sha256 of its own canonical content and, to name what changed, a short digest of each field
+(``splits.train.num_rows``, ``splits.train.shards[3]``, ``stats``...): an edit after the commit
+fails :func:`load_manifest` naming the field. Every manifest, older ones included, is also
+checked for internal consistency on load (a split's ``num_rows`` is the sum of its shards',
+a shard's the sum of its row groups) and each shard against its own Parquet footer when it is
+opened (rows and row groups), so a wrong row count never reaches a trainer. Adding the
+checksum changed no dataset version id: the id hashes the inputs, not the manifest.
 """
 
 from __future__ import annotations
@@ -39,16 +48,52 @@ CHECKSUMS = ("auto", "xxh3_128", "sha256")
 
 
 class ShardVerificationError(RuntimeError):
-    """A shard is missing, or its size or checksum differs from the manifest."""
+    """A shard is missing, or its size or checksum differs from the manifest.
 
-    def __init__(self, shard_url: str, reason: str) -> None:
-        super().__init__(f"shard {shard_url}: {reason}")
+    The message ends with how to recover: re-run the ``shard`` step (or ``python -m tasks.cli
+    shard``) on the same source, which verifies the committed version and rewrites it.
+    """
+
+    def __init__(self, shard_url: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(f"shard {shard_url}: {reason}. {hint or REPAIR_HINT}")
         self.shard_url = shard_url
         self.reason = reason
 
 
+REPAIR_HINT = (
+    "To repair the dataset version, re-run the DAG's shard task (or `python -m tasks.cli shard "
+    "SOURCE_URL --kind KIND`) on the same source: it verifies the committed version and rewrites "
+    "it from the source under the same version id"
+)
+
+
+def repair_hint(data: dict[str, Any]) -> str:
+    """How to repair the dataset version a manifest describes, with its own source and kind."""
+    source = (data.get("source") or {}).get("url")
+    if not source or not data.get("kind"):
+        return REPAIR_HINT
+    name = f" --name {data['name']}" if data.get("name") else ""
+    return (
+        "To repair the dataset version, re-run the DAG run's shard task (same params), or "
+        f"`python -m tasks.cli shard '{source}' --kind {data['kind']}{name}`: it verifies the committed "
+        "version and rewrites it from the source under the same version id"
+    )
+
+
 class ManifestError(RuntimeError):
     """A manifest is missing, malformed, or of another format."""
+
+
+class ManifestIntegrityError(ManifestError):
+    """A committed manifest was changed after its commit, or contradicts itself.
+
+    Attributes:
+        fields: The fields found wrong (``splits.train.num_rows``...).
+    """
+
+    def __init__(self, message: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +157,9 @@ class Manifest:
             )
         self.data = data
         self.storage = storage
+
+    def _shard_error(self, url: str, reason: str) -> ShardVerificationError:
+        return ShardVerificationError(url, reason, hint=repair_hint(self.data))
 
     # identity -------------------------------------------------------------------------
     @property
@@ -222,35 +270,58 @@ class Manifest:
                     )
                 data = pa.py_buffer(self.storage.read_bytes(shard.path))
         except FileNotFoundError:
-            raise ShardVerificationError(url, "missing (listed in the manifest, not in the store)") from None
+            raise self._shard_error(url, "missing (listed in the manifest, not in the store)") from None
         return self._verify(shard, checksum, data)
 
     def _verify(self, shard: ShardInfo, checksum: str, data: pa.Buffer, where: str | None = None) -> pa.Buffer:
         """``data`` if its size and checksum are the manifest's, else ShardVerificationError."""
         url = where or redact_url(self.storage.url(shard.path))
         if data.size != shard.num_bytes:
-            raise ShardVerificationError(
+            raise self._shard_error(
                 url, f"size {data.size} bytes, manifest says {shard.num_bytes}: corrupt or truncated"
             )
         algorithm = checksum if checksum != "auto" else ("xxh3_128" if shard.xxh3_128 else "sha256")
         expected = shard.xxh3_128 if algorithm == "xxh3_128" else shard.sha256
         if expected is None:
-            raise ShardVerificationError(url, "the manifest records no xxh3_128 for it (written before it existed)")
+            raise self._shard_error(url, "the manifest records no xxh3_128 for it (written before it existed)")
         digest = digest_buffer(data, algorithm)
         if digest != expected:
-            raise ShardVerificationError(url, f"{algorithm} {digest[:16]}..., manifest says {expected[:16]}...: corrupt")
+            # Whole digests: two prefixes can agree (the issue saw two equal 16-character ones).
+            raise self._shard_error(url, f"{algorithm} of the bytes is {digest}, the manifest says {expected}: corrupt")
         return data
 
     def open_shard(self, shard: ShardInfo, checksum: str = "auto") -> pq.ParquetFile:
         """A ParquetFile over the verified bytes of ``shard``."""
+        return self.parquet_file(shard, self.read_shard_buffer(shard, checksum))
+
+    def parquet_file(self, shard: ShardInfo, data: pa.Buffer) -> pq.ParquetFile:
+        """A ParquetFile over ``data`` (the verified bytes of ``shard``), its footer checked
+        against the manifest: the rows and row groups a trainer counts steps by.
+
+        Raises:
+            ShardVerificationError: unreadable Parquet, or a footer that contradicts the
+                manifest's ``num_rows`` / ``row_groups`` (naming the field).
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        data = self.read_shard_buffer(shard, checksum)
+        url = redact_url(self.storage.url(shard.path))
         try:
-            return pq.ParquetFile(pa.BufferReader(data))
+            parquet = pq.ParquetFile(pa.BufferReader(data))
         except Exception as exc:  # a checksum match on an unreadable file: wrong manifest
-            raise ShardVerificationError(redact_url(self.storage.url(shard.path)), f"not readable Parquet: {exc}") from exc
+            raise self._shard_error(url, f"not readable Parquet: {exc}") from exc
+        meta = parquet.metadata
+        footer_groups = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+        if meta.num_rows != shard.num_rows:
+            raise self._shard_error(
+                url, f"its Parquet footer has {meta.num_rows} rows, the manifest's num_rows says {shard.num_rows}"
+            )
+        if footer_groups != tuple(shard.row_groups):
+            raise self._shard_error(
+                url, f"its Parquet footer has row groups {list(footer_groups)}, the manifest's row_groups says "
+                f"{list(shard.row_groups)}"
+            )
+        return parquet
 
     def iter_batches(
         self, split: str, columns: list[str] | None = None, batch_size: int = 65536
@@ -273,6 +344,52 @@ class Manifest:
         return self.open_shard(self.file(key)).read()
 
 
+VERIFY_MODES = ("auto", "sizes", "xxh3_128", "sha256")
+
+
+def verify_version(manifest: Manifest, mode: str = "auto") -> list[str]:
+    """Check every file a committed version lists (shards and side files) against the manifest.
+
+    Args:
+        manifest: The version.
+        mode: ``sizes`` (one listing of the version folder: each file present with its size),
+            ``xxh3_128`` (sizes, then every file read and hashed: memory speed locally, a full
+            download from a remote store), ``sha256`` (the full cryptographic re-hash), or
+            ``auto``: ``xxh3_128`` for a local store, ``sizes`` for a remote one.
+
+    Returns:
+        One line per damaged or missing file (empty: intact).
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {mode!r}")
+    if mode == "auto":
+        mode = "xxh3_128" if manifest.storage.protocol == "file" else "sizes"
+    entries = [shard for split in manifest.splits for shard in manifest.shards(split)]
+    entries += [manifest.file(key) for key in manifest.data.get("files") or {}]
+    sizes = manifest.storage.list_sizes()
+    problems: list[str] = []
+    for entry in entries:
+        size = sizes.get(entry.path)
+        if size is None:
+            problems.append(f"{entry.path}: missing")
+        elif size != entry.num_bytes:
+            problems.append(f"{entry.path}: size {size} bytes, the manifest says {entry.num_bytes}")
+        elif mode != "sizes":
+            try:
+                if manifest.storage.protocol == "file":
+                    manifest.read_shard_buffer(entry, mode)
+                else:  # the store's bytes, never a cached copy
+                    import pyarrow as pa
+
+                    manifest._verify(entry, mode, pa.py_buffer(manifest.storage.read_bytes(entry.path)))
+            except ShardVerificationError as exc:
+                problems.append(f"{entry.path}: {exc.reason}")
+    return problems
+
+
 def load_manifest(uri: str, settings: Settings | None = None) -> Manifest:
     """Load the committed manifest at ``uri`` (``.../_manifest.json`` or its folder).
 
@@ -292,7 +409,112 @@ def load_manifest(uri: str, settings: Settings | None = None) -> Manifest:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{redact_url(storage.url(MANIFEST_NAME))} is not valid JSON: {exc}") from exc
-    return Manifest(data, storage)
+    manifest = Manifest(data, storage)
+    check_integrity(data, redact_url(manifest.uri))
+    return manifest
+
+
+# --- the manifest's own integrity ---------------------------------------------------------
+CHECKSUM_KEY = "checksum"
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _field_digests(data: dict[str, Any]) -> dict[str, str]:
+    """A short sha256 of each field, fine enough to name what changed."""
+    out: dict[str, str] = {}
+
+    def put(path: str, value: Any) -> None:
+        out[path] = hashlib.sha256(_canonical(value)).hexdigest()[:16]
+
+    for key, value in data.items():
+        if key == CHECKSUM_KEY:
+            continue
+        if key == "splits" and isinstance(value, dict):
+            for split, entry in value.items():
+                for field, item in (entry.items() if isinstance(entry, dict) else [("", entry)]):
+                    if field == "shards" and isinstance(item, list):
+                        put(f"splits.{split}.shards", len(item))
+                        for n, shard in enumerate(item):
+                            put(f"splits.{split}.shards[{n}]", shard)
+                    else:
+                        put(f"splits.{split}.{field}".rstrip("."), item)
+        elif key == "files" and isinstance(value, dict):
+            for name, entry in value.items():
+                put(f"files.{name}", entry)
+        else:
+            put(key, value)
+    return out
+
+
+def seal(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its checksum: the sha256 of its canonical JSON and a digest per field."""
+    body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
+    return {
+        **body,
+        CHECKSUM_KEY: {
+            "algorithm": "sha256",
+            "content": hashlib.sha256(_canonical(body)).hexdigest(),
+            "fields": _field_digests(body),
+        },
+    }
+
+
+def check_integrity(data: dict[str, Any], where: str) -> None:
+    """Check a loaded manifest against its own checksum (when it has one) and for consistency.
+
+    Consistency holds for manifests of every age: a split's ``num_rows`` and ``num_bytes`` are
+    the sums of its shards', a shard's ``num_rows`` the sum of its ``row_groups``.
+
+    Raises:
+        ManifestIntegrityError: naming each field found wrong and what it should be.
+    """
+    problems: list[str] = []
+    fields: list[str] = []
+    for split, entry in (data.get("splits") or {}).items():
+        shards = entry.get("shards") or []
+        for n, shard in enumerate(shards):
+            groups = sum(int(g) for g in shard.get("row_groups", []))
+            if int(shard.get("num_rows", -1)) != groups:
+                fields.append(f"splits.{split}.shards[{n}].num_rows")
+                problems.append(
+                    f"splits.{split}.shards[{n}].num_rows is {shard.get('num_rows')}, its row_groups sum to {groups}"
+                )
+        for field in ("num_rows", "num_bytes"):
+            total = sum(int(s.get(field, 0)) for s in shards)
+            if field in entry and int(entry[field]) != total:
+                fields.append(f"splits.{split}.{field}")
+                problems.append(f"splits.{split}.{field} is {entry[field]}, its shards' {field} sum to {total}")
+    for name, entry in (data.get("files") or {}).items():
+        groups = sum(int(g) for g in entry.get("row_groups", []))
+        if "num_rows" in entry and int(entry["num_rows"]) != groups:
+            fields.append(f"files.{name}.num_rows")
+            problems.append(f"files.{name}.num_rows is {entry['num_rows']}, its row_groups sum to {groups}")
+    recorded = data.get(CHECKSUM_KEY)
+    if recorded is not None:
+        body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
+        content = hashlib.sha256(_canonical(body)).hexdigest()
+        if not isinstance(recorded, dict) or content != recorded.get("content"):
+            expected = recorded.get("fields", {}) if isinstance(recorded, dict) else {}
+            actual = _field_digests(body)
+            changed = sorted(
+                (k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k)),
+                key=lambda k: (k.count("["), k),
+            )
+            fields.extend(k for k in changed if k not in fields)
+            problems.append(
+                f"content sha256 is {content}, the manifest's checksum says "
+                f"{recorded.get('content') if isinstance(recorded, dict) else recorded!r}; "
+                f"changed: {', '.join(changed) or 'the checksum itself'}"
+            )
+    if problems:
+        raise ManifestIntegrityError(
+            f"{where} was changed after it was committed or contradicts itself: {'; '.join(problems)}. "
+            f"{repair_hint(data)}",
+            fields,
+        )
 
 
 def digest_buffer(data, algorithm: str) -> str:
@@ -306,5 +528,6 @@ def digest_buffer(data, algorithm: str) -> str:
 
 
 def dumps(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+    """The committed form of a manifest: ``data`` sealed with its checksum (:func:`seal`)."""
+    return (json.dumps(seal(data), indent=2, sort_keys=False) + "\n").encode()
 

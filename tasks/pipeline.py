@@ -20,6 +20,7 @@ from tasks.params import validate_params
 from tasks.rendezvous import NodeChannel
 from tasks.settings import Settings, get_settings, redact_url
 from tasks.sharding import ShardingConfig, shard_dataset
+from tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def ensure_mlflow_run(settings: Settings, experiment: str, training_key: str, ru
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    require_tracking_server(settings.mlflow_tracking_uri)  # refused: fail in seconds, not after 265 s of retries
     with _sqlite_schema_lock(settings.mlflow_tracking_uri):  # the client creates the schema
         client = MlflowClient(settings.mlflow_tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -521,6 +523,8 @@ def register_model_step(
         allow_override=bool(values["allow_gate_override"]),
         settings=settings,
     )
+    # The run's own timeout (a production configuration may set it), not the form's default.
+    result["approval"]["timeout_hours"] = float(values["approval_timeout_hours"])
     result["review"] = {
         "dataset": {"name": dataset["name"], "version": dataset["version"], **dataset_facts},
         # [label, value] pairs: XCom on PostgreSQL (JSONB) does not keep the order of keys.

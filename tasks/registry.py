@@ -29,6 +29,7 @@ from typing import Any
 
 from tasks.settings import PROJECT_DIR, Settings, get_settings, redact_url
 from tasks.storage import Storage, lease
+from tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class GateConfig:
 def _client(settings: Settings):
     from mlflow import MlflowClient
 
+    require_tracking_server(settings.mlflow_tracking_uri, error=RegistryUnavailableError)  # refused: seconds, not 265 s
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
 
 
@@ -523,28 +525,22 @@ def _gate_verdict(client, name, version, metrics, lineage: Lineage, gate: GateCo
     champion = champion_version(client, name)
     if champion is not None and str(champion.version) == str(version.version):
         champion = None
-    if champion is None:
-        reference_key = f"baseline_{gate.metric}"
-        if reference_key not in metrics:
-            raise ValueError(f"no champion yet and no {reference_key} to compare the first version with")
-        reference = float(metrics[reference_key])
-        reference_metrics = {k.removeprefix("baseline_"): float(v) for k, v in metrics.items() if k.startswith("baseline_")}
-        against = "baseline"
-    elif not same_dataset(champion.tags, lineage):
+    if champion is not None and not same_dataset(champion.tags, lineage):
         # Not comparable: scores on two different datasets say nothing about which model is
         # better. The candidate is judged against its own baseline only and never replaces the
         # champion without a reviewer (_record_gate).
         champion_dataset = dataset_identity(champion.tags.get(TAG + "dataset_name"), champion.tags.get(TAG + "split_protocol"))
-        reference_key = f"baseline_{gate.metric}"
-        if reference_key not in metrics:
-            raise ValueError(f"the champion was trained on another dataset and there is no {reference_key} to compare with")
-        reference = float(metrics[reference_key])
-        reference_metrics = {k.removeprefix("baseline_"): float(v) for k, v in metrics.items() if k.startswith("baseline_")}
-        against = "baseline"
         dataset_mismatch = (
             f"trained on dataset {lineage.dataset_identity}, champion v{champion.version} on "
             f"{champion_dataset}: not comparable"
         )
+    if champion is None or dataset_mismatch:
+        reference_key = f"baseline_{gate.metric}"
+        if reference_key not in metrics:
+            raise ValueError(f"no comparable champion and no {reference_key} to compare this version with")
+        reference = float(metrics[reference_key])
+        reference_metrics = {k.removeprefix("baseline_"): float(v) for k, v in metrics.items() if k.startswith("baseline_")}
+        against = "baseline"
     else:
         against = f"champion v{champion.version}"
         same_set = champion.tags.get(TAG + "dataset_version") == lineage.dataset_version

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,9 @@ class Settings:
         aws_conn_id: ``TRAINFLOW_AWS_CONN_ID``: the Airflow connection with S3 credentials.
         kubernetes_conn_id: ``TRAINFLOW_KUBERNETES_CONN_ID``: the Airflow connection of the
             Kubernetes launcher.
+        shard_verify: How the ``shard`` step checks a committed dataset version before it
+            reuses it (``TRAINFLOW_SHARD_VERIFY``): ``auto`` (sizes, plus xxh3-128 of every
+            file in a local store), ``sizes``, ``xxh3_128``, or ``sha256`` (a full re-hash).
     """
 
     data_dir: Path
@@ -136,6 +140,7 @@ class Settings:
     mlflow_ui_url: str | None = None
     aws_conn_id: str = "aws_default"
     kubernetes_conn_id: str = "kubernetes_default"
+    shard_verify: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -162,6 +167,11 @@ class Settings:
         # 0 turns the shard cache off; anything else must be a positive size
         cache_off = env.get("TRAINFLOW_SHARD_CACHE_BYTES") == "0"
         cache_bytes = 0 if cache_off else _positive_int(env, "TRAINFLOW_SHARD_CACHE_BYTES", 20 << 30)
+        shard_verify = env.get("TRAINFLOW_SHARD_VERIFY") or "auto"
+        if shard_verify not in ("auto", "sizes", "xxh3_128", "sha256"):
+            raise ValueError(
+                f"TRAINFLOW_SHARD_VERIFY must be auto, sizes, xxh3_128 or sha256, got {shard_verify!r}"
+            )
         artifact_root = env.get("TRAINFLOW_MLFLOW_ARTIFACT_ROOT") or None
         if artifact_root is None and not tracking.startswith(("http://", "https://", "databricks")):
             # A local store: keep artifacts beside it, never in the current directory.
@@ -181,6 +191,7 @@ class Settings:
             mlflow_ui_url=(env.get("TRAINFLOW_MLFLOW_UI_URL") or "").rstrip("/") or None,
             aws_conn_id=env.get("TRAINFLOW_AWS_CONN_ID") or "aws_default",
             kubernetes_conn_id=env.get("TRAINFLOW_KUBERNETES_CONN_ID") or "kubernetes_default",
+            shard_verify=shard_verify,
         )
 
     def with_s3_credentials(
@@ -227,16 +238,103 @@ class Settings:
         }
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;][^=&;#]*(?:password|passwd|pwd|secret|token|signature|credential|api[_-]?key|access[_-]?key)"
+    r"[^=&;#]*=)([^&;#]*)"
+)
+_ENCODED_AT = re.compile(r"(?i)%40")
+
+
+def _userinfo_end(rest: str) -> int | None:
+    """Where the userinfo of a URL ends (the index of its ``@`` in ``rest``, the URL after
+    ``scheme://``), or ``None`` when it has none.
+
+    Passwords are often pasted unencoded, so a ``/`` or an ``@`` may sit inside one: a ``:``
+    before the first ``/`` and an ``@`` after it is read as a password with a ``/``
+    (``s3://KEY:abc/def@bucket``), and the userinfo runs to the last ``@`` before the next
+    ``/``. An ``@`` after a ``/`` with no ``:`` before that ``/`` belongs to the path
+    (``s3://bucket/a@b``). In doubt (``http://host:5000/a@b``) more is masked, never less.
+    """
+    at = rest.find("@")
+    if at < 0:
+        return None
+    head = rest[:at]
+    slash, colon = head.find("/"), head.find(":")
+    if slash >= 0 and not 0 <= colon < slash:
+        return None  # the '@' is in the path
+    while True:  # an unencoded '@' inside the password: the host starts after the last one
+        nxt = rest.find("@", at + 1)
+        if nxt < 0 or "/" in rest[at + 1 : nxt]:
+            return at
+        at = nxt
+
+
+def url_has_credentials(url: str) -> bool:
+    """Whether ``url`` carries a userinfo part (``scheme://user:password@host``), plain or
+    percent-encoded (``%40``) in its first component."""
+    match = _SCHEME.match(url) if isinstance(url, str) else None
+    if not match:
+        return False
+    rest = url[match.end():]
+    return _userinfo_end(rest) is not None or bool(_ENCODED_AT.search(rest.split("/", 1)[0]))
+
+
 def redact_url(url: str) -> str:
-    """Hide a password in ``scheme://user:password@host`` URLs."""
-    if "://" not in url or "@" not in url:
+    """``url`` with its secrets masked: the password of ``scheme://user:password@host`` (a
+    userinfo without ``:`` is masked whole: it is often a token), whatever it contains
+    (``/``, ``@``, percent-encoding), and the values of query parameters named like secrets
+    (``password``, ``token``, ``X-Amz-Signature``...). Anything else is left as is.
+    """
+    match = _SCHEME.match(url) if isinstance(url, str) else None
+    if not match:
         return url
-    scheme, rest = url.split("://", 1)
-    userinfo, _, host = rest.rpartition("@")
-    if "/" in userinfo:  # the '@' is in the path, not in a userinfo part
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    rest = url[match.end():]
+    end = _userinfo_end(rest)
+    if end is not None:
+        userinfo, host = rest[:end], rest[end + 1 :]
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    else:
+        first, sep, tail = rest.partition("/")
+        encoded = list(_ENCODED_AT.finditer(first))
+        if encoded:  # 'KEY%3ASECRET%40bucket': a library may decode it into userinfo
+            rest = f"***{first[encoded[-1].start():]}{sep}{tail}"
+    return match.group(1) + "://" + _SECRET_QUERY.sub(r"\1***", rest)
+
+
+def redact_text(text: str, secrets: tuple[str | None, ...] = ()) -> str:
+    """``text`` (a library's error message, a log line) with every URL in it redacted
+    (:func:`redact_url`) and every string of ``secrets`` replaced by ``***``.
+
+    A library error may quote a URL without its scheme (botocore's ``Invalid bucket name
+    "KEY:SECRET@bucket"``): pass the secrets it may contain (:func:`url_secrets`)."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+    for secret in sorted((s for s in secrets if s and len(s) >= 3), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The secret parts of ``url`` (its password or token-like userinfo, plain and
+    percent-decoded), for :func:`redact_text`."""
+    import urllib.parse
+
+    match = _SCHEME.match(url) if isinstance(url, str) else None
+    if not match:
+        return ()
+    rest = url[match.end():]
+    end = _userinfo_end(rest)
+    if end is not None:
+        userinfo = rest[:end]
+        secret = userinfo.split(":", 1)[1] if ":" in userinfo else userinfo
+    else:
+        first = rest.split("/", 1)[0]
+        encoded = list(_ENCODED_AT.finditer(first))
+        if not encoded:
+            return ()
+        secret = first[: encoded[-1].start()]
+    return tuple({secret, urllib.parse.unquote(secret), userinfo if end is not None else secret})
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

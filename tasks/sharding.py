@@ -34,10 +34,12 @@ from tasks.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     Manifest,
+    ManifestError,
     ShardInfo,
     digest_buffer,
     dumps,
     load_manifest,
+    verify_version,
 )
 from tasks.settings import Settings, get_settings, redact_url
 from tasks.storage import Storage, safe_name
@@ -356,8 +358,15 @@ def shard_dataset(
     name: str | None = None,
     config: ShardingConfig | None = None,
     settings: Settings | None = None,
+    verify: str | None = None,
 ) -> dict[str, Any]:
     """Shard ``source_url`` into a committed dataset version, or find the one already there.
+
+    A version already committed is verified before it is reused (see
+    :func:`tasks.manifest.verify_version`): its manifest against its own checksum, and every
+    file it lists. A damaged or missing file, or a damaged manifest, is repaired: the manifest
+    is removed first (no reader sees the version meanwhile), the version is rewritten from the
+    source under the same version id, and the manifest is committed last.
 
     Args:
         source_url: See :func:`tasks.datasets.sources.resolve_source`.
@@ -365,9 +374,13 @@ def shard_dataset(
         name: Dataset name (a safe path component); default: derived from the source.
         config: Sharding config (default: :class:`ShardingConfig`).
         settings: Storage root and credentials (default: from the environment).
+        verify: How a committed version is checked before reuse: ``auto`` (sizes and xxh3-128
+            for a local store, sizes for a remote one), ``sizes``, ``xxh3_128``, ``sha256``
+            (the full re-hash); default the setting ``TRAINFLOW_SHARD_VERIFY`` (``auto``).
 
     Returns:
-        JSON-able summary: ``manifest_uri``, ``name``, ``version``, ``cache_hit``, per-split
+        JSON-able summary: ``manifest_uri``, ``name``, ``version``, ``cache_hit``,
+        ``repaired`` (the damage found and repaired, or an empty list), per-split
         ``num_rows``, and ``stats``.
     """
     settings = settings or get_settings()
@@ -381,20 +394,38 @@ def shard_dataset(
     root = Storage.from_settings(settings)
     version_dir = dataset_dir(name, version)
     store = root.child(version_dir)
+    verify = verify or settings.shard_verify
+    damage: list[str] = []
     if store.exists(MANIFEST_NAME):
-        manifest = load_manifest(store.url(MANIFEST_NAME), settings)
-        log.info(
-            "cache hit: dataset %s version %s is already committed at %s; nothing to do",
+        try:
+            manifest = load_manifest(store.url(MANIFEST_NAME), settings)
+            damage = verify_version(manifest, verify)
+        except ManifestError as exc:
+            damage = [f"{MANIFEST_NAME}: {exc}"]
+        if not damage:
+            log.info(
+                "cache hit: dataset %s version %s is already committed at %s and verified (%s); nothing to do",
+                name,
+                version,
+                redact_url(manifest.uri),
+                verify,
+            )
+            return summarize(manifest, cache_hit=True)
+        log.warning(
+            "dataset %s version %s is damaged (%d problem(s): %s); repairing it: rewriting it from the "
+            "source under the same version id, the manifest committed last",
             name,
             version,
-            redact_url(manifest.uri),
+            len(damage),
+            "; ".join(damage[:5]),
         )
-        return summarize(manifest, cache_hit=True)
+        store.delete(MANIFEST_NAME)  # uncommitted first: no reader uses the version while it is rewritten
     leftovers = store.list(recursive=True)
     if leftovers:
-        log.warning(
-            "dataset %s version %s: removing %d files left by an interrupted run", name, version, len(leftovers)
-        )
+        if not damage:
+            log.warning(
+                "dataset %s version %s: removing %d files left by an interrupted run", name, version, len(leftovers)
+            )
         for path in leftovers:
             store.delete(path)
     log.info(
@@ -426,8 +457,8 @@ def shard_dataset(
     manifest_data["stats"]["sharding_seconds"] = round(time.monotonic() - started, 3)
     store.commit_bytes(MANIFEST_NAME, dumps(manifest_data))
     manifest = Manifest(manifest_data, store)
-    log.info("committed %s", redact_url(manifest.uri))
-    return summarize(manifest, cache_hit=False)
+    log.info("%s %s", "repaired and committed" if damage else "committed", redact_url(manifest.uri))
+    return {**summarize(manifest, cache_hit=False), "repaired": damage}
 
 
 def split_protocol(manifest: Manifest) -> str:
@@ -459,6 +490,7 @@ def summarize(manifest: Manifest, cache_hit: bool) -> dict[str, Any]:
         "version": manifest.version,
         "kind": manifest.kind,
         "cache_hit": cache_hit,
+        "repaired": [],
         "split_protocol": split_protocol(manifest),
         "splits": {split: manifest.num_rows(split) for split in manifest.splits},
         "stats": manifest.stats,

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from tasks.settings import Settings, get_settings, redact_url
+from tasks.settings import Settings, get_settings, redact_text, redact_url, url_has_credentials
 
 if TYPE_CHECKING:
     import fsspec
@@ -44,6 +44,32 @@ class StorageError(RuntimeError):
 
 class StorageUnavailableError(StorageError):
     """The object store could not be reached after the configured retries."""
+
+
+class CredentialsInUrlError(ValueError):
+    """A URL carries credentials (``s3://KEY:SECRET@bucket``): refused before any library sees
+    it, since libraries print the URL in their errors. Bad input: never retried."""
+
+
+class StorageCredentialsError(StorageError, ValueError):
+    """No credentials were found for an S3 URL (or they were refused): a configuration
+    error, so it is bad input (a ``ValueError``) that no retry can fix."""
+
+
+CREDENTIALS_HINT = (
+    "give S3 credentials through the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+    "or AWS_PROFILE / an instance role) or, under Airflow, the connection named by "
+    "TRAINFLOW_AWS_CONN_ID (default aws_default: login = access key id, password = secret key)"
+)
+
+
+def refuse_credentials_in_url(url: str, what: str = "URL") -> None:
+    """Raise :class:`CredentialsInUrlError` (showing the URL masked) if ``url`` carries any."""
+    if url_has_credentials(url):
+        raise CredentialsInUrlError(
+            f"{what} {redact_url(url)} carries credentials: refused, as a library would print them "
+            f"in its errors and logs; remove them from the URL and {CREDENTIALS_HINT}"
+        )
 
 
 def safe_name(value: str, field: str = "name") -> str:
@@ -98,6 +124,7 @@ def filesystem(url: str, settings: Settings | None = None) -> tuple[fsspec.Abstr
     """
     import fsspec
 
+    refuse_credentials_in_url(url)
     settings = settings or get_settings()
     protocol, path = split_url(url)
     options: dict[str, Any] = dict(settings.storage_options(url))
@@ -185,8 +212,13 @@ class Storage:
         except (ValueError, IsADirectoryError, NotADirectoryError):
             raise
         except Exception as exc:  # botocore, aiohttp, OSError...
-            detail = str(exc) or f"no answer within {self.settings.s3.operation_timeout:g} s"
+            detail = redact_text(str(exc)) or f"no answer within {self.settings.s3.operation_timeout:g} s"
             message = f"{what} {redact_url(self.url(path))} failed: {type(exc).__name__}: {detail}"
+            if is_credentials_error(exc):
+                raise StorageCredentialsError(
+                    f"{what} {redact_url(self.url(path))}: no valid S3 credentials "
+                    f"({type(exc).__name__}: {detail}); {CREDENTIALS_HINT}"
+                ) from exc
             if _is_connection_error(exc):
                 raise StorageUnavailableError(
                     f"object store unreachable: {message} (after "
@@ -299,6 +331,24 @@ class Storage:
                 if rel and not posixpath.basename(rel).startswith(".tmp-"):
                     out.append(rel)
         return sorted(set(out))
+
+    def list_sizes(self, path: str = "") -> dict[str, int]:
+        """Every file below ``path`` with its size in bytes (one listing), relative to the root."""
+        try:
+            found = self._call("list", path, self.fs.find, self._abs(path), detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self._root.rstrip("/") + "/"
+        out: dict[str, int] = {}
+        for item, info in found.items():
+            item = item.rstrip("/")
+            if self.protocol == "file":
+                item = os.path.abspath(item)
+            if item.startswith(root) and info.get("type", "file") == "file":
+                rel = item[len(root):]
+                if rel and not posixpath.basename(rel).startswith(".tmp-"):
+                    out[rel] = int(info.get("size") or 0)
+        return out
 
     def delete(self, path: str, recursive: bool = False) -> None:
         """Remove the file (or, with ``recursive``, the folder) at ``path``; missing is fine."""
@@ -420,6 +470,20 @@ def _is_connection_error(exc: BaseException) -> bool:
             "TimeoutError",
         }
     )
+
+
+def is_credentials_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) says the S3 credentials are missing or refused."""
+    names = {type(e).__name__ for e in _chain(exc)}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return True
+    codes = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken"}
+    for error in _chain(exc):
+        response = getattr(error, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code in codes:
+            return True
+    return False
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:

@@ -565,14 +565,11 @@ class _ShardCache:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-fetch")
 
     def _open(self, shard: int):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         future = self._fetching.pop(shard, None)
         if future is None:
             return self.loader.manifest.open_shard(self.loader._shards[shard], self.loader.checksum)
         data = future.result()  # raises the fetch's ShardVerificationError / StorageError
-        return pq.ParquetFile(pa.BufferReader(data))
+        return self.loader.manifest.parquet_file(self.loader._shards[shard], data)
 
     def get(self, shard: int):
         if shard in self.files:

@@ -98,7 +98,7 @@ class ModelApprovalOperator(ApprovalOperator):
                 f"({approval.get('reason') or 'require_approval is off for this run'}); decision: "
                 f"{result['decision'].get('outcome')}"
             )
-        hours = float(context["params"].get(self.timeout_param) or DEFAULT_TIMEOUT_HOURS)
+        hours = float(approval.get("timeout_hours") or context["params"].get(self.timeout_param) or DEFAULT_TIMEOUT_HOURS)
         self.response_timeout = dt.timedelta(hours=hours)
         links = review_links(result)
         review = result.get("review", {})

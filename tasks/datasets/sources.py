@@ -15,11 +15,23 @@ import posixpath
 from typing import Any
 
 from tasks.datasets.textio import SourceFormatError
-from tasks.settings import Settings, get_settings
+from tasks.settings import Settings, get_settings, redact_url
+from tasks.storage import CREDENTIALS_HINT, is_credentials_error, refuse_credentials_in_url
+
+SUPPORTED_SCHEMES = ("file", "s3", "s3a")
+"""URL schemes a source may have besides ``synthetic://`` (plain paths are local files)."""
 
 
 class SourceNotFoundError(FileNotFoundError):
     """The source URL names nothing readable, or nothing of the expected kind."""
+
+
+class UnsupportedSourceError(ValueError):
+    """The source URL's scheme is not one trainflow reads (``http://``...): bad input."""
+
+
+class SourceCredentialsError(ValueError):
+    """No (valid) credentials for an ``s3://`` source: a configuration error, never retried."""
 
 
 def hash_parts(parts: Any) -> str:
@@ -60,6 +72,9 @@ def resolve_source(url: str, pipeline: Any, settings: Settings | None = None) ->
         tasks.pipelines.UnknownPipelineError: no such pipeline.
         ValueError: an empty URL, or one the pipeline refuses as malformed.
         SourceNotFoundError: nothing at the URL, or nothing of the pipeline's kind there.
+        UnsupportedSourceError: a scheme other than ``file``, ``s3``, ``s3a``, ``synthetic``.
+        CredentialsInUrlError: credentials inside the URL (refused, shown masked).
+        SourceCredentialsError: an ``s3://`` source without valid credentials.
     """
     from tasks.pipelines import get_pipeline
 
@@ -67,14 +82,34 @@ def resolve_source(url: str, pipeline: Any, settings: Settings | None = None) ->
     settings = settings or get_settings()
     if not isinstance(url, str) or not url.strip():
         raise ValueError("source_url must be a non-empty string")
-    source = spec.resolve_source(url.strip(), settings)
+    url = url.strip()
+    if "://" in url and not url.startswith("synthetic://"):
+        refuse_credentials_in_url(url, "source_url")
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in SUPPORTED_SCHEMES:
+            raise UnsupportedSourceError(
+                f"source_url {redact_url(url)}: the scheme {scheme}:// is not supported; use a local path, "
+                f"file://, s3:// (or s3a://), synthetic://, or a dataset name the {spec.name} pipeline knows; "
+                "download other sources first"
+            )
+    try:
+        source = spec.resolve_source(url, settings)
+    except Exception as exc:
+        if is_credentials_error(exc):
+            raise SourceCredentialsError(
+                f"source_url {redact_url(url)}: no valid S3 credentials to read it "
+                f"({type(exc).__name__}); {CREDENTIALS_HINT}"
+            ) from None
+        raise
     source.kind = spec.name
     return source
 
 
 __all__ = [
+    "SourceCredentialsError",
     "SourceFormatError",
     "SourceNotFoundError",
+    "UnsupportedSourceError",
     "file_fingerprint",
     "hash_parts",
     "resolve_source",

@@ -48,6 +48,7 @@ def parse_delimited(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     on_bad_row: Callable[[int, str], None] | None = None,
     finite_columns: tuple[str, ...] = (),
+    expected_header: str | None = None,
 ) -> Iterator:
     """Parse a delimited text file into pyarrow RecordBatches, one block of lines at a time.
 
@@ -65,10 +66,14 @@ def parse_delimited(
             fields; they are skipped. Without it such a row raises.
         finite_columns: Floating columns whose values must be finite numbers: NaN, inf and
             empty/null values (``nan``, ``NA``, ``null`` ...) raise.
+        expected_header: The header line the format has (with ``skip_header``), quoted when
+            no row has the expected number of fields.
 
     Raises:
         SourceFormatError: naming the file and line of a value that does not parse, or of a
-            non-finite value in ``finite_columns``.
+            non-finite value in ``finite_columns``; a file with no data row, or whose every
+            row has the wrong number of fields (naming the first such line, the count found
+            and the fields, or header, expected).
     """
     import numpy as np
     import pyarrow as pa
@@ -76,9 +81,13 @@ def parse_delimited(
 
     first = True
     saw_rows = False
+    header: str | None = None
+    first_bad: tuple[int, str] | None = None
+    num_bad = 0
     for line_no, block in iter_line_blocks(handle, block_bytes):
         if first and skip_header:
             newline = block.find(b"\n")
+            header = block[:newline].decode("utf-8", "replace").rstrip("\r")
             block = block[newline + 1 :]
             line_no += 1
         first = False
@@ -114,6 +123,9 @@ def parse_delimited(
                 number = searched + 1
                 searched += 1
             absolute = line_no + number - 1
+            num_bad += 1
+            if first_bad is None:
+                first_bad = (absolute, text)
             if on_bad_row is None:
                 raise SourceFormatError(
                     f"{file_label}, line {absolute}: expected {len(column_names)} fields, got {text!r}"
@@ -131,6 +143,17 @@ def parse_delimited(
         if table.num_rows:
             saw_rows = True
             yield from table.to_batches()
+    if not saw_rows and first_bad is not None:
+        line, text = first_bad
+        found = len(text.split(delimiter))  # a multi-character delimiter was replaced by it
+        expected = (
+            f"the header {expected_header!r}" if expected_header else ", ".join(column_names)
+        )
+        got_header = f"; the file's header is {header!r}" if header is not None and header != expected_header else ""
+        raise SourceFormatError(
+            f"{file_label}: wrong number of fields: every one of the {num_bad} data rows was skipped; "
+            f"line {line} has {found} fields, expected {len(column_names)} ({expected}){got_header}: {text[:200]!r}"
+        )
     if not saw_rows:
         raise SourceFormatError(f"{file_label}: no data rows (empty file?)")
 

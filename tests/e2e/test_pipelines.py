@@ -75,6 +75,7 @@ def test_recommendation_pipeline_twice(dagbag, tf_env):
     states = {t.task_id: t.state for t in first.get_task_instances()}
     assert states["approve"] == "skipped" and states["promote"] == "skipped"
     assert register["approval"]["required"] is False
+    assert register["approval"]["timeout_hours"] == 72  # the run's own (what approve would wait)
 
     # A second run: the shard cache is hit, a new version goes through the gate.
     second = _run(dag, REC_CONF)

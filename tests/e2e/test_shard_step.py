@@ -50,3 +50,28 @@ def test_bad_source_fails_the_shard_task_naming_it(dagbag, tf_env, capfd):
     out, err = capfd.readouterr()
     assert "source_url /no/such/place: nothing there" in out + err
     assert not (tf_env / "store" / "datasets").exists()
+
+
+@pytest.mark.parametrize(
+    "source,shown,secret",
+    [
+        ("s3://AKIDEXAMPLE:Se/cr+etKey@bucket/ml/u.data", "source_url s3://AKIDEXAMPLE:***@bucket/ml/u.data carries "
+         "credentials: refused", "Se/cr+etKey"),
+        ("https://files.example.org/ml/u.data", "the scheme https:// is not supported", None),
+    ],
+)
+def test_credentials_in_the_source_url_or_an_unsupported_scheme_fail_the_shard_task_once(
+        dagbag, tf_env, capfd, source, shown, secret):
+    """The library's error (botocore: ``Invalid bucket name "KEY:SECRET@bucket"``) used to print
+    the secret; an http source was "nothing there". Now: named clearly, bad input, no retry."""
+    from airflow.utils.state import DagRunState
+
+    run = dagbag.dags["recommendation_training"].test(run_conf={"source_url": source})
+    assert run.state == DagRunState.FAILED
+    shard = next(t for t in run.get_task_instances() if t.task_id == "shard")
+    assert shard.state == "failed" and shard.try_number == 1  # failed at once, not up for retry
+    out, err = capfd.readouterr()
+    assert shown in out + err
+    if secret:
+        assert secret not in out + err
+    assert not (tf_env / "store" / "datasets").exists()

@@ -9,6 +9,15 @@ client to talk to it. Job status follows a scripted ``scenario``:
 * ``hang``: it runs for ever (for the cancel test);
 * ``no_crd``: the job's API group is not served (the operator is not installed): 404.
 
+Scenarios of a job whose pods never start (the job itself stays "Created" for ever):
+
+* ``image_pull``: node 0's pod waits in ``ImagePullBackOff``, with the kubelet's events;
+* ``unschedulable``: the pod is ``Pending``, ``PodScheduled=False/Unschedulable`` (not enough GPUs);
+* ``scale_up``: the same, but the cluster autoscaler reports ``TriggeredScaleUp`` (a node is coming);
+* ``no_pods``: no pod is ever created; the job has a ``FailedCreate`` warning event.
+
+Pods and events are listed at ``/api/v1/namespaces/{ns}/pods`` and ``.../events``.
+
 Every request is recorded in ``requests`` as ``(method, path, query, body)``.
 """
 
@@ -53,10 +62,47 @@ class FakeKubernetes:
     def paths(self, method: str) -> list[str]:
         return [path for m, path, _, _ in self.requests if m == method]
 
+    NEVER_START = ("image_pull", "unschedulable", "scale_up", "no_pods")
+
+    def _pod(self, name: str, namespace: str, image: str) -> dict:
+        metadata = {"name": name, "namespace": namespace}
+        if self.scenario == "image_pull":
+            return {"metadata": metadata, "status": {
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [{"name": "node", "image": image, "imageID": "", "ready": False, "restartCount": 0,
+                                       "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                             "message": f'Back-off pulling image "{image}"'}}}]}}
+        if self.scenario in ("unschedulable", "scale_up"):
+            return {"metadata": metadata, "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available"}]}}
+        return {"metadata": metadata, "status": {"phase": "Running"}}
+
+    def _events(self, name: str, namespace: str) -> list[dict]:
+        def event(n, reason, message, kind="Pod", type_="Warning"):
+            return {"metadata": {"name": f"{name}.{n}", "namespace": namespace}, "reason": reason, "message": message,
+                    "type": type_, "count": 1, "involvedObject": {"kind": kind, "name": name, "namespace": namespace}}
+
+        if name.endswith("-node-0-0"):
+            if self.scenario == "image_pull":
+                return [event(1, "Pulling", "Pulling image", type_="Normal"),
+                        event(2, "Failed", 'Failed to pull image: rpc error: code = NotFound desc = manifest unknown'),
+                        event(3, "BackOff", "Back-off pulling image")]
+            if self.scenario in ("unschedulable", "scale_up"):
+                events = [event(1, "FailedScheduling", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")]
+                if self.scenario == "scale_up":
+                    events.append(event(2, "TriggeredScaleUp", "pod triggered scale-up: [{gpu-pool 0->1 (max: 4)}]",
+                                        type_="Normal"))
+                return events
+        elif self.scenario == "no_pods":
+            return [event(1, "FailedCreate", 'pods "x" is forbidden: exceeded quota: gpu-quota', kind="JobSet")]
+        return []
+
     def _status(self, job: dict) -> dict:
         kind = job["kind"]
         self.gets += 1
-        if self.scenario == "hang" or self.gets <= self.polls_before_end:
+        if self.scenario in ("hang", *self.NEVER_START) or self.gets <= self.polls_before_end:
             return {"conditions": [{"type": "Created" if kind == "PyTorchJob" else "Created", "status": "True"}]}
         if self.scenario == "fail":
             return {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
@@ -106,10 +152,17 @@ class FakeKubernetes:
                     selector = query.get("labelSelector", [""])[0]
                     jobs = [o for k, o in fake.objects.items() if not k.startswith("secret/")]
                     items = []
-                    if jobs and jobs[0]["metadata"]["name"] in selector:
-                        items.append({"metadata": {"name": f"{jobs[0]['metadata']['name']}-node-0-0", "namespace": m[1]},
-                                      "status": {"phase": "Running"}})
+                    if jobs and jobs[0]["metadata"]["name"] in selector and fake.scenario != "no_pods":
+                        job = jobs[0]
+                        image = json.dumps(job["spec"]).split('"image": "', 1)[1].split('"', 1)[0]
+                        items.append(fake._pod(f"{job['metadata']['name']}-node-0-0", m[1], image))
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+                m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/events", path)
+                if m and method == "GET":
+                    field = query.get("fieldSelector", [""])[0]
+                    name = field.split("involvedObject.name=", 1)[1] if "involvedObject.name=" in field else ""
+                    return self._send(200, {"kind": "EventList", "apiVersion": "v1", "metadata": {},
+                                            "items": fake._events(name, m[1])})
                 m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
                 if m and method == "GET":
                     data = ("\n".join(LOG_LINES) + "\n").encode()

@@ -233,3 +233,91 @@ def test_synthetic_driving_is_plausible():
         speed = np.linalg.norm(np.diff(agent, axis=0), axis=1) / 0.1
         assert speed.max() < 45  # m/s
         assert record["track_types"][0] == 0
+
+
+def test_credentials_in_a_source_url_are_refused_without_echoing_them(tf_env):
+    """botocore printed ``Invalid bucket name "KEY:SECRET@bucket"`` as is: now the URL is refused
+    before any library sees it, shown masked, with where credentials go instead."""
+    from tasks.sharding import shard_dataset
+    from tasks.storage import CredentialsInUrlError
+
+    for url in ("s3://AKIDEXAMPLE:Se/cr+et@bucket/ml/u.data", "s3://AKIDEXAMPLE:Se%2Fcr%2Bet@my-bucket/ml"):
+        with pytest.raises(CredentialsInUrlError) as caught:
+            shard_dataset(url, "recommendation")
+        message = str(caught.value)
+        assert "Se/cr+et" not in message and "Se%2Fcr%2Bet" not in message
+        assert "source_url s3://AKIDEXAMPLE:***@" in message and "AWS_ACCESS_KEY_ID" in message
+        assert isinstance(caught.value, ValueError)  # bad input: failed at once, never retried
+
+
+@pytest.mark.parametrize("url", ["https://files.example.org/ml/u.data", "http://127.0.0.1:9/ratings.csv", "gs://b/u.data"])
+def test_unsupported_scheme_is_named_as_such(tf_env, url):
+    from tasks.datasets.sources import UnsupportedSourceError
+
+    scheme = url.split("://")[0]
+    with pytest.raises(UnsupportedSourceError, match=rf"the scheme {scheme}:// is not supported; use a local path"):
+        resolve_source(url, "recommendation")
+
+
+def test_s3_source_without_credentials_names_the_url_and_how_to_give_them(s3_server, tf_env, monkeypatch, tmp_path):
+    import boto3
+    from airflow.sdk.exceptions import AirflowFailException
+    from trainflow_airflow.dag_support import fail_fast_on_bad_input
+
+    from tasks.datasets.sources import SourceCredentialsError
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                      aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key")
+    s3.create_bucket(Bucket="no-creds")
+    s3.put_object(Bucket="no-creds", Key="ml/u.data", Body=b"1\t10\t5\t881250949\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(SourceCredentialsError) as caught:
+        resolve_source("s3://no-creds/ml/u.data", "recommendation")
+    message = str(caught.value)
+    assert "source_url s3://no-creds/ml/u.data: no valid S3 credentials" in message
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message and "TRAINFLOW_AWS_CONN_ID" in message
+    with pytest.raises(AirflowFailException, match="SourceCredentialsError"):  # the task fails, no retry
+        with fail_fast_on_bad_input():
+            resolve_source("s3://no-creds/ml/u.data", "recommendation")
+    # The storage root on S3 without credentials: the same, bad input rather than an outage.
+    from tasks.storage import Storage, StorageCredentialsError
+
+    with pytest.raises(StorageCredentialsError, match=r"s3://no-creds/trainflow/x: no valid S3 credentials"):
+        Storage("s3://no-creds/trainflow").read_bytes("x")
+
+
+def test_ratings_csv_with_an_extra_column_says_wrong_field_count(tf_env, tmp_path):
+    folder = tmp_path / "ml-extra"
+    folder.mkdir()
+    rows = "".join(f"{u % 50},{u % 70},{u % 5 + 1},{1000 + u},tag\n" for u in range(3000))
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp,tag\n" + rows)
+    from tasks.sharding import shard_dataset
+
+    with pytest.raises(SourceFormatError) as caught:
+        shard_dataset(str(folder), "recommendation")
+    message = str(caught.value)
+    assert "no data rows" not in message
+    assert "wrong number of fields" in message and "3000 data rows" in message
+    assert "line 2 has 5 fields, expected 4 (the header 'userId,movieId,rating,timestamp')" in message
+    assert "the file's header is 'userId,movieId,rating,timestamp,tag'" in message
+
+
+def test_one_malformed_line_is_counted_once_in_the_manifest(tf_env, tmp_path):
+    from tasks.manifest import load_manifest
+    from tasks.sharding import ShardingConfig, shard_dataset
+
+    folder = tmp_path / "ml-bad"
+    folder.mkdir()
+    rows = [f"{u % 40 + 1}\t{u % 90 + 1}\t{u % 5 + 1}\t{1000 + u}" for u in range(2000)]
+    rows.insert(500, "7\t8")  # line 501: two fields
+    (folder / "u.data").write_text("\n".join(rows) + "\n")
+    summary = shard_dataset(str(folder), "recommendation", config=ShardingConfig(num_negatives=5))
+    cleaning = load_manifest(summary["manifest_uri"]).data["cleaning"]
+    assert cleaning["skipped_malformed_rows"] == 1
+    assert cleaning["skipped_malformed_examples"] == [{"file": "u.data", "line": 501, "text": "7\t8"}]

@@ -12,6 +12,7 @@ import _thread
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -299,3 +300,80 @@ def test_run_through_the_provider_hook_and_a_connection(monkeypatch, tmp_path):
     assert f"[node 0] {LOG_LINES[1]}" in lines
     # Requests carried the connection's bearer token: the hook's client, not a default one.
     assert fake.paths("POST")
+
+
+# --- jobs that never start -------------------------------------------------------------------------
+def _run_never_starting(scenario: str, caplog, **runner):
+    spec = _spec("trainjob")
+    caplog.set_level("INFO", logger="tasks.kubernetes")
+    with FakeKubernetes(scenario) as fake:
+        started = time.monotonic()
+        with pytest.raises(KubernetesJobFailed) as caught:
+            # timeout_s: without the start checks the test fails in 30 s instead of hanging
+            KubernetesJobRunner(_client(fake.url), on_line=lambda line: None, poll_s=0.05, timeout_s=30, **runner).run(spec)
+        elapsed = time.monotonic() - started
+        assert fake.objects == {}  # the job (and its Secret) deleted: it cannot start later, unattended
+    return spec, caught.value, elapsed
+
+
+def test_image_pull_error_fails_at_once_naming_the_image(caplog):
+    from tasks.kubernetes import KubernetesImagePullError
+
+    spec, error, elapsed = _run_never_starting("image_pull", caplog)  # default start timeout: 900 s
+    assert isinstance(error, KubernetesImagePullError) and isinstance(error, ValueError)  # bad input: not retried
+    assert elapsed < 10
+    assert (f"TrainJob ml/{spec.name} cannot start: pod {spec.name}-node-0-0 cannot pull its image "
+            "registry.example/trainflow-trainer:1.0: ImagePullBackOff") in str(error)
+    assert "kubernetes_image" in str(error)
+    # The pod's events were read while waiting and logged.
+    assert "Failed: Failed to pull image: rpc error: code = NotFound desc = manifest unknown" in caplog.text
+
+
+def test_unschedulable_pod_fails_at_once_with_the_schedulers_reason(caplog):
+    from tasks.kubernetes import KubernetesImagePullError, KubernetesJobNotStarted
+
+    spec, error, elapsed = _run_never_starting("unschedulable", caplog)
+    assert isinstance(error, KubernetesJobNotStarted) and not isinstance(error, KubernetesImagePullError)
+    assert elapsed < 10
+    assert f"pod {spec.name}-node-0-0 is unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu" in str(error)
+    assert "FailedScheduling" in caplog.text
+
+
+@pytest.mark.parametrize("scenario,detail", [
+    ("scale_up", "1 of 2 pod(s): tf-recom-"),
+    ("no_pods", "no pod was created (is the training operator running? quota?); last warning: JobSet "),
+])
+def test_a_job_that_does_not_start_in_time_fails_naming_its_state(scenario, detail, caplog):
+    from tasks.kubernetes import KubernetesJobNotStarted
+
+    spec, error, elapsed = _run_never_starting(scenario, caplog, start_timeout_s=1.0)
+    assert isinstance(error, KubernetesJobNotStarted)
+    assert 1.0 <= elapsed < 10
+    assert f"TrainJob ml/{spec.name} did not start within 1 s (kubernetes_start_timeout_s): " in str(error)
+    assert detail in str(error)
+    if scenario == "no_pods":
+        assert "exceeded quota: gpu-quota" in str(error)
+    else:
+        assert "TriggeredScaleUp" in caplog.text  # the autoscaler's word kept it waiting, up to the start timeout
+
+
+def test_start_timeout_comes_from_the_params_with_a_default(monkeypatch):
+    import tasks.kubernetes as kubernetes
+
+    seen = {}
+
+    class Runner(KubernetesJobRunner):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+        def run(self, spec):
+            return {}
+
+    monkeypatch.setattr(kubernetes, "KubernetesJobRunner", Runner)
+    values = validate_params({"launcher": "kubernetes", "kubernetes_image": "img:1", "kubernetes_namespace": "ml"},
+                             "driving", cpu_count=2)
+    common = dict(kind="driving", args=ARGS, dag_id="d", run_id=RUN_ID, try_number=1, settings=_settings())
+    run_kubernetes_training(None, values=values, **common)
+    assert seen["start_timeout_s"] == kubernetes.DEFAULT_START_TIMEOUT_S == 900
+    run_kubernetes_training(None, values={**values, "kubernetes_start_timeout_s": 120}, **common)
+    assert seen["start_timeout_s"] == 120

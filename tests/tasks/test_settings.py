@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import Settings, redact_url
+from tasks.settings import Settings, redact_text, redact_url, url_has_credentials, url_secrets
 
 
 def test_defaults_run_locally(tmp_path):
@@ -118,3 +118,45 @@ def test_the_settings_that_moved_here_keep_their_variables(monkeypatch):
     assert (d.node_address, d.log_level, d.mlflow_ui_url, d.aws_conn_id, d.kubernetes_conn_id) == (
         None, "INFO", None, "aws_default", "kubernetes_default")
     assert extra_setting("movielens_base_url", env) == "http://m/" and extra_setting("nothing", env) is None
+@pytest.mark.parametrize(
+    "url,shown,secret",
+    [
+        ("s3://AKIDEXAMPLE:abc/def+ghi@bucket/ml/u.data", "s3://AKIDEXAMPLE:***@bucket/ml/u.data", "abc/def+ghi"),
+        ("s3://KEY:p@ss@bucket/a/b@c", "s3://KEY:***@bucket/a/b@c", "p@ss"),
+        ("s3://KEY:se%2Fcret%40x@bucket/p", "s3://KEY:***@bucket/p", "se%2Fcret%40x"),
+        ("s3://KEY%3ASECRET%40bucket/p", "s3://***%40bucket/p", "SECRET"),
+        ("https://ghp_tokenvalue@github.com/o/r", "https://***@github.com/o/r", "ghp_tokenvalue"),
+        ("http://user:pw/with/slashes@mlflow:5000", "http://user:***@mlflow:5000", "pw/with/slashes"),
+        ("https://h/x?X-Amz-Signature=deadbeef&a=1", "https://h/x?X-Amz-Signature=***&a=1", "deadbeef"),
+        ("http://h:5000/api?password=hunter2", "http://h:5000/api?password=***", "hunter2"),
+    ],
+)
+def test_redact_url_masks_every_shape(url, shown, secret):
+    assert redact_url(url) == shown
+    assert secret not in redact_url(url)
+    assert url_has_credentials(url) == ("***@" in shown or "***%40" in shown)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/a@b", "file:///data/x@y/z", "s3://b/runs/manual__2026-12-01T10:00:00+00:00/a@b",
+                                 "http://127.0.0.1:5000", "sqlite:////tmp/mlflow.db", "/plain/path@x"])
+def test_redact_url_leaves_urls_without_secrets_as_they_are(url):
+    assert redact_url(url) == url
+    assert not url_has_credentials(url)
+
+
+def test_redact_text_masks_urls_and_the_secrets_of_a_url():
+    url = "s3://AKIDEXAMPLE:abc/def@bucket/x"
+    botocore = 'Invalid bucket name "AKIDEXAMPLE:abc/def@bucket": Bucket name must match the regex'
+    assert "abc/def" not in redact_text(botocore, url_secrets(url))
+    assert redact_text(f"failed to read {url}: boom") == "failed to read s3://AKIDEXAMPLE:***@bucket/x: boom"
+
+
+@pytest.mark.parametrize("url", ["s3://AKIDEXAMPLE:abc/def@bucket/prefix", "s3://AKIDEXAMPLE%3Aabc%2Fdef%40bucket/p"])
+def test_credentials_in_a_storage_url_are_refused_without_echoing_them(url):
+    from tasks.storage import CredentialsInUrlError, Storage
+
+    with pytest.raises(CredentialsInUrlError) as caught:
+        Storage(url, Settings.from_env({}))
+    message = str(caught.value)
+    assert "abc/def" not in message and "abc%2Fdef" not in message
+    assert "AWS_SECRET_ACCESS_KEY" in message and "TRAINFLOW_AWS_CONN_ID" in message

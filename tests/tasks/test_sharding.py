@@ -309,3 +309,86 @@ def test_exact_duplicate_interactions_are_dropped_and_counted(tf_env, tmp_path, 
     assert train.is_valid.sum() == len(valid) == 6
     assert set(zip(valid.user_id, valid.item_id)) == {(u, 104) for u in range(1, 7)}
     assert ((train.user_id == 3) & (train.item_id == 104)).sum() == 1
+
+
+def _flip_byte(storage, path):
+    data = bytearray(storage.read_bytes(path))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(path, bytes(data))
+
+
+def _train_rows(manifest):
+    from trainers.loader import ShardLoader
+
+    rows = set()
+    for batch in ShardLoader(manifest, "train", batch_size=64, shuffle=False, remainder="pad", columns=["user_idx"],
+                             with_row_index=True):
+        rows.update(int(r) for r in batch["row_index"])
+    return len(rows)
+
+
+def test_rerunning_shard_repairs_a_damaged_or_missing_shard(storage_root, caplog):
+    """Before: a re-run was a cache hit ("nothing to do") and training failed on the shard forever."""
+    first = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    manifest = load_manifest(first["manifest_uri"])
+    store = manifest.storage
+    original = {p: store.read_bytes(p) for p in store.list(recursive=True) if p != MANIFEST_NAME}
+    victim = manifest.shards("train")[1].path
+    if store.protocol == "file":
+        _flip_byte(store, victim)  # same size: found by the xxh3 check a local store gets
+    else:
+        store.delete(victim)  # a remote store is checked by sizes, one listing
+    with pytest.raises(ShardVerificationError):
+        _train_rows(manifest)
+    caplog.set_level("INFO")
+    repaired = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    assert repaired["cache_hit"] is False and repaired["version"] == first["version"]
+    assert len(repaired["repaired"]) == 1 and repaired["repaired"][0].startswith(victim)
+    assert f"version {first['version']} is damaged" in caplog.text and "repairing it" in caplog.text
+    fixed = load_manifest(first["manifest_uri"])
+    assert {p: store.read_bytes(p) for p in store.list(recursive=True) if p != MANIFEST_NAME} == original
+    assert _train_rows(fixed) == fixed.num_rows("train")
+    again = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    assert again["cache_hit"] is True and again["repaired"] == []
+
+
+def test_full_rehash_flag_finds_what_sizes_cannot(tf_env):
+    first = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    manifest = load_manifest(first["manifest_uri"])
+    _flip_byte(manifest.storage, manifest.shards("eval")[0].path)
+    assert shard_dataset(SYN_REC, "recommendation", config=SMALL, verify="sizes")["cache_hit"] is True
+    repaired = shard_dataset(SYN_REC, "recommendation", config=SMALL, verify="sha256")
+    assert repaired["repaired"] and "sha256" in repaired["repaired"][0] and repaired["repaired"][0].startswith("eval/")
+    assert load_manifest(first["manifest_uri"]).read_table("eval").num_rows == 60
+    with pytest.raises(ValueError, match="verify must be one of"):
+        shard_dataset(SYN_REC, "recommendation", config=SMALL, verify="md5")
+
+
+def test_edited_manifest_is_repaired_by_rerunning_shard(tf_env):
+    first = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    store = load_manifest(first["manifest_uri"]).storage
+    data = json.loads(store.read_bytes(MANIFEST_NAME))
+    data["splits"]["train"]["num_rows"] = 10
+    store.write_bytes(MANIFEST_NAME, json.dumps(data).encode())
+    with pytest.raises(ManifestError, match="splits.train.num_rows"):
+        load_manifest(first["manifest_uri"])
+    repaired = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    assert repaired["repaired"] and "splits.train.num_rows" in repaired["repaired"][0]
+    assert load_manifest(first["manifest_uri"]).num_rows("train") == first["splits"]["train"]
+
+
+def test_training_time_verification_error_gives_the_command_that_repairs(tf_env, capsys):
+    import shlex
+
+    from tasks.cli import main
+
+    first = shard_dataset(SYN_REC, "recommendation")  # the default config, as the CLI shards
+    manifest = load_manifest(first["manifest_uri"])
+    _flip_byte(manifest.storage, manifest.shards("train")[0].path)
+    with pytest.raises(ShardVerificationError) as caught:
+        _train_rows(manifest)
+    command = str(caught.value).split("`python -m tasks.cli ", 1)[1].split("`", 1)[0]
+    assert command == f"shard '{SYN_REC}' --kind recommendation --name synthetic-recommendation"
+    assert main(shlex.split(command)) == 0
+    assert json.loads(capsys.readouterr().out)["repaired"]
+    assert _train_rows(load_manifest(first["manifest_uri"])) == first["splits"]["train"]

@@ -67,6 +67,7 @@ RELEASES: dict[str, Release] = {
 }
 
 RATINGS_FILES = ("u.data", "ratings.dat", "ratings.csv")
+RATINGS_CSV_HEADER = "userId,movieId,rating,timestamp"
 
 
 def interaction_schema():
@@ -110,7 +111,7 @@ def read_ratings(
     label = file_label or file_name
     base = os.path.basename(file_name)
     if base.endswith(".csv"):
-        kwargs = dict(delimiter=",", skip_header=True)
+        kwargs = dict(delimiter=",", skip_header=True, expected_header=RATINGS_CSV_HEADER)
     elif base.endswith(".dat"):
         kwargs = dict(delimiter="\t", multi_char_delimiter=b"::")
     elif base == "u.data" or base.endswith(".rating") or base.endswith(".data"):

@@ -33,7 +33,8 @@ class RecommendationSource:
             (user_id, item_id, rating, timestamp).
         given_split: For NCF-format sources: callables for the train batches, the test
             rows and the test negatives; ``None`` when the split is ours to make.
-        bad_rows: Rows with the wrong number of fields seen so far (skipped, counted).
+        bad_rows: Rows with the wrong number of fields seen so far (skipped, counted once
+            each, however many passes read the file: see :meth:`add_bad_row`).
     """
 
     url: str
@@ -45,6 +46,13 @@ class RecommendationSource:
     given_split: dict[str, Callable[[], Iterator]] | None = None
     bad_rows: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
     kind: str = "recommendation"
+    _bad_seen: set[tuple[str, int]] = dataclasses.field(default_factory=set, repr=False)
+
+    def add_bad_row(self, file: str, line: int, text: str) -> None:
+        """Record a skipped malformed row once: the sharder reads the source several times."""
+        if (file, line) not in self._bad_seen:
+            self._bad_seen.add((file, line))
+            self.bad_rows.append((file, line, text))
 
 
 def resolve_recommendation_source(url: str, settings: Settings) -> RecommendationSource:
@@ -122,7 +130,7 @@ def _recommendation_from_url(url: str, settings: Settings) -> RecommendationSour
                 handle,
                 ratings,
                 file_label=redact_url(url if file_path == path else url.rstrip("/") + "/" + ratings),
-                on_bad_row=lambda line, text: source.bad_rows.append((ratings, line, text)),
+                on_bad_row=lambda line, text: source.add_bad_row(ratings, line, text),
             )
 
     source.open_interactions = open_interactions
@@ -152,7 +160,7 @@ def _ncf_source(url: str, fs, path: str, prefix: str) -> RecommendationSource:
                         handle,
                         f"{prefix}.{part}",
                         file_label=label,
-                        on_bad_row=lambda line, text: source.bad_rows.append((f"{prefix}.{part}", line, text)),
+                        on_bad_row=lambda line, text: source.add_bad_row(f"{prefix}.{part}", line, text),
                     )
 
         return open_part
