@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -182,11 +183,18 @@ def test_s3_endpoint_stopped_mid_sharding_fails_clearly_then_the_retry_completes
 
     real_close = ShardWriter._close_shard
     closes = {"n": 0}
+    root = Storage.from_settings(get_settings())
+    version_dir = f"datasets/{reference.name}/{reference.version}"
 
     def endpoint_stops_at_the_third_shard(self):
         if self._writer is not None:
             closes["n"] += 1
             if closes["n"] == 3:
+                # Shards are published on a background thread: let the first one land (on a
+                # loaded machine it may still be in flight), so that the retry meets leftovers.
+                deadline = time.monotonic() + 60
+                while not root.list(version_dir, recursive=True) and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 os.killpg(own_s3.pid, signal.SIGSTOP)  # the endpoint hangs: connections time out
         return real_close(self)
 
@@ -197,8 +205,6 @@ def test_s3_endpoint_stopped_mid_sharding_fails_clearly_then_the_retry_completes
     monkeypatch.setattr(ShardWriter, "_close_shard", real_close)
     os.killpg(own_s3.pid, signal.SIGCONT)  # the endpoint is back, with what it had stored
 
-    root = Storage.from_settings(get_settings())
-    version_dir = f"datasets/{reference.name}/{reference.version}"
     assert root.list(version_dir, recursive=True), "the shards written before the stop are there"
     assert not root.exists(f"{version_dir}/{MANIFEST_NAME}")  # no reader sees the partial version
     retried = shard_dataset(source, "recommendation", config=config)
