@@ -51,16 +51,19 @@ ok = v.split('+')[0] == '2.13.0' and ((cuda is None) == ('${TORCH_FLAVOR}' == 'c
 sys.exit(0 if ok else 'unexpected torch build for TORCH_FLAVOR=${TORCH_FLAVOR}: ' + v)"
 
 # trainflow itself, installed by pip from the repository (pyproject.toml says which packages): the
-# build context is mounted, not copied, so nothing but the installed package lands in the image.
+# build context is mounted, not copied into a layer, so nothing but the installed package lands in
+# the image (the build runs in a scratch copy: the mount belongs to root, setuptools writes to it).
 RUN --mount=type=cache,target=/home/airflow/.cache/pip,uid=50000,gid=0 \
-    --mount=type=bind,source=.,target=/tmp/trainflow-src,rw \
+    --mount=type=bind,source=.,target=/tmp/trainflow-context \
     --mount=type=bind,source=docker/wheelhouse,target=/opt/trainflow-wheelhouse \
-    pip install --no-deps \
+    cp -r /tmp/trainflow-context /tmp/trainflow-src \
+    && pip install --no-deps \
         --constraint constraints.txt \
         --find-links /opt/trainflow-wheelhouse \
         ${WHEELHOUSE_ONLY:+--no-index} \
         ${PACKAGE_INDEX_URL:+--index-url "${PACKAGE_INDEX_URL}"} \
         /tmp/trainflow-src \
+    && rm -rf /tmp/trainflow-src \
     && pip check \
     && python -c "import tasks, trainers, trainflow_airflow.plugin, trainflow_airflow.policies"
 

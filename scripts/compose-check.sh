@@ -204,13 +204,18 @@ COMPOSE=("${COMPOSE_BIN[@]}" --env-file "$ENV_FILE" -p "$PROJECT" -f docker/dock
 # --- 4. Always: logs kept, failing services shown, the stack and its volumes removed --------------
 show_failures() {
   "${COMPOSE[@]}" ps -a >&2 || true
-  "${COMPOSE[@]}" ps -a --format '{{.Service}} {{.State}} {{.Health}} {{.ExitCode}}' 2>/dev/null |
-    while read -r service state health code; do
+  "${COMPOSE[@]}" ps -a --format '{{.Service}}|{{.State}}|{{.Health}}|{{.ExitCode}}' 2>/dev/null |
+    while IFS='|' read -r service state health code; do
       if [ "$state" != running ] && [ "$code" = 0 ]; then continue; fi
       if [ "$state" = running ] && [ "$health" != unhealthy ] && [ "$service" != airflow-worker ] \
           && [ "$service" != airflow-scheduler ]; then continue; fi
       echo "----- logs of $service ($state ${health:-} exit ${code}) -----" >&2
       "${COMPOSE[@]}" logs --no-color --tail 150 "$service" >&2 || true
+      if [ "$health" = unhealthy ]; then
+        echo "----- health check of $service (last results) -----" >&2
+        docker inspect --format '{{range .State.Health.Log}}exit {{.ExitCode}}: {{.Output}}{{end}}' \
+          "$("${COMPOSE[@]}" ps -q "$service" | head -1)" 2>&1 | tail -20 >&2 || true
+      fi
     done
 }
 cleanup() {
@@ -248,9 +253,9 @@ ONE_SHOTS=" minio-init airflow-init "
 deadline=$((SECONDS + ${TRAINFLOW_COMPOSE_START_TIMEOUT:-900}))
 while :; do
   pending=()
-  states="$("${COMPOSE[@]}" ps -a --format '{{.Service}} {{.State}} {{.Health}} {{.ExitCode}}')"
+  states="$("${COMPOSE[@]}" ps -a --format '{{.Service}}|{{.State}}|{{.Health}}|{{.ExitCode}}')"
   for service in "${SERVICES[@]}"; do
-    read -r _ state health code < <(grep "^$service " <<<"$states" || echo "$service missing - -")
+    IFS='|' read -r _ state health code < <(grep "^$service|" <<<"$states" || echo "$service|missing||")
     if [[ "$ONE_SHOTS" == *" $service "* ]]; then
       if [ "$state" = exited ]; then
         [ "$code" = 0 ] || die "$service exited with $code"
@@ -258,7 +263,7 @@ while :; do
     else
       case "$state/$health" in
         running/healthy) ;;
-        running/unhealthy) die "$service is unhealthy" ;;
+        running/unhealthy) pending+=("$service:UNHEALTHY") ;;  # may recover; fails at the deadline
         exited/*|dead/*) die "$service $state (exit $code)" ;;
         *) pending+=("$service:$state/${health:-none}") ;;
       esac
