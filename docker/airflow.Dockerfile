@@ -65,7 +65,8 @@ RUN --mount=type=cache,target=/home/airflow/.cache/pip,uid=50000,gid=0 \
         /tmp/trainflow-src \
     && rm -rf /tmp/trainflow-src \
     && pip check \
-    && python -c "import tasks, trainers, trainflow_airflow.plugin, trainflow_airflow.policies"
+    && cd / && python -c "import tasks, trainers, trainflow_airflow.plugin, trainflow_airflow.policies" \
+    && python -m trainers.recommendation --help > /dev/null && python -m trainers.driving --help > /dev/null
 
 # The DAG files; everything they import comes from the installed package.
 COPY --chown=airflow:0 dags /opt/airflow/dags

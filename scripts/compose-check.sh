@@ -275,6 +275,12 @@ while :; do
 done
 START_S=$((SECONDS - START_UP))
 log "all ${#SERVICES[@]} services healthy (one-shots done) in ${START_S}s: ${SERVICES[*]}"
+# Both databases UTF8 (docker/postgres-init): Airflow cannot store DAG texts that are not ASCII in
+# SQL_ASCII, which the first real start here ran into.
+encodings="$("${COMPOSE[@]}" exec -T postgres psql -U postgres -tAc \
+  "SELECT string_agg(datname || '=' || pg_encoding_to_char(encoding), ' ' ORDER BY datname) FROM pg_database WHERE datname IN ('airflow', 'mlflow')")"
+[ "$encodings" = "airflow=UTF8 mlflow=UTF8" ] || die "database encodings: $encodings"
+log "databases: $encodings"
 
 # --- 7. A training through the REST API, its model in MLflow, its files in the bucket -------------
 START_PIPELINE=$SECONDS

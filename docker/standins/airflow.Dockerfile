@@ -23,7 +23,8 @@ COPY python3.11/ /opt/python3.11/
 RUN echo /opt/python3.11/lib > /etc/ld.so.conf.d/python3.11.conf && ldconfig \
     && /opt/python3.11/bin/python3.11 -c "import ssl, sqlite3, ctypes, lzma, bz2, venv, ensurepip, sys; print(sys.version)"
 
-ENV AIRFLOW_VERSION=${AIRFLOW_VERSION} \
+ENV LANG=C.UTF-8 \
+    AIRFLOW_VERSION=${AIRFLOW_VERSION} \
     AIRFLOW_HOME=/opt/airflow \
     AIRFLOW_USER_HOME_DIR=/home/airflow \
     AIRFLOW_UID=50000 \

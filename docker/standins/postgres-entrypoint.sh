@@ -13,8 +13,10 @@ if [ "$(id -u)" = 0 ]; then
 fi
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile="$(mktemp)"; printf '%s' "$POSTGRES_PASSWORD" > "$pwfile"
+  # UTF-8 like the official image (LANG=en_US.utf8 there): without a locale initdb picks SQL_ASCII,
+  # and Airflow then fails to store a DAG whose texts are not ASCII.
   initdb --pgdata="$PGDATA" --username="$POSTGRES_USER" --pwfile="$pwfile" \
-    --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    --encoding=UTF8 --locale=C.UTF-8 --auth-local=trust --auth-host=scram-sha-256 >/dev/null
   rm -f "$pwfile"
   echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
   pg_ctl --pgdata="$PGDATA" -o "-c listen_addresses=''" --wait start >/dev/null

@@ -545,7 +545,7 @@ def test_postgres_creates_both_databases(services: dict[str, dict[str, Any]]) ->
     assert scripts
     text = "\n".join(s.read_text() for s in scripts)
     for db in ("airflow", "mlflow"):
-        assert f"CREATE DATABASE {db} OWNER {db};" in text
+        assert f"CREATE DATABASE {db} OWNER {db} ENCODING 'UTF8' TEMPLATE template0;" in text
     for script in scripts:
         assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} must be executable (run, not sourced)"
     env = environment(postgres)
@@ -652,6 +652,7 @@ def test_airflow_image() -> None:
     assert re.search(r"^COPY .*\bdags /opt/airflow/dags$", text, re.M)
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in text
     assert "import tasks, trainers, trainflow_airflow.plugin" in text
+    assert "python -m trainers.recommendation --help" in text
     # The plugin reaches Airflow through the installed package's entry point, not plugins_folder.
     import tomllib
 
@@ -668,6 +669,25 @@ def test_airflow_image() -> None:
     assert "${WHEELHOUSE_ONLY:+--no-index}" in text
     assert '${PACKAGE_INDEX_URL:+--index-url "${PACKAGE_INDEX_URL}"}' in text
     assert (ROOT / "docker" / "wheelhouse" / "README.md").is_file()
+
+
+def test_the_installed_package_is_complete() -> None:
+    """The images install trainflow as a wheel (not editable): every package folder must be in
+    pyproject.toml's list, or e.g. ``python -m trainers.recommendation`` fails in the container (the
+    first real start of the stack found exactly that)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package_dirs = setuptools.get("package-dir", {})
+    listed = set(setuptools["packages"])
+    for package in list(listed):
+        top = package.split(".")[0]
+        root = ROOT / package_dirs.get(top, top)
+        for init in root.rglob("__init__.py"):
+            if "__pycache__" in init.parts:
+                continue
+            name = ".".join([top, *init.parent.relative_to(root).parts])
+            assert name in listed, f"{name} is not in pyproject.toml's [tool.setuptools] packages"
 
 
 def test_trainer_image() -> None:
