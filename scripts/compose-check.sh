@@ -289,7 +289,7 @@ PIPELINE_S=$((SECONDS - START_PIPELINE))
 
 # The dataset manifest and the committed checkpoint, read in the bucket from inside the stack.
 "${COMPOSE[@]}" exec -T airflow-worker python - "$(cat "$OUT/pipeline.json")" <<'PY'
-import json, sys
+import hashlib, json, sys
 import boto3
 
 found = json.loads(sys.argv[1])
@@ -299,17 +299,19 @@ def split(uri):
     return bucket, key
 bucket, key = split(found["manifest_uri"])
 manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-prefix = key.rsplit("/", 1)[0] + "/"
-keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
-shards = [k for k in keys if k.endswith(".parquet")]
-assert shards, f"no shards under s3://{bucket}/{prefix}"
-assert json.dumps(manifest).count("part-") >= len(shards) > 0, "manifest does not list the shards"
+prefix = key.rsplit("/", 1)[0]
+assert set(manifest["splits"]) == {"train", "valid", "eval"}, manifest["splits"].keys()
+shards = [entry for split in manifest["splits"].values() for entry in split["shards"]]
+assert shards, "the manifest lists no shards"
+for entry in shards:
+    body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{entry['path']}")["Body"].read()
+    assert (len(body), hashlib.sha256(body).hexdigest()) == (entry["num_bytes"], entry["sha256"]), entry["path"]
 bucket, ckpt = split(found["checkpoint_uri"])
 ckpt_keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=ckpt + "/")["Contents"]}
 assert f"{ckpt}/_COMMITTED" in ckpt_keys, f"no commit marker under {found['checkpoint_uri']}"
 assert any(k.endswith(".distcp") for k in ckpt_keys), sorted(ckpt_keys)
 marker = json.loads(s3.get_object(Bucket=bucket, Key=f"{ckpt}/_COMMITTED")["Body"].read())
-print(f"[compose-check] bucket: manifest {found['manifest_uri']} ({len(shards)} shards); "
+print(f"[compose-check] bucket: manifest {found['manifest_uri']} ({len(shards)} shards, sizes and sha256 match); "
       f"checkpoint {found['checkpoint_uri']} committed ({len(ckpt_keys)} objects, marker {sorted(marker)[:4]})")
 PY
 
