@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The trainflow CUDA trainer image for GPU nodes: torch==2.13.0 (CUDA build) + trainflow, at the
 # versions of constraints.txt, on Python 3.11. Runs one model family's entry point, alone or under
 # torchrun (same code path), e.g.
@@ -41,18 +40,20 @@ RUN uv venv --seed --python "${PYTHON_VERSION}" /opt/venv \
     && python -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version"
 
 WORKDIR /opt/trainflow
-COPY pyproject.toml README.md constraints.txt ./
-COPY tasks ./tasks
-COPY trainers ./trainers
-COPY plugins ./plugins
+COPY constraints.txt ./
 
 # torch==2.13.0 is pinned by constraints.txt; the CUDA build from TORCH_INDEX_URL ("+cuXXX") sorts
-# above PyPI's. The check fails the build if a CPU-only torch got in.
-RUN pip install --no-cache-dir \
+# above PyPI's. trainflow is installed by pip from the mounted repository (pyproject.toml names the
+# packages); wheels in docker/wheelhouse/ are offered too (offline builds, docs/deployment.md). The
+# check fails the build if a CPU-only torch got in.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=bind,source=.,target=/tmp/trainflow-src,rw \
+    pip install \
         --constraint constraints.txt \
+        --find-links /tmp/trainflow-src/docker/wheelhouse \
         --extra-index-url "${TORCH_INDEX_URL}" \
         "torch==2.13.0" \
-        . \
+        /tmp/trainflow-src \
     && python -c "import sys, torch; v = torch.__version__; print('torch', v, 'cuda', torch.version.cuda); \
 sys.exit(0 if v.split('+')[0] == '2.13.0' and torch.version.cuda else 'expected the CUDA build of torch 2.13.0, got ' + v)" \
     && python -c "import trainers.recommendation.family, trainers.driving.family"

@@ -6,9 +6,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
 source "$ROOT/scripts/test-system-deps.sh"
 cd "$ROOT"
-# In CI the live stack (PostgreSQL, Redis) and the browser must be there: fail, never skip.
+# In CI the live stack (PostgreSQL, Redis), the browser and the Docker deployment (the compose check,
+# tests/integration/test_compose_check.py) must be there: fail, never skip.
 if [ "${CI:-}" = "true" ]; then
   export TRAINFLOW_REQUIRE_LIVE_STACK="${TRAINFLOW_REQUIRE_LIVE_STACK:-1}" TRAINFLOW_REQUIRE_BROWSER="${TRAINFLOW_REQUIRE_BROWSER:-1}"
+  export TRAINFLOW_REQUIRE_COMPOSE_CHECK="${TRAINFLOW_REQUIRE_COMPOSE_CHECK:-1}"
 fi
 set +e
 "$VENV/bin/python" -m pytest "$@"
