@@ -39,7 +39,9 @@ def _torchrun_of(run_id: str, worker_pid: int) -> psutil.Process | None:
             cmdline = proc.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "torch.distributed.run" in cmdline and f"--train.run_id={run_id}" in cmdline:
+        # The trainer's one argument that names the run: its run configuration file, which
+        # lives in the run directory ({root}/runs/<dag_id>/<run_id>/run_config.json).
+        if "torch.distributed.run" in cmdline and any(f"/{run_id}/" in arg for arg in cmdline):
             return proc
     return None
 
