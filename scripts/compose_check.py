@@ -84,11 +84,21 @@ class Http:
             request.add_header("Content-Type", "application/json")
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                text = response.read().decode()
-        except urllib.error.HTTPError as error:
-            raise CheckFailed(f"{method} {url}: HTTP {error.code}: {error.read().decode()[:500]}") from error
+        # Idempotent calls get a few tries on a server error: Airflow's API answers 500 ("Database
+        # error") now and then when a run's state is patched while the scheduler updates it.
+        attempts = 4 if method in ("GET", "PATCH", "DELETE") else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    text = response.read().decode()
+                break
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode()[:500]
+                if error.code >= 500 and attempt < attempts:
+                    print(f"[compose-check] {method} {path}: HTTP {error.code}, trying again ({attempt}/{attempts})", flush=True)
+                    time.sleep(2.0 * attempt)
+                    continue
+                raise CheckFailed(f"{method} {url}: HTTP {error.code}: {detail}") from error
         return json.loads(text) if text.strip().startswith(("{", "[")) else text
 
 
