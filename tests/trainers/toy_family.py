@@ -1,7 +1,7 @@
 """A tiny ModelFamily for the trainer tests: rating regression with two embedding tables.
 
 Runnable as a script under torchrun (``python -m torch.distributed.run ... toy_family.py
---config cfg.json``), like a real family's ``python -m trainers.<family>``.
+--config cfg.json``), like a real family's ``python -m trainflow.trainers.<family>``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
-from trainers.family import ModelFamily
-from trainers.loader import ShardLoader
-from trainers.loop import main
+from trainflow.trainers.family import ModelFamily
+from trainflow.trainers.loader import ShardLoader
+from trainflow.trainers.loop import main
 
 COLUMNS = ["user_idx", "item_idx", "rating"]
 
