@@ -35,7 +35,28 @@ def pipeline_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train the pipeline named by ``--pipeline`` (or by the config file)."""
+    """Train the pipeline named by ``--pipeline`` (or by the config file).
+
+    Under torchrun, an exception that means bad input (:func:`tasks.errors.is_bad_input`: a
+    corrupt shard, a setting of the wrong type, an unknown pipeline...) is recorded in the
+    launch's bad-input marker before the rank exits, so the launcher stops torchrun instead of
+    letting it restart the ranks; a rank started after the marker fails at once with it.
+    """
+    import os
+
+    from tasks.errors import raise_if_marked, report_bad_input
+
+    try:
+        raise_if_marked()
+        return _main(argv)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            rank = os.environ.get("RANK")
+            report_bad_input(exc, rank=int(rank) if rank and rank.lstrip("-").isdigit() else None)
+        raise
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     from tasks.pipelines import get_pipeline
     from trainers.loop import main as loop_main
     from trainers.loop import read_run_config
