@@ -22,9 +22,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LAUNCHERS = ("local", "kubernetes")
 KUBERNETES_JOB_KINDS = ("trainjob", "pytorchjob")
 ENDPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}$"
-REGISTERED_MODEL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- :+@()\[\]]*$"
+REGISTERED_MODEL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- ()]*$"
 """What a ``registered_model_name`` may hold: no quote (it goes into MLflow filter strings such as
-``name='...'``), no ``/`` or ``%`` (model URIs ``models:/NAME/1``), no leading space."""
+``name='...'``), no ``/`` or ``:`` (MLflow refuses them), no ``@`` (``models:/NAME@alias``), no
+leading space."""
 
 
 
@@ -227,8 +228,8 @@ def _common_specs() -> dict[str, dict[str, Any]]:
         "registered_model_name": _spec(
             None,
             {"type": "string", "minLength": 1, "maxLength": 256, "pattern": REGISTERED_MODEL_NAME_PATTERN},
-            "MLflow registered model to add the new version to (letters, digits, spaces and ._-:+@()[] ; no quotes, "
-            "no '/': the name goes into MLflow search filters and model URIs).",
+            "MLflow registered model to add the new version to: letters, digits, spaces and ._-() (no quotes, '/', ':' "
+            "or '@': the name goes into MLflow search filters and model URIs).",
             "Registered model",
         ),
         "promotion_metric": _spec(

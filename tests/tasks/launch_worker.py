@@ -20,6 +20,10 @@ def main() -> None:
     print(f"hello from rank {rank} of {os.environ['WORLD_SIZE']}", flush=True)
     if mode == "fail" and rank == 1:
         raise ValueError("rank one fails on purpose")
+    if mode == "print-secret":  # as MLflow does: "View run at" with the URI it was given
+        password = os.environ["MLFLOW_TRACKING_PASSWORD"]
+        print(f"View run at: http://user:{password}@127.0.0.1:5000/#/experiments/1", flush=True)
+        print(f"token {os.environ['AWS_SECRET_ACCESS_KEY']} in a library message", flush=True)
     if mode in ("bad-input", "infra"):
         from tasks.errors import raise_if_marked, report_bad_input
         from tasks.manifest import ShardVerificationError
