@@ -288,7 +288,7 @@ def run_torchrun(
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         marker_path = os.path.join(log_dir, "bad-input.json")
         child_env[BAD_INPUT_FILE_ENV] = marker_path
-        secrets = environment_secrets(child_env)
+        secrets = environment_secrets(child_env, env)
         out_log.info("launching: %s", redact_text(" ".join(cmd), secrets))
         proc = subprocess.Popen(
             cmd,
@@ -351,11 +351,16 @@ def run_torchrun(
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
-def environment_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The secrets a child process gets through ``env`` (keys, passwords, the passwords of
-    URLs), to mask in whatever it prints."""
+_URL_VARIABLES = ("MLFLOW_TRACKING_URI", "TRAINFLOW_STORAGE_ROOT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def environment_secrets(env: Mapping[str, str], given: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The secrets a child process gets through ``env`` (keys, passwords, the passwords of the
+    URLs trainflow hands on, and of every URL in ``given``, the variables the caller added), to
+    mask in whatever it prints."""
     found: list[str] = [env[name] for name in _SECRET_VARIABLES if env.get(name)]
-    for value in env.values():
+    urls = [env.get(name) or "" for name in _URL_VARIABLES] + list((given or {}).values())
+    for value in urls:
         if "://" in value:
             found.extend(url_secrets(value))
     return tuple(found)
