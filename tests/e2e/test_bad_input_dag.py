@@ -23,7 +23,9 @@ CONF = {
 }
 
 
-def test_a_corrupt_shard_fails_the_train_task_once_without_restarting_the_ranks(dagbag, tf_env, capfd, monkeypatch):
+def test_a_corrupt_shard_fails_the_train_task_once_without_restarting_the_ranks(dagbag, tf_env, capfd, caplog, monkeypatch):
+    import logging
+
     from airflow.utils.state import DagRunState
 
     # The dataset version the DAG run will find; one of its train shards then damaged in place
@@ -37,15 +39,18 @@ def test_a_corrupt_shard_fails_the_train_task_once_without_restarting_the_ranks(
     monkeypatch.setenv("TRAINFLOW_SHARD_VERIFY", "sizes")
     capfd.readouterr()
 
-    run = dagbag.dags["recommendation_training"].test(run_conf=CONF)
+    with caplog.at_level(logging.INFO, logger="tasks"):
+        run = dagbag.dags["recommendation_training"].test(run_conf=CONF)
     out, err = capfd.readouterr()
-    text = out + err
+    text = out + err + caplog.text
     tis = {t.task_id: t for t in run.get_task_instances()}
     assert run.state == DagRunState.FAILED
     assert tis["shard"].state == "success"
     assert tis["train"].state == "failed" and tis["train"].try_number == 1, text[-3000:]  # not up_for_retry
-    assert text.count("launching: ") == 1  # one torchrun launch
+    launches = [r for r in caplog.records if r.getMessage().startswith("launching: ")]
+    assert len(launches) == 1 and "torch.distributed.run" in launches[0].getMessage()  # one torchrun launch
     assert "found bad input; torchrun stopped, not restarted" in text
     assert f"ShardVerificationError: shard {manifest.storage.url(shard.path)}" in text
-    assert "re-run the DAG's shard task" in text  # what to do next
+    assert "To repair the dataset version, re-run the DAG run's shard task" in text  # what to do next
+    assert "python -m tasks.cli shard 'synthetic://recommendation?" in text
     assert "another rank found bad input" not in text  # no rank was restarted
