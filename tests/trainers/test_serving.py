@@ -142,7 +142,7 @@ def test_the_scoring_server_answers_unknown_users_explicitly_and_validates_top_k
     )
     logged = log_serving_model(run_dir, run_id)
     info = mlflow.models.get_model_info(logged["model_uri"])
-    assert [(p.name, p.type.name, p.default) for p in info.signature.params.params] == [("top_k", "long", 0)]
+    assert [(p.name, p.dtype.name, p.default) for p in info.signature.params.params] == [("top_k", "long", 0)]
     assert info.signature.outputs.input_names() == ["user_id", "item_id", "score", "rank", "cold_start"]
 
     manifest = load_manifest(manifest_uri)
