@@ -154,7 +154,9 @@ def test_the_scoring_server_answers_unknown_users_explicitly_and_validates_top_k
 
     port = free_port()
     log_path = tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": get_settings().mlflow_tracking_uri}
+    # MLflow runs `uvicorn` by name: this environment's bin folder first on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": get_settings().mlflow_tracking_uri,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m", logged["model_uri"],
