@@ -44,15 +44,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     import os
 
-    from tasks.errors import raise_if_marked, report_bad_input
+    from tasks.errors import BadInputError, raise_if_marked, report_bad_input
 
     try:
         raise_if_marked()
         return _main(argv)
     except BaseException as exc:
-        if isinstance(exc, Exception):
-            rank = os.environ.get("RANK")
-            report_bad_input(exc, rank=int(rank) if rank and rank.lstrip("-").isdigit() else None)
+        rank = os.environ.get("RANK")
+        rank_number = int(rank) if rank and rank.lstrip("-").isdigit() else None
+        if isinstance(exc, SystemExit) and exc.code not in (None, 0):
+            # argparse's usage error (exit 2) or a message: the arguments are wrong, not the machine
+            report_bad_input(BadInputError(f"the trainer's arguments are wrong: {exc.code}",
+                                           what_next="Fix the run configuration and trigger a new run"),
+                             rank=rank_number)
+        elif isinstance(exc, Exception):
+            report_bad_input(exc, rank=rank_number)
         raise
 
 

@@ -103,3 +103,19 @@ def test_the_task_boundary_fails_bad_input_once_and_lets_faults_retry():
         with fail_fast_on_bad_input():
             raise LaunchError(-9, [], ["rank 0 killed"])
     assert not isinstance(info.value, AirflowFailException)
+
+
+def test_an_unknown_model_setting_reaching_the_trainer_is_bad_input_through_torchrun(tmp_path):
+    """A family setting the config class does not have (a ``TypeError`` in the trainer), should
+    one ever get past the params check: one start, not retried, the setting named."""
+    import json
+
+    config = tmp_path / "run_config.json"
+    config.write_text(json.dumps({"pipeline": "recommendation", "train": {}, "family": {"no_such_setting": 1}}))
+    lines: list[str] = []
+    with pytest.raises(BadInputLaunchError) as info:
+        run_torchrun(LaunchConfig(nproc_per_node=1, max_restarts=2), module="trainers.train",
+                     args=[f"--config={config}"], on_line=lines.append, kill_grace_s=5)
+    assert info.value.marker["type"] == "TypeError"
+    assert "no_such_setting" in str(info.value) and "trigger a new run" in str(info.value)
+    assert not any("another rank found bad input" in line for line in lines)
