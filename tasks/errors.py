@@ -9,9 +9,9 @@ and keep their bounded retries.
 
 Inside a torchrun rank, :func:`report_bad_input` classifies the exception that ends the rank;
 bad input is written to the bad-input marker file (``TRAINFLOW_BAD_INPUT_FILE``, set by
-:func:`tasks.launch.run_torchrun`) before the rank exits. The launcher watches that file: as
+:func:`trainflow.tasks.launch.run_torchrun`) before the rank exits. The launcher watches that file: as
 soon as it appears it stops torchrun (no restart of the worker group) and raises
-:class:`tasks.launch.BadInputLaunchError`, a :class:`BadInputError` with the rank's message.
+:class:`trainflow.tasks.launch.BadInputLaunchError`, a :class:`BadInputError` with the rank's message.
 A rank that torchrun restarted before the launcher saw the marker reads it first
 (:func:`raise_if_marked`) and fails at once with the same error, doing no work.
 
@@ -47,7 +47,7 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
     unknown pipeline), ``TypeError`` (a setting of the wrong type reaching a config class), and
     the manifest's and the shards' integrity errors (a damaged dataset: repair it, do not retry).
     """
-    from tasks.manifest import ManifestError, ShardVerificationError
+    from trainflow.tasks.manifest import ManifestError, ShardVerificationError
 
     return (ValueError, TypeError, ShardVerificationError, ManifestError)
 
@@ -55,7 +55,7 @@ def bad_input_types() -> tuple[type[BaseException], ...]:
 def is_bad_input(exc: BaseException) -> bool:
     """Whether ``exc`` means the input is wrong (never retried) rather than a fault of the
     infrastructure (retried). Storage and launch errors that wrap a fault are not."""
-    from tasks.storage import StorageError
+    from trainflow.tasks.storage import StorageError
 
     if isinstance(exc, StorageError) and not isinstance(exc, ValueError):
         return False

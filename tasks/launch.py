@@ -19,7 +19,7 @@ This module imports neither torch nor airflow: it runs inside the Airflow task p
 
 Example::
 
-    run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.train",
+    run_torchrun(LaunchConfig(nproc_per_node=2), module="trainflow.trainers.train",
                  args=["--pipeline=NAME", "--config=/tmp/cfg.json"])
 """
 
@@ -40,8 +40,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from tasks.errors import BAD_INPUT_FILE_ENV, BadInputError, read_marker
-from tasks.settings import redact_text, url_secrets
+from trainflow.tasks.errors import BAD_INPUT_FILE_ENV, BadInputError, read_marker
+from trainflow.tasks.settings import redact_text, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class BadInputLaunchError(LaunchError, BadInputError):
     stopped torchrun at once (no restart of the ranks) and nothing should retry the launch.
 
     Attributes:
-        marker: What the rank recorded: ``{"type", "message", "rank"}`` (see :mod:`tasks.errors`).
+        marker: What the rank recorded: ``{"type", "message", "rank"}`` (see :mod:`trainflow.tasks.errors`).
     """
 
     def __init__(self, returncode: int, failures: list[RankFailure], output_tail: list[str], marker: dict) -> None:
@@ -192,7 +192,7 @@ def build_torchrun_command(
 
     Args:
         config: Placement and rendezvous.
-        module: Python module to run in each rank (``trainers.train``).
+        module: Python module to run in each rank (``trainflow.trainers.train``).
         script: Or a script path.
         args: Arguments passed to the module or script.
         log_dir: torchrun ``--log-dir``: where per-rank ``error.json`` files go.
@@ -269,9 +269,9 @@ def run_torchrun(
         kill_grace_s: Seconds between SIGTERM and SIGKILL when stopping the tree.
         cwd: Working directory of torchrun (default: this process's).
 
-    Output lines are masked (:func:`tasks.settings.redact_text`) for the secrets ``env`` and
+    Output lines are masked (:func:`trainflow.tasks.settings.redact_text`) for the secrets ``env`` and
     this process's environment hand the ranks. A rank that ends on bad input records it
-    (:func:`tasks.errors.report_bad_input`); the launcher then stops torchrun at once.
+    (:func:`trainflow.tasks.errors.report_bad_input`); the launcher then stops torchrun at once.
 
     Raises:
         BadInputLaunchError: a rank found bad input (a ``ValueError``: not worth retrying);
@@ -372,7 +372,7 @@ def run_dir_url(dag_id: str, run_id: str, settings=None) -> str:
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    from tasks.layout import run_dir_url as layout_run_dir_url
+    from trainflow.tasks.layout import run_dir_url as layout_run_dir_url
 
     return layout_run_dir_url(dag_id, run_id, settings)
 
@@ -383,8 +383,8 @@ def read_result(run_dir: str, settings=None) -> dict:
     Raises:
         FileNotFoundError: naming the URL, when training did not finish.
     """
-    from tasks.layout import RESULT_NAME
-    from tasks.storage import Storage
+    from trainflow.tasks.layout import RESULT_NAME
+    from trainflow.tasks.storage import Storage
 
     return json.loads(Storage(run_dir, settings).read_bytes(RESULT_NAME))
 

@@ -1,7 +1,7 @@
 """The one trainer entry for every pipeline, alone or under torchrun (the same code path)::
 
-    python -m trainers.train --pipeline NAME --config run_config.json
-    torchrun --standalone --nproc-per-node 2 -m trainers.train --pipeline NAME --config URL
+    python -m trainflow.trainers.train --pipeline NAME --config run_config.json
+    torchrun --standalone --nproc-per-node 2 -m trainflow.trainers.train --pipeline NAME --config URL
 
 ``--config`` is the run configuration the train step validated and wrote whole
 (``{"pipeline", "train": {...}, "family": {...}}``, a local path or a storage URL);
@@ -37,14 +37,14 @@ def pipeline_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train the pipeline named by ``--pipeline`` (or by the config file).
 
-    Under torchrun, an exception that means bad input (:func:`tasks.errors.is_bad_input`: a
+    Under torchrun, an exception that means bad input (:func:`trainflow.tasks.errors.is_bad_input`: a
     corrupt shard, a setting of the wrong type, an unknown pipeline...) is recorded in the
     launch's bad-input marker before the rank exits, so the launcher stops torchrun instead of
     letting it restart the ranks; a rank started after the marker fails at once with it.
     """
     import os
 
-    from tasks.errors import BadInputError, raise_if_marked, report_bad_input
+    from trainflow.tasks.errors import BadInputError, raise_if_marked, report_bad_input
 
     try:
         raise_if_marked()
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _main(argv: list[str] | None) -> dict[str, Any]:
-    from tasks.pipelines import get_pipeline
-    from trainers.loop import main as loop_main
-    from trainers.loop import read_run_config
+    from trainflow.tasks.pipelines import get_pipeline
+    from trainflow.trainers.loop import main as loop_main
+    from trainflow.trainers.loop import read_run_config
 
     name, rest = pipeline_argv(sys.argv[1:] if argv is None else argv)
     if name is None:
@@ -87,7 +87,7 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
 
 def _not_in_file(defaults: list[str], others: list[str]) -> list[str]:
     """The defaults whose field the config file does not set (a default must not beat the file)."""
-    from trainers.loop import read_run_config
+    from trainflow.trainers.loop import read_run_config
 
     config = None
     for i, arg in enumerate(others):

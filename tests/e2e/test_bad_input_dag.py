@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.manifest import load_manifest
-from tasks.pipeline import shard_step
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.pipeline import shard_step
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -52,5 +52,5 @@ def test_a_corrupt_shard_fails_the_train_task_once_without_restarting_the_ranks(
     assert "found bad input; torchrun stopped, not restarted" in text
     assert f"ShardVerificationError: shard {manifest.storage.url(shard.path)}" in text
     assert "To repair the dataset version, re-run the DAG run's shard task" in text  # what to do next
-    assert "python -m tasks.cli shard 'synthetic://recommendation?" in text
+    assert "python -m trainflow.tasks.cli shard 'synthetic://recommendation?" in text
     assert "another rank found bad input" not in text  # no rank was restarted

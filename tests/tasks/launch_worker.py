@@ -2,9 +2,9 @@
 
 MODE ``ok`` prints a line per rank; ``fail`` makes rank 1 raise under ``@record``; ``sleep``
 writes each rank's pid (and a grandchild's) into PID_DIR and sleeps for ever. ``bad-input`` and
-``infra`` end as the trainer does (:func:`trainers.train.main`: a marked restart fails at once,
-the exception is classified by :func:`tasks.errors.report_bad_input`): rank 1 raises a
-:class:`tasks.manifest.ShardVerificationError` (bad input) or a ``ConnectionError`` (a fault of
+``infra`` end as the trainer does (:func:`trainflow.trainers.train.main`: a marked restart fails at once,
+the exception is classified by :func:`trainflow.tasks.errors.report_bad_input`): rank 1 raises a
+:class:`trainflow.tasks.manifest.ShardVerificationError` (bad input) or a ``ConnectionError`` (a fault of
 the infrastructure), rank 0 waits as if in a collective.
 """
 
@@ -25,8 +25,8 @@ def main() -> None:
         print(f"View run at: http://user:{password}@127.0.0.1:5000/#/experiments/1", flush=True)
         print(f"token {os.environ['AWS_SECRET_ACCESS_KEY']} in a library message", flush=True)
     if mode in ("bad-input", "infra"):
-        from tasks.errors import raise_if_marked, report_bad_input
-        from tasks.manifest import ShardVerificationError
+        from trainflow.tasks.errors import raise_if_marked, report_bad_input
+        from trainflow.tasks.manifest import ShardVerificationError
 
         try:
             raise_if_marked()

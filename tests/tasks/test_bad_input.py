@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import BadInputError, describe, is_bad_input
-from tasks.launch import BadInputLaunchError, LaunchConfig, LaunchError, run_torchrun
-from tasks.manifest import ManifestIntegrityError, ShardVerificationError
-from tasks.storage import StorageCredentialsError, StorageUnavailableError
+from trainflow.tasks.errors import BadInputError, describe, is_bad_input
+from trainflow.tasks.launch import BadInputLaunchError, LaunchConfig, LaunchError, run_torchrun
+from trainflow.tasks.manifest import ManifestIntegrityError, ShardVerificationError
+from trainflow.tasks.storage import StorageCredentialsError, StorageUnavailableError
 
 WORKER = str(Path(__file__).with_name("launch_worker.py"))
 
@@ -55,13 +55,13 @@ def test_a_rank_with_bad_input_stops_torchrun_without_restarting_the_ranks():
 
 
 def test_a_restarted_rank_sees_the_marker_and_fails_at_once(tmp_path, monkeypatch):
-    from tasks.errors import BAD_INPUT_FILE_ENV, report_bad_input
+    from trainflow.tasks.errors import BAD_INPUT_FILE_ENV, report_bad_input
 
     marker = tmp_path / "bad-input.json"
     monkeypatch.setenv(BAD_INPUT_FILE_ENV, str(marker))
     assert report_bad_input(TypeError("GMFConfig got an unexpected keyword argument 'dimm'"), rank=0)
     assert not report_bad_input(ConnectionError("refused"), rank=1)  # a fault: no marker change
-    from trainers.train import main
+    from trainflow.trainers.train import main
 
     with pytest.raises(BadInputError, match="another rank found bad input: TypeError: GMFConfig got an unexpected"):
         main(["--pipeline=recommendation", "--config=/nonexistent/run_config.json"])
@@ -81,7 +81,7 @@ def test_the_trainer_reports_an_unknown_pipeline_as_bad_input_through_torchrun()
     """The real trainer entry point under torchrun: its bad input crosses the boundary."""
     lines: list[str] = []
     with pytest.raises(BadInputLaunchError) as info:
-        run_torchrun(LaunchConfig(nproc_per_node=2, max_restarts=2), module="trainers.train",
+        run_torchrun(LaunchConfig(nproc_per_node=2, max_restarts=2), module="trainflow.trainers.train",
                      args=["--pipeline=no-such-pipeline"], on_line=lines.append, kill_grace_s=5)
     assert "no-such-pipeline" in str(info.value) and "recommendation" in str(info.value)
     # A restarted rank would fail on the marker with "another rank found bad input".
@@ -92,7 +92,7 @@ def test_the_task_boundary_fails_bad_input_once_and_lets_faults_retry():
     from airflow.sdk.exceptions import AirflowFailException
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins"))
-    from trainflow_airflow.dag_support import fail_fast_on_bad_input
+    from trainflow.airflow.dag_support import fail_fast_on_bad_input
 
     bad = BadInputLaunchError(1, [], [], {"type": "ShardVerificationError", "message": "shard x: bad. Re-run shard",
                                          "rank": 0})
@@ -114,7 +114,7 @@ def test_an_unknown_model_setting_reaching_the_trainer_is_bad_input_through_torc
     config.write_text(json.dumps({"pipeline": "recommendation", "train": {}, "family": {"no_such_setting": 1}}))
     lines: list[str] = []
     with pytest.raises(BadInputLaunchError) as info:
-        run_torchrun(LaunchConfig(nproc_per_node=1, max_restarts=2), module="trainers.train",
+        run_torchrun(LaunchConfig(nproc_per_node=1, max_restarts=2), module="trainflow.trainers.train",
                      args=[f"--config={config}"], on_line=lines.append, kill_grace_s=5)
     assert info.value.marker["type"] == "TypeError"
     assert "no_such_setting" in str(info.value) and "trigger a new run" in str(info.value)

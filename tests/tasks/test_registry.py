@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.pipelines import get_pipeline
-from tasks.registry import TAG, GateConfig, Lineage, register_step
-from tasks.settings import get_settings
+from trainflow.tasks.pipelines import get_pipeline
+from trainflow.tasks.registry import TAG, GateConfig, Lineage, register_step
+from trainflow.tasks.settings import get_settings
 
 NAME = "trainflow-test-model"
 
@@ -178,7 +178,7 @@ def test_a_run_without_reviewer_never_replaces_a_champion_trained_on_another_dat
 
 
 def test_with_a_reviewer_a_different_dataset_waits_and_the_request_says_the_datasets_differ(mlflow_env):
-    from tasks.registry import approval_request
+    from trainflow.tasks.registry import approval_request
 
     uri1, lin1 = _train("run-1", 0.3, dataset_name="a")
     _register(uri1, lin1, 0.30)
@@ -213,7 +213,7 @@ def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypa
     import threading
     import time
 
-    import tasks.registry as registry
+    import trainflow.tasks.registry as registry
 
     (uri_a, lin_a), (uri_b, lin_b) = _train("run-fast-better", 0.5), _train("run-slow-worse", 0.4)
     real_decide = registry.decide
@@ -257,7 +257,7 @@ def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypa
     assert b.tags[TAG + "superseded_by"] == str(a.version)
     assert results["a"]["aliases"] == ["challenger", "champion"] and b.aliases == []
     # The lease is released.
-    from tasks.storage import Storage
+    from trainflow.tasks.storage import Storage
 
     assert Storage.from_settings(mlflow_env).list("locks/registry") == []
 
@@ -265,7 +265,7 @@ def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypa
 def test_a_name_with_a_quote_is_quoted_in_filters_and_a_retry_finds_its_version(mlflow_env):
     """``name='...'`` was interpolated as is: a ``'`` in the name broke the filter after the
     registered model had been created (an empty registered model left behind)."""
-    from tasks.registry import filter_literal
+    from trainflow.tasks.registry import filter_literal
 
     name = "team's recommender"
     uri, lineage = _train("run-quote", 0.3)
@@ -281,7 +281,7 @@ def test_a_name_with_a_quote_is_quoted_in_filters_and_a_retry_finds_its_version(
 
 @pytest.mark.parametrize("name", ["both ' and \" quotes", "team/model", "team:model", ""])
 def test_a_name_mlflow_cannot_take_is_refused_before_anything_is_created(mlflow_env, name):
-    from tasks.errors import BadInputError
+    from trainflow.tasks.errors import BadInputError
 
     uri, lineage = _train("run-bad-name", 0.3)
     with pytest.raises(BadInputError, match="registered_model_name .* cannot be used.*Choose another registered_model_name"):
