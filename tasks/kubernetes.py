@@ -616,6 +616,7 @@ def job_spec_from_params(
     secret = {k: v for k, v in s3.items() if k in SECRET_ENV}
     env.update({k: v for k, v in s3.items() if k not in SECRET_ENV})
     secret["MLFLOW_TRACKING_URI"] = tracking
+    secret.update(settings.mlflow_environment())  # the URI without its password, the credentials apart
     # The URI goes through the Secret (it may carry a password), not the command line.
     trainer_args = [a for a in args if not a.startswith("--train.mlflow_tracking_uri=")]
     return KubernetesJobSpec(

@@ -40,6 +40,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from trainflow.tasks.errors import BAD_INPUT_FILE_ENV, BadInputError, read_marker
+from trainflow.tasks.settings import redact_text, url_secrets
+
 log = logging.getLogger(__name__)
 
 _RDZV_BACKENDS = ("c10d", "static")
@@ -159,6 +162,23 @@ class LaunchError(RuntimeError):
         return [f.rank for f in self.failures]
 
 
+class BadInputLaunchError(LaunchError, BadInputError):
+    """A rank found bad input (a corrupt shard, a setting of the wrong type...): the launcher
+    stopped torchrun at once (no restart of the ranks) and nothing should retry the launch.
+
+    Attributes:
+        marker: What the rank recorded: ``{"type", "message", "rank"}`` (see :mod:`trainflow.tasks.errors`).
+    """
+
+    def __init__(self, returncode: int, failures: list[RankFailure], output_tail: list[str], marker: dict) -> None:
+        LaunchError.__init__(self, returncode, failures, output_tail)
+        self.marker = marker
+        self.what_next = None
+        rank = marker.get("rank")
+        who = f"rank {rank}" if rank is not None else "a rank"
+        self.args = (f"{who} found bad input; torchrun stopped, not restarted, not worth retrying: {marker['message']}",)
+
+
 def build_torchrun_command(
     config: LaunchConfig,
     *,
@@ -249,7 +269,13 @@ def run_torchrun(
         kill_grace_s: Seconds between SIGTERM and SIGKILL when stopping the tree.
         cwd: Working directory of torchrun (default: this process's).
 
+    Output lines are masked (:func:`trainflow.tasks.settings.redact_text`) for the secrets ``env`` and
+    this process's environment hand the ranks. A rank that ends on bad input records it
+    (:func:`trainflow.tasks.errors.report_bad_input`); the launcher then stops torchrun at once.
+
     Raises:
+        BadInputLaunchError: a rank found bad input (a ``ValueError``: not worth retrying);
+            torchrun was stopped before it could restart the ranks.
         LaunchError: torchrun exited non-zero; says which rank failed and why.
     """
     out_log = logger or log
@@ -260,7 +286,10 @@ def run_torchrun(
         child_env = dict(os.environ)
         child_env.update(env or {})
         child_env.setdefault("PYTHONUNBUFFERED", "1")
-        out_log.info("launching: %s", " ".join(cmd))
+        marker_path = os.path.join(log_dir, "bad-input.json")
+        child_env[BAD_INPUT_FILE_ENV] = marker_path
+        secrets = environment_secrets(child_env, env)
+        out_log.info("launching: %s", redact_text(" ".join(cmd), secrets))
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
@@ -275,7 +304,8 @@ def run_torchrun(
         def pump() -> None:
             assert proc.stdout is not None
             for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\n")
+                # A library may print a URL with its password (MLflow's "View run at"): masked.
+                line = redact_text(raw.decode("utf-8", "replace").rstrip("\n"), secrets)
                 tail.append(line)
                 try:
                     emit(line)
@@ -285,13 +315,22 @@ def run_torchrun(
         reader = threading.Thread(target=pump, name="torchrun-output", daemon=True)
         reader.start()
         restore = _install_sigterm(proc, kill_grace_s)
+        marker = None
         try:
             while True:
                 try:
-                    returncode = proc.wait(timeout=0.5)
+                    returncode = proc.wait(timeout=0.1)
                     break
                 except subprocess.TimeoutExpired:
-                    continue
+                    marker = read_marker(marker_path)
+                    if marker is not None:
+                        # Bad input fails the same way on every attempt: stop torchrun before
+                        # it restarts the ranks (a restarted rank also sees the marker first).
+                        out_log.error("rank %s reported bad input; stopping torchrun (no restart): %s",
+                                      marker.get("rank"), marker["message"])
+                        stop_process_tree(proc, kill_grace_s)
+                        returncode = proc.returncode if proc.returncode is not None else 1
+                        break
         except BaseException:
             out_log.warning("launcher interrupted: stopping torchrun (pid %d) and all its ranks", proc.pid)
             stop_process_tree(proc, kill_grace_s)
@@ -299,10 +338,32 @@ def run_torchrun(
         finally:
             restore()
         reader.join(timeout=5)
+        marker = marker or read_marker(marker_path)
+        if marker is not None:
+            failures = _read_failures(log_dir, list(tail))
+            raise BadInputLaunchError(returncode or 1, failures, list(tail)[-50:], marker)
         if returncode != 0:
             failures = _read_failures(log_dir, list(tail))
             raise LaunchError(returncode, failures, list(tail)[-50:])
         out_log.info("torchrun finished")
+
+
+_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+_URL_VARIABLES = ("MLFLOW_TRACKING_URI", "TRAINFLOW_STORAGE_ROOT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def environment_secrets(env: Mapping[str, str], given: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The secrets a child process gets through ``env`` (keys, passwords, the passwords of the
+    URLs trainflow hands on, and of every URL in ``given``, the variables the caller added), to
+    mask in whatever it prints."""
+    found: list[str] = [env[name] for name in _SECRET_VARIABLES if env.get(name)]
+    urls = [env.get(name) or "" for name in _URL_VARIABLES] + list((given or {}).values())
+    for value in urls:
+        if "://" in value:
+            found.extend(url_secrets(value))
+    return tuple(found)
 
 
 def run_dir_url(dag_id: str, run_id: str, settings=None) -> str:

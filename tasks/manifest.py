@@ -34,6 +34,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from trainflow.tasks.errors import BadInputError
 from trainflow.tasks.settings import Settings
 from trainflow.tasks.storage import Storage, redact_url
 
@@ -47,8 +48,9 @@ MANIFEST_FORMAT = "trainflow.dataset/1"
 CHECKSUMS = ("auto", "xxh3_128", "sha256")
 
 
-class ShardVerificationError(RuntimeError):
-    """A shard is missing, or its size or checksum differs from the manifest.
+class ShardVerificationError(BadInputError, RuntimeError):
+    """A shard is missing, or its size or checksum differs from the manifest: bad input
+    (:class:`trainflow.tasks.errors.BadInputError`), never retried; a ``RuntimeError`` as before.
 
     The message ends with how to recover: re-run the ``shard`` step (or ``python -m trainflow.tasks.cli
     shard``) on the same source, which verifies the committed version and rewrites it.

@@ -22,6 +22,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 LAUNCHERS = ("local", "kubernetes")
 KUBERNETES_JOB_KINDS = ("trainjob", "pytorchjob")
 ENDPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}$"
+REGISTERED_MODEL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- ()]*$"
+"""What a ``registered_model_name`` may hold: no quote (it goes into MLflow filter strings such as
+``name='...'``), no ``/`` or ``:`` (MLflow refuses them), no ``@`` (``models:/NAME@alias``), no
+leading space."""
 
 
 
@@ -189,6 +193,13 @@ def _common_specs() -> dict[str, dict[str, Any]]:
             "launcher=kubernetes: memory request/limit per pod (e.g. \"32Gi\"); empty: none.",
             "Kubernetes: memory per node",
         ),
+        "kubernetes_start_timeout_s": _spec(
+            900,
+            {"type": "integer", "minimum": 10, "maximum": 86400},
+            "launcher=kubernetes: seconds the job's pods may take to start (image pull, scheduling) before the "
+            "task fails naming what they wait for; an image-pull error or an unschedulable pod fails it at once.",
+            "Kubernetes: start timeout (s)",
+        ),
         "parallelism": _spec(
             "ddp",
             {"type": "string", "enum": list(PARALLELISM)},
@@ -216,8 +227,9 @@ def _common_specs() -> dict[str, dict[str, Any]]:
         ),
         "registered_model_name": _spec(
             None,
-            {"type": "string", "minLength": 1, "maxLength": 256},
-            "MLflow registered model to add the new version to.",
+            {"type": "string", "minLength": 1, "maxLength": 256, "pattern": REGISTERED_MODEL_NAME_PATTERN},
+            "MLflow registered model to add the new version to: letters, digits, spaces and ._-() (no quotes, '/', ':' "
+            "or '@': the name goes into MLflow search filters and model URIs).",
             "Registered model",
         ),
         "promotion_metric": _spec(

@@ -129,6 +129,7 @@ def child_environment(settings: Settings, threads: int) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
         "OMP_NUM_THREADS": str(threads),
         **settings.s3.environment(),
+        **settings.mlflow_environment(),  # the tracking URI without its password, the credentials apart
     }
     return env
 

@@ -154,6 +154,46 @@ class GateConfig:
             raise ValueError(f"promotion_margin must be >= 0, got {self.margin}")
 
 
+def check_registered_model_name(name: str) -> str:
+    """``name`` if MLflow can register it and trainflow can find it again in a search filter.
+
+    MLflow's own rules (:func:`mlflow.utils.validation._validate_model_name`: not empty, no
+    ``/`` or ``:``, no ``..`` path tricks) and a name that :func:`filter_literal` can quote.
+
+    Raises:
+        BadInputError: naming the name and the rule, before anything is written to MLflow.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    from trainflow.tasks.errors import BadInputError
+
+    advice = "Choose another registered_model_name (letters, digits, spaces and ._-) and trigger a new run"
+    try:
+        _validate_model_name(name)
+        filter_literal(name)
+    except (MlflowException, ValueError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise BadInputError(f"registered_model_name {name!r} cannot be used: {message}", what_next=advice) from None
+    return name
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (``name = <literal>``).
+
+    MLflow's filter parser takes ``'...'`` or ``"..."`` and has no escape for the quote itself:
+    a value with a ``'`` is quoted with ``"``; one with both quotes cannot be written.
+
+    Raises:
+        ValueError: ``value`` holds both ``'`` and ``"``.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both ' and \", which no MLflow search filter can quote")
+
+
 def _client(settings: Settings):
     from mlflow import MlflowClient
 
@@ -166,7 +206,7 @@ def find_version(client, name: str, training_key: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name='{name}'")
+        versions = client.search_model_versions(f"name = {filter_literal(name)}")
     except MlflowException as exc:
         # Only "no such model" means "no version yet"; an unreachable server must not look
         # like an empty registry (a retry would register a second version).
@@ -386,6 +426,7 @@ def register_step(
     from mlflow.exceptions import MlflowException
 
     settings = settings or get_settings()
+    check_registered_model_name(registered_model_name)  # before anything is created in MLflow
     if gate.metric not in metrics:
         raise ValueError(f"promotion_metric {gate.metric!r} is not among the evaluated metrics {sorted(metrics)}")
     try:

@@ -141,6 +141,8 @@ class Settings:
     aws_conn_id: str = "aws_default"
     kubernetes_conn_id: str = "kubernetes_default"
     shard_verify: str = "auto"
+    mlflow_username: str | None = dataclasses.field(default=None, repr=False)
+    mlflow_password: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -149,6 +151,9 @@ class Settings:
         data_dir = Path(env.get("TRAINFLOW_DATA_DIR") or _default_data_dir()).expanduser()
         storage_root = env.get("TRAINFLOW_STORAGE_ROOT") or _path_to_url(data_dir / "store")
         tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(data_dir / 'mlflow.db').resolve()}"
+        # http://user:password@host: the URI is kept without its userinfo (it is logged, shown,
+        # and MLflow prints it in "View run at"); the credentials go to MLflow's own variables.
+        tracking, uri_user, uri_password = split_tracking_credentials(tracking)
         download_dir = Path(env.get("TRAINFLOW_DOWNLOAD_DIR") or data_dir / "downloads").expanduser()
         shared = Path(
             env.get("TRAINFLOW_SHARED_DATA") or PROJECT_DIR.parent / "shared" / "data"
@@ -192,6 +197,8 @@ class Settings:
             aws_conn_id=env.get("TRAINFLOW_AWS_CONN_ID") or "aws_default",
             kubernetes_conn_id=env.get("TRAINFLOW_KUBERNETES_CONN_ID") or "kubernetes_default",
             shard_verify=shard_verify,
+            mlflow_username=env.get("MLFLOW_TRACKING_USERNAME") or uri_user,
+            mlflow_password=env.get("MLFLOW_TRACKING_PASSWORD") or uri_password,
         )
 
     def with_s3_credentials(
@@ -214,6 +221,16 @@ class Settings:
         )
         return dataclasses.replace(self, s3=s3)
 
+    def mlflow_environment(self) -> dict[str, str]:
+        """MLflow's variables for a child process: the tracking URI without credentials and
+        ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``; contains secrets."""
+        env = {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}
+        if self.mlflow_username:
+            env["MLFLOW_TRACKING_USERNAME"] = self.mlflow_username
+        if self.mlflow_password:
+            env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_password
+        return env
+
     def storage_options(self, url: str) -> dict[str, Any]:
         """fsspec options for ``url``: S3 settings for ``s3://``, nothing otherwise."""
         if url.startswith(("s3://", "s3a://")):
@@ -235,6 +252,7 @@ class Settings:
             else "off",
             "s3_endpoint_url": redact_url(self.s3.endpoint_url) if self.s3.endpoint_url else None,
             "s3_credentials": "set" if self.s3.access_key_id else "default chain",
+            "mlflow_credentials": "set" if self.mlflow_username or self.mlflow_password else "none",
         }
 
 
@@ -315,6 +333,28 @@ def redact_text(text: str, secrets: tuple[str | None, ...] = ()) -> str:
     return text
 
 
+def split_tracking_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without its userinfo, user, password)`` of an ``http(s)://`` MLflow tracking URI
+    (user and password percent-decoded, ``None`` when absent); other URIs are returned as they
+    are (a ``sqlite:///`` or ``file:`` path may hold an ``@``)."""
+    import urllib.parse
+
+    match = _SCHEME.match(uri) if isinstance(uri, str) else None
+    if not match or match.group(1).lower() not in ("http", "https"):
+        return uri, None, None
+    rest = uri[match.end():]
+    end = _userinfo_end(rest)
+    if end is None:
+        return uri, None, None
+    userinfo, host = rest[:end], rest[end + 1 :]
+    user, sep, password = userinfo.partition(":")
+    return (
+        match.group(1) + "://" + host,
+        urllib.parse.unquote(user) or None,
+        urllib.parse.unquote(password) if sep and password else None,
+    )
+
+
 def url_secrets(url: str) -> tuple[str, ...]:
     """The secret parts of ``url`` (its password or token-like userinfo, plain and
     percent-decoded), for :func:`redact_text`."""
@@ -364,8 +404,31 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def get_settings() -> Settings:
-    """Settings from the current environment (read anew each call: tests change it)."""
+    """Settings from the current environment (read anew each call: tests change it).
+
+    An ``MLFLOW_TRACKING_URI`` with credentials (``http://user:password@host``) is rewritten in
+    this process's environment: the URI without them, the user and password in
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (unless set), where MLflow reads
+    them on every request. So MLflow's own messages ("View run at"), its default tracking URI
+    and every child process (torchrun's ranks, ``mlflow models serve``) see no password.
+    """
+    move_tracking_credentials(os.environ)
     return Settings.from_env()
+
+
+def move_tracking_credentials(environ: Any) -> bool:
+    """Move the userinfo of ``environ["MLFLOW_TRACKING_URI"]`` into ``MLFLOW_TRACKING_USERNAME``
+    and ``MLFLOW_TRACKING_PASSWORD`` (kept when already set); returns whether it did."""
+    raw = environ.get("MLFLOW_TRACKING_URI") or ""
+    clean, user, password = split_tracking_credentials(raw)
+    if clean == raw:
+        return False
+    if user and not environ.get("MLFLOW_TRACKING_USERNAME"):
+        environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password and not environ.get("MLFLOW_TRACKING_PASSWORD"):
+        environ["MLFLOW_TRACKING_PASSWORD"] = password
+    environ["MLFLOW_TRACKING_URI"] = clean
+    return True
 
 
 def pipeline_setting(pipeline: str, name: str, environ: Mapping[str, str] | None = None) -> str | None:

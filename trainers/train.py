@@ -35,7 +35,34 @@ def pipeline_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train the pipeline named by ``--pipeline`` (or by the config file)."""
+    """Train the pipeline named by ``--pipeline`` (or by the config file).
+
+    Under torchrun, an exception that means bad input (:func:`trainflow.tasks.errors.is_bad_input`: a
+    corrupt shard, a setting of the wrong type, an unknown pipeline...) is recorded in the
+    launch's bad-input marker before the rank exits, so the launcher stops torchrun instead of
+    letting it restart the ranks; a rank started after the marker fails at once with it.
+    """
+    import os
+
+    from trainflow.tasks.errors import BadInputError, raise_if_marked, report_bad_input
+
+    try:
+        raise_if_marked()
+        return _main(argv)
+    except BaseException as exc:
+        rank = os.environ.get("RANK")
+        rank_number = int(rank) if rank and rank.lstrip("-").isdigit() else None
+        if isinstance(exc, SystemExit) and exc.code not in (None, 0):
+            # argparse's usage error (exit 2) or a message: the arguments are wrong, not the machine
+            report_bad_input(BadInputError(f"the trainer's arguments are wrong: {exc.code}",
+                                           what_next="Fix the run configuration and trigger a new run"),
+                             rank=rank_number)
+        elif isinstance(exc, Exception):
+            report_bad_input(exc, rank=rank_number)
+        raise
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     from trainflow.tasks.pipelines import get_pipeline
     from trainflow.trainers.loop import main as loop_main
     from trainflow.trainers.loop import read_run_config

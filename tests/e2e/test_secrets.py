@@ -1,18 +1,24 @@
 """A whole pipeline run with known fake secrets: they must appear nowhere a user or an
 operator can read: task output (the task logs), the Airflow log folder, MLflow params, tags,
 descriptions and artifacts, or any object in the store (manifest, checkpoints, result.json,
-report.json, the exported model)."""
+report.json, the exported model), nor in any process's command line while training runs.
+
+The secrets: S3 keys (environment and an Airflow connection), MLflow credentials in their own
+variables, a password inside ``MLFLOW_TRACKING_URI`` (``http://user:pass@host``, how many teams
+reach a secured MLflow) and a password inside a source URL."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import boto3
 import pytest
 from mlflow import MlflowClient
 
+from tests.integration.conftest import mlflow_server  # noqa: F401  (the fixture)
 from trainflow.tasks.settings import get_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
@@ -93,3 +99,105 @@ def test_pipeline_run_leaks_no_secret(dagbag, s3_env, capfd, monkeypatch):
     for path in settings.data_dir.rglob("*"):
         if path.is_file():
             assert _leaks(path.read_bytes()) == [], path
+
+
+URI_USER, URI_PASSWORD = "uri-user-fake", "uri-pass-Qw7/eR9%40z"  # a '/' and an encoded '@' in it
+URI_PASSWORD_DECODED = "uri-pass-Qw7/eR9@z"
+SOURCE_KEY, SOURCE_SECRET = "AKIASRCFAKEKEY55", "src-secret-Lp0o9Ik8"
+
+
+class ProcessWatch:
+    """Every process's command line, read every 0.2 s while the pipeline runs."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets, self.leaks, self.saw_ranks = secrets, [], False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            for proc in psutil.process_iter(["cmdline"]):
+                cmdline = " ".join(proc.info.get("cmdline") or [])
+                if "trainflow.trainers.train" in cmdline:
+                    self.saw_ranks = True
+                self.leaks += [(s, cmdline) for s in self.secrets if s in cmdline]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_password_in_the_tracking_uri_or_a_source_url_leaks_nowhere(dagbag, mlflow_server, capfd, monkeypatch):  # noqa: F811
+    """Before: the password of ``MLFLOW_TRACKING_URI`` reached the task log (the launch line,
+    MLflow's "View run at"), the MLflow param ``train.mlflow_tracking_uri``, ``model/config.json``
+    in the store and every rank's command line."""
+    from airflow.utils.state import DagRunState
+
+    uri, bucket = mlflow_server
+    secrets = [URI_PASSWORD, URI_PASSWORD_DECODED, SOURCE_SECRET]
+    # get_settings() moves the URI's credentials into these variables: restored after the test.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("http://", f"http://{URI_USER}:{URI_PASSWORD}@"))
+
+    with ProcessWatch(secrets) as watch:
+        run = dagbag.dags["recommendation_training"].test(run_conf=CONF)
+    out, err = capfd.readouterr()
+    states = {t.task_id: t.state for t in run.get_task_instances()}
+    assert run.state == DagRunState.SUCCESS, (states, (out + err)[-3000:])
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == URI_PASSWORD_DECODED  # handed on through the environment
+    assert watch.saw_ranks, "the process scan ran while the ranks were alive"
+    assert watch.leaks == []
+    logged = out + err
+    assert f"{uri}/#/experiments/" in logged  # MLflow's "View run at" lines were captured, without the password
+    assert [s for s in secrets if s in logged] == []
+    for path in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log"):
+        assert [s for s in secrets if s.encode() in path.read_bytes()] == [], path
+
+    # The store and MLflow's artifacts (both in the bucket): run_config.json, model/config.json,
+    # best/config.json, checkpoints, the logged model.
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"], region_name="us-east-1")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert any(k.endswith("run_config.json") for k in keys) and any(k.endswith("model/config.json") for k in keys)
+    assert any(k.startswith("mlflow-artifacts/") for k in keys)
+    for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert [s for s in secrets if s.encode() in body] == [], key
+
+    # MLflow, server-side: params and tags of every run and logged model, model versions, and the
+    # server's whole database file.
+    client = MlflowClient(uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert any(r.data.params for r in runs), "the training run logged its params"
+    for mlflow_run in runs:
+        text = json.dumps([mlflow_run.data.params, mlflow_run.data.tags])
+        assert [s for s in secrets if s in text] == [], mlflow_run.info.run_id
+        assert "@" not in mlflow_run.data.params.get("train.mlflow_tracking_uri", "")
+    for model in client.search_logged_models([e.experiment_id for e in client.search_experiments()]):
+        text = json.dumps([model.params, model.tags])
+        assert [s for s in secrets if s in text] == [], model.model_id
+    versions = client.search_model_versions("name='trainflow-recommendation'")
+    assert versions
+    for version in versions:
+        assert [s for s in secrets if s in json.dumps([version.tags, version.description, version.source])] == []
+    db = next(Path(p) for p in Path(os.getcwd()).rglob("mlflow-server.db"))
+    assert [s for s in secrets if s.encode() in db.read_bytes()] == []
+
+    # A password inside a source URL: refused before any library sees it, shown masked, the
+    # shard task fails once (bad input), and no trace of the secret anywhere.
+    bad = {**CONF, "source_url": f"s3://{SOURCE_KEY}:{SOURCE_SECRET}@{bucket}/raw/ratings.csv"}
+    run = dagbag.dags["recommendation_training"].test(run_conf=bad)
+    out, err = capfd.readouterr()
+    tis = {t.task_id: t for t in run.get_task_instances()}
+    assert run.state == DagRunState.FAILED and tis["shard"].state == "failed" and tis["shard"].try_number == 1
+    assert "CredentialsInUrlError" in out + err
+    assert [s for s in secrets if s in out + err] == []
+    for path in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log"):
+        assert [s for s in secrets if s.encode() in path.read_bytes()] == [], path

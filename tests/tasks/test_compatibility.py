@@ -96,7 +96,23 @@ def test_dag_params_are_unchanged(pipeline):
 
     before = json.loads((FIXTURES / "param_specs.json").read_text())[pipeline]
     now = param_specs(pipeline)
-    assert list(now) == list(before)
+    # Params added since keep the old ones' order around them and have a default, so a conf
+    # written before still validates (kubernetes_start_timeout_s, #20).
+    assert [key for key in now if key in before] == list(before)
+    for key in set(now) - set(before):
+        assert "default" in now[key] and now[key]["description"], key
+    from trainflow.tasks.params import validate_params
+
+    validate_params({}, pipeline, cpu_count=2)
+    # registered_model_name gained a pattern (no quotes, '/', ':' or '@', #20) that every old
+    # default passes, and a description saying so.
+    import re
+
+    name_schema = dict(now["registered_model_name"]["schema"])
+    assert re.fullmatch(name_schema.pop("pattern"), before["registered_model_name"]["default"])
+    assert name_schema == before["registered_model_name"]["schema"]
+    changed = {"batch_size": ("description",), "registered_model_name": ("schema", "description")}
     for key, old in before.items():
-        for field in ("default", "schema", "title") + (() if key == "batch_size" else ("description",)):
-            assert now[key][field] == old[field], (key, field)
+        for field in ("default", "schema", "title", "description"):
+            if field not in changed.get(key, ()):
+                assert now[key][field] == old[field], (key, field)

@@ -144,7 +144,10 @@ def test_what_the_job_carries():
     # Credentials only in the Secret, referenced by key; the tracking URI left the command line.
     assert "very-secret" not in text and "AKIAEXAMPLE" not in text and "user:pw" not in text
     assert secret["stringData"]["AWS_SECRET_ACCESS_KEY"] == "very-secret"
-    assert secret["stringData"]["MLFLOW_TRACKING_URI"] == "http://user:pw@mlflow:5000"
+    # The URI without its password; the credentials in MLflow's own variables.
+    assert secret["stringData"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert secret["stringData"]["MLFLOW_TRACKING_USERNAME"] == "user"
+    assert secret["stringData"]["MLFLOW_TRACKING_PASSWORD"] == "pw"
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]
     worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert master["replicas"] == 1 and worker["replicas"] == 1 and job["spec"]["nprocPerNode"] == "4"

@@ -183,3 +183,22 @@ def test_two_nodes_join_one_c10d_rendezvous_on_localhost():
     assert not errors, errors
     lines = outputs[0] + outputs[1]
     assert sorted(line for line in lines if line.startswith("hello")) == ["hello from rank 0 of 2", "hello from rank 1 of 2"]
+
+
+def test_secrets_in_the_ranks_output_and_the_launch_line_are_masked(caplog):
+    """A rank's library may print a URL with its password (MLflow's "View run at"), or a key:
+    the launcher masks the secrets it hands the ranks in every line it logs."""
+    import logging
+
+    lines: list[str] = []
+    env = {"MLFLOW_TRACKING_PASSWORD": "mlflow-pw-Zq81", "AWS_SECRET_ACCESS_KEY": "aws-secret-Kd02",
+           "SOME_URL": "http://u:url-pw-Hh55@example"}
+    with caplog.at_level(logging.INFO, logger="trainflow.tasks.launch"):
+        run_torchrun(LaunchConfig(nproc_per_node=1), script=WORKER, args=["print-secret", "--token=aws-secret-Kd02"],
+                     env=env, on_line=lines.append)
+    text = "\n".join(lines) + caplog.text
+    assert "View run at: http://user:***@127.0.0.1:5000/#/experiments/1" in lines
+    assert "token *** in a library message" in lines
+    for secret in env.values():
+        assert secret.split("@")[0].rsplit(":", 1)[-1] not in text
+    assert "launching:" in caplog.text and "--token=***" in caplog.text

@@ -125,3 +125,25 @@ def test_parallelism_precision_and_compile():
         with pytest.raises(ParamError) as err:
             validate_params(params, kind, cpu_count=2)
         assert err.value.field == field
+
+
+@pytest.mark.parametrize("name", ["team's model", 'a "quoted" name', "team/model", "team:model", " leading"])
+def test_a_registered_model_name_that_mlflow_filters_or_uris_cannot_take_is_refused_at_the_door(name):
+    """Before: a name with ``'`` passed, trained for minutes, then broke the registry's filter
+    string and left an empty registered model behind."""
+    with pytest.raises(ParamError, match="does not match") as info:
+        validate_params({"registered_model_name": name}, "recommendation", cpu_count=2)
+    assert info.value.field == "registered_model_name"
+    assert validate_params({"registered_model_name": "team_model-v2.1 (eu)"}, "recommendation",
+                           cpu_count=2)["registered_model_name"] == "team_model-v2.1 (eu)"
+
+
+def test_the_kubernetes_start_timeout_is_a_declared_param():
+    spec = param_specs("recommendation")["kubernetes_start_timeout_s"]
+    assert spec["default"] == 900 and spec["description"] and spec["schema"]["type"] == "integer"
+    values = validate_params({"launcher": "kubernetes", "kubernetes_image": "img:1", "kubernetes_start_timeout_s": 120},
+                             "recommendation", cpu_count=2)
+    assert values["kubernetes_start_timeout_s"] == 120
+    with pytest.raises(ParamError) as info:
+        validate_params({"kubernetes_start_timeout_s": 0}, "recommendation", cpu_count=2)
+    assert info.value.field == "kubernetes_start_timeout_s"

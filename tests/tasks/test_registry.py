@@ -260,3 +260,31 @@ def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypa
     from trainflow.tasks.storage import Storage
 
     assert Storage.from_settings(mlflow_env).list("locks/registry") == []
+
+
+def test_a_name_with_a_quote_is_quoted_in_filters_and_a_retry_finds_its_version(mlflow_env):
+    """``name='...'`` was interpolated as is: a ``'`` in the name broke the filter after the
+    registered model had been created (an empty registered model left behind)."""
+    from trainflow.tasks.registry import filter_literal
+
+    name = "team's recommender"
+    uri, lineage = _train("run-quote", 0.3)
+    kwargs = dict(model_uri=uri, registered_model_name=name, lineage=lineage, gate=GateConfig("ndcg_at_10", 0.0),
+                  metrics={"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2})
+    first = register_step(**kwargs)
+    again = register_step(**kwargs)  # a retry: finds its version through the filter
+    assert first["version"] == again["version"] == 1 and first["created"] and not again["created"]
+    client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions(f"name = {filter_literal(name)}")] == ["1"]
+    assert filter_literal("plain") == "'plain'" and filter_literal("it's") == '"it\'s"'
+
+
+@pytest.mark.parametrize("name", ["both ' and \" quotes", "team/model", "team:model", ""])
+def test_a_name_mlflow_cannot_take_is_refused_before_anything_is_created(mlflow_env, name):
+    from trainflow.tasks.errors import BadInputError
+
+    uri, lineage = _train("run-bad-name", 0.3)
+    with pytest.raises(BadInputError, match="registered_model_name .* cannot be used.*Choose another registered_model_name"):
+        register_step(model_uri=uri, registered_model_name=name, lineage=lineage, gate=GateConfig("ndcg_at_10", 0.0),
+                      metrics={"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2})
+    assert MlflowClient().search_registered_models() == []  # no empty registered model left behind

@@ -160,3 +160,46 @@ def test_credentials_in_a_storage_url_are_refused_without_echoing_them(url):
     message = str(caught.value)
     assert "abc/def" not in message and "abc%2Fdef" not in message
     assert "AWS_SECRET_ACCESS_KEY" in message and "TRAINFLOW_AWS_CONN_ID" in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "clean", "user", "password"),
+    [
+        ("http://alice:s3cr%2Ft@mlflow.example:5000", "http://mlflow.example:5000", "alice", "s3cr/t"),
+        ("https://bob:pa/ss@w0rd@mlflow.example/path", "https://mlflow.example/path", "bob", "pa/ss@w0rd"),
+        ("https://tokenonly@mlflow.example", "https://mlflow.example", "tokenonly", None),
+        ("http://mlflow.example:5000", "http://mlflow.example:5000", None, None),
+        ("sqlite:////data/a@b/mlflow.db", "sqlite:////data/a@b/mlflow.db", None, None),
+    ],
+)
+def test_tracking_uri_credentials_are_moved_out_of_the_uri(uri, clean, user, password):
+    from trainflow.tasks.settings import move_tracking_credentials, split_tracking_credentials
+
+    assert split_tracking_credentials(uri) == (clean, user, password)
+    settings = Settings.from_env({"MLFLOW_TRACKING_URI": uri})
+    assert settings.mlflow_tracking_uri == clean
+    assert (settings.mlflow_username, settings.mlflow_password) == (user, password)
+    env = settings.mlflow_environment()
+    assert env["MLFLOW_TRACKING_URI"] == clean
+    assert env.get("MLFLOW_TRACKING_USERNAME") == user and env.get("MLFLOW_TRACKING_PASSWORD") == password
+    if password:
+        assert password not in repr(settings) and password not in str(settings.describe())
+    environ = {"MLFLOW_TRACKING_URI": uri}
+    assert move_tracking_credentials(environ) == (clean != uri)
+    assert environ.get("MLFLOW_TRACKING_URI") == clean and environ.get("MLFLOW_TRACKING_PASSWORD") == password
+
+
+def test_explicit_mlflow_credentials_win_over_the_uri(monkeypatch):
+    from trainflow.tasks.settings import get_settings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:from-uri@127.0.0.1:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "explicit-pw")
+    settings = get_settings()
+    assert settings.mlflow_tracking_uri == "http://127.0.0.1:5000"
+    assert (settings.mlflow_username, settings.mlflow_password) == ("carol", "explicit-pw")
+    import os
+
+    # The process environment no longer holds the password in the URI (MLflow's "View run at"
+    # and every child process read it there).
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"

@@ -1,12 +1,17 @@
 """The logged model loads in a fresh process *without trainflow importable* and reproduces
-the trained model's outputs (recommendation and driving)."""
+the trained model's outputs (recommendation and driving); the recommender answers unknown users
+explicitly through MLflow's real scoring server (``mlflow models serve``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+import urllib.request
 
 import mlflow
 import numpy as np
@@ -89,7 +94,10 @@ def test_recommender_serves_without_trainflow(tf_env):
         {"kind": "recommendation", "users": users.tolist() + [999_999], "items": items.tolist() + [int(items[0])]},
     )
     assert np.allclose(got["scores"][:5], expected, atol=1e-5)
-    assert got["scores"][5] == pytest.approx(float(np.finfo(np.float32).min))  # unknown user: lowest score
+    # An unknown user is scored by the cold-start fallback: the item's share of the training
+    # interactions (before: the lowest float32, -3.4e38, as if it were a score).
+    counts = manifest.read_file_table("items").column("num_train_interactions").to_numpy().astype(float)
+    assert got["scores"][5] == pytest.approx(counts[0] / counts.sum())
     assert len(got["top"]) == 5
 
 
@@ -109,3 +117,96 @@ def test_forecaster_serves_without_trainflow(tf_env):
     got = np.asarray(_fresh_predict(logged["model_uri"], {"kind": "driving", "history": history.tolist()})["forecast"])
     assert got.shape == (4, 30, 2)
     assert np.allclose(got, expected, atol=1e-3)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_the_scoring_server_answers_unknown_users_explicitly_and_validates_top_k(tf_env, tmp_path):
+    """Through ``mlflow models serve``: ``top_k`` is in the signature's params schema (a wrong
+    type is refused by the server), the outputs in its output schema; an unknown user gets the
+    documented cold-start fallback (the most popular training items) flagged ``cold_start``
+    (before: -3.4e38 scores, and a top-k list as if nothing were wrong)."""
+    from tests.conftest import free_port
+
+    manifest_uri, run_dir, run_id = _train(
+        "recommendation", "synthetic://recommendation?num_interactions=3000&num_users=30&num_items=200",
+        ["--family.model=gmf", "--family.gmf_factors=8"],
+    )
+    logged = log_serving_model(run_dir, run_id)
+    info = mlflow.models.get_model_info(logged["model_uri"])
+    assert [(p.name, p.dtype.name, p.default) for p in info.signature.params.params] == [("top_k", "long", 0)]
+    assert info.signature.outputs.input_names() == ["user_id", "item_id", "score", "rank", "cold_start"]
+
+    manifest = load_manifest(manifest_uri)
+    items = manifest.read_file_table("items").to_pandas()
+    known_user = int(manifest.read_file_table("users").column("user_id").to_numpy()[0])
+    unknown_user = 987_654
+    popular = items.sort_values("num_train_interactions", ascending=False, kind="stable").item_id.tolist()[:3]
+    shares = (items.set_index("item_id").num_train_interactions / items.num_train_interactions.sum()).to_dict()
+
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    # MLflow runs `uvicorn` by name: this environment's bin folder first on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": get_settings().mlflow_tracking_uri,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m", logged["model_uri"],
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        # Ranking: the known user's own list, the unknown user's cold-start list, both flagged.
+        status, body = _post(f"{url}/invocations", {
+            "dataframe_split": {"columns": ["user_id"], "data": [[known_user], [unknown_user]]},
+            "params": {"top_k": 3},
+        })
+        assert status == 200, body
+        rows = body["predictions"]
+        assert {tuple(sorted(r)) for r in rows} == {("cold_start", "item_id", "rank", "score", "user_id")}
+        cold = [r for r in rows if r["user_id"] == unknown_user]
+        warm = [r for r in rows if r["user_id"] == known_user]
+        assert [r["item_id"] for r in cold] == popular and all(r["cold_start"] is True for r in cold)
+        assert [r["score"] for r in cold] == pytest.approx([shares[i] for i in popular])
+        assert len(warm) == 3 and all(r["cold_start"] is False for r in warm)
+        assert [r["rank"] for r in warm] == [1, 2, 3]
+        # Scoring pairs: the unknown user's score is the fallback's, never -3.4e38.
+        status, body = _post(f"{url}/invocations", {
+            "dataframe_split": {"columns": ["user_id", "item_id"],
+                                "data": [[known_user, popular[0]], [unknown_user, popular[0]]]},
+        })
+        assert status == 200, body
+        scores = [p if isinstance(p, float) else p["score"] for p in body["predictions"]]
+        assert scores[1] == pytest.approx(shares[popular[0]]) and scores[0] > -1e30
+        # top_k is declared: the server refuses a value of the wrong type.
+        status, body = _post(f"{url}/invocations", {
+            "dataframe_split": {"columns": ["user_id"], "data": [[known_user]]}, "params": {"top_k": "three"},
+        })
+        assert status == 400, body
+        assert "top_k" in json.dumps(body)
+    finally:
+        os.killpg(server.pid, 15)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)

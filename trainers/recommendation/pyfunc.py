@@ -2,9 +2,19 @@
 with the model and needs only torch, numpy, pandas and mlflow to load; no trainflow).
 
 Input: a DataFrame with integer columns ``user_id`` and ``item_id`` (the source data's ids).
-Output: one float score per row, higher is better; unknown users or items get the lowest
-float32 score. With the param ``top_k`` > 0 and only ``user_id`` given, returns the ``top_k``
-best items per user instead: a DataFrame (user_id, item_id, score, rank).
+
+* Scoring (``user_id`` and ``item_id``): one float score per row, higher is better. A user the
+  model never saw (cold start) is scored by the fallback below (the item's share of the
+  training interactions); an item the model never saw ranks last (the lowest float32 score:
+  it cannot be recommended).
+* Ranking (param ``top_k`` > 0, only ``user_id``): the ``top_k`` best items per user, a
+  DataFrame ``(user_id, item_id, score, rank, cold_start)``. For a user the model never saw,
+  ``cold_start`` is true and the items are the ``top_k`` most popular in training (score =
+  the item's share of the training interactions); for a known user it is false and the
+  scores are the model's.
+
+Both answers are declared in the model's signature (``top_k`` in its params schema, the
+columns in its output schema), so ``mlflow models serve`` validates the request.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ class TrainflowRecommender(mlflow.pyfunc.PythonModel):
         self.program = torch.export.load(context.artifacts["program"]).module()
         self.user_ids = np.load(context.artifacts["user_ids"])
         self.item_ids = np.load(context.artifacts["item_ids"])
+        counts = np.load(context.artifacts["item_popularity"]).astype(np.float64)
+        self.popularity = counts / max(counts.sum(), 1.0)  # the cold-start fallback's scores
         self.batch = 65536
 
     def _index(self, vocab: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +49,8 @@ class TrainflowRecommender(mlflow.pyfunc.PythonModel):
         u_idx, u_known = self._index(self.user_ids, users)
         i_idx, i_known = self._index(self.item_ids, items)
         rows = np.flatnonzero(u_known & i_known)
+        cold = np.flatnonzero(~u_known & i_known)  # an unknown user: the popularity fallback
+        out[cold] = self.popularity[i_idx[cold]]
         with torch.no_grad():
             for lo in range(0, len(rows), self.batch):
                 sel = rows[lo : lo + self.batch]
@@ -54,11 +68,13 @@ class TrainflowRecommender(mlflow.pyfunc.PythonModel):
             return self._score(users, frame["item_id"].to_numpy(dtype=np.int64))
         rows = []
         for user in np.unique(users):
+            _, known = self._index(self.user_ids, np.asarray([user]))
             scores = self._score(np.full(len(self.item_ids), user), self.item_ids)
             best = np.argsort(-scores, kind="stable")[:top_k]
             rows.append(
                 pd.DataFrame(
-                    {"user_id": user, "item_id": self.item_ids[best], "score": scores[best], "rank": np.arange(1, len(best) + 1)}
+                    {"user_id": user, "item_id": self.item_ids[best], "score": scores[best],
+                     "rank": np.arange(1, len(best) + 1), "cold_start": not bool(known[0])}
                 )
             )
         return pd.concat(rows, ignore_index=True)

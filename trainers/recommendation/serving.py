@@ -1,6 +1,7 @@
 """The served recommender: (user_id, item_id) → score, logged as ``pyfunc.py`` + a ``torch.export``
-program and the id vocabularies. With ``params={"top_k": K}`` and only ``user_id``, the K best
-items per user.
+program, the id vocabularies and the items' training popularity (the cold-start fallback). With
+``params={"top_k": K}`` and only ``user_id``, the K best items per user, ``cold_start`` flagging
+users the model never saw (answered with the most popular items). See ``pyfunc.py``.
 """
 
 from __future__ import annotations
@@ -61,14 +62,24 @@ def served_recommender(state: dict[str, torch.Tensor], config: dict[str, Any], m
     module = ServedRecommender(model, config["family_config"]["model"] == "sasrec").eval()
     inputs, example = _recommendation_example(manifest)
     artifacts = {}
-    for name, table in (("user_ids", "users"), ("item_ids", "items")):
+    for name, table, column in (("user_ids", "users", "user_id"), ("item_ids", "items", "item_id"),
+                                ("item_popularity", "items", "num_train_interactions")):
         path = os.path.join(tmp_dir, f"{name}.npy")
-        np.save(path, manifest.read_file_table(table).column(table[:-1] + "_id").to_numpy())
+        np.save(path, manifest.read_file_table(table).column(column).to_numpy())
         artifacts[name] = path
     batch = torch.export.Dim("batch", min=1)
     # item_id is optional: with params={"top_k": K} the model ranks every item per user.
+    # Outputs: scoring returns the score column alone; ranking the whole frame, with
+    # cold_start true where the user is unknown and the popularity fallback answered.
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "item_id", required=False)]),
+        outputs=Schema([
+            ColSpec("long", "user_id", required=False),
+            ColSpec("long", "item_id", required=False),
+            ColSpec("double", "score"),
+            ColSpec("long", "rank", required=False),
+            ColSpec("boolean", "cold_start", required=False),
+        ]),
         params=ParamSchema([ParamSpec("top_k", "long", 0)]),
     )
     return ServedModel(
