@@ -95,17 +95,48 @@ def report_bad_input(exc: BaseException, *, rank: int | None = None) -> bool:
     path = os.environ.get(BAD_INPUT_FILE_ENV)
     if path:
         payload = {"type": type(exc).__name__, "message": describe(exc), "rank": rank}
-        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w") as handle:
-                json.dump(payload, handle)
-            if not os.path.exists(path):
-                os.replace(tmp, path)
+            if os.path.exists(path):
+                # A file made for us: Kubernetes' termination log (``/dev/termination-log``, a
+                # bind mount that cannot be replaced), empty until a rank writes it.
+                _write_if_empty(path, payload)
             else:
-                os.unlink(tmp)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as handle:
+                    json.dump(payload, handle)
+                if not os.path.exists(path):
+                    os.replace(tmp, path)
+                else:
+                    os.unlink(tmp)
         except OSError:
             pass  # the error file of @record still carries the message
     return True
+
+
+def _write_if_empty(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` into the existing file ``path`` unless a rank wrote it first."""
+    import fcntl
+
+    with open(path, "r+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if handle.read().strip():
+            return
+        handle.seek(0)
+        json.dump(payload, handle)
+        handle.truncate()
+        handle.flush()
+
+
+def marker_from_text(text: str | None) -> dict[str, Any] | None:
+    """A bad-input marker read from text (e.g. a Kubernetes container's termination message),
+    or ``None`` when the text is not one."""
+    if not text or not text.strip().startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data.get("message") and data.get("type") else None
 
 
 def read_marker(path: str | None) -> dict[str, Any] | None:
@@ -114,10 +145,10 @@ def read_marker(path: str | None) -> dict[str, Any] | None:
         return None
     try:
         with open(path) as handle:
-            data = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+            text = handle.read()
+    except OSError:
         return None
-    return data if isinstance(data, dict) and data.get("message") else None
+    return marker_from_text(text)
 
 
 def raise_if_marked() -> None:

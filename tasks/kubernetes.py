@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from trainflow.tasks.errors import BAD_INPUT_FILE_ENV, BadInputError, marker_from_text
+
 log = logging.getLogger(__name__)
 
 # The one trainer entry every pipeline runs through (trainflow.tasks.pipeline uses the same).
@@ -54,6 +56,10 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
+
+TERMINATION_LOG = "/dev/termination-log"
+"""Where a rank of a pod records bad input (``TRAINFLOW_BAD_INPUT_FILE``): Kubernetes' default
+termination message path, which the kubelet copies into the pod's status when the container ends."""
 
 DEFAULT_START_TIMEOUT_S = 900.0
 """Seconds a job's pods may take to all be running (image pulls of CUDA images, a scale-up)."""
@@ -73,6 +79,16 @@ class KubernetesJobNotStarted(KubernetesJobFailed):
 class KubernetesImagePullError(KubernetesJobNotStarted, ValueError):
     """A pod's image cannot be pulled: the ``kubernetes_image`` param (or the registry's
     credentials) is wrong, which no retry fixes: bad input."""
+
+
+class KubernetesBadInputError(KubernetesJobFailed, BadInputError):
+    """The job failed because a rank found bad input (a corrupt shard, a wrong setting): the
+    rank wrote it to its container's termination log, the kubelet handed it to the pod's status,
+    and it comes back here. Bad input: the task is not retried."""
+
+    def __init__(self, message: str) -> None:
+        self.what_next = None
+        RuntimeError.__init__(self, message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +378,12 @@ class KubernetesJobRunner:
                     return job
                 if state == "failed":
                     streamer.finish()
-                    raise KubernetesJobFailed(f"{r['kind']} {spec.namespace}/{spec.name} failed: {reason or 'no reason given'}")
+                    failed = f"{r['kind']} {spec.namespace}/{spec.name} failed: {reason or 'no reason given'}"
+                    marker = self.bad_input_of(spec)
+                    if marker is not None:
+                        where = f" (rank {marker['rank']})" if marker.get("rank") is not None else ""
+                        raise KubernetesBadInputError(f"{failed}; bad input{where}: {marker['message']}")
+                    raise KubernetesJobFailed(failed)
                 if not starting.started:
                     starting.check()  # raises at once on a pod that cannot start
                     waited = time.monotonic() - started
@@ -379,6 +400,24 @@ class KubernetesJobRunner:
                 time.sleep(self.poll_s)
         finally:
             streamer.stop()
+
+    def bad_input_of(self, spec: KubernetesJobSpec) -> dict[str, Any] | None:
+        """The bad-input marker a rank left in a container's termination message, if any."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods = self.core.list_namespaced_pod(spec.namespace, label_selector=job_pods_selector(spec)).items or []
+        except ApiException as exc:
+            log.info("cannot read the pods of %s (HTTP %s)", spec.name, exc.status)
+            return None
+        for pod in pods:
+            for container in (pod.status.container_statuses or []) if pod.status is not None else []:
+                for state in (container.state, container.last_state):
+                    terminated = state.terminated if state is not None else None
+                    marker = marker_from_text(terminated.message if terminated is not None else None)
+                    if marker is not None:
+                        return marker
+        return None
 
     def cancel(self, spec: KubernetesJobSpec) -> None:
         """Delete the job (its pods go with it) and its Secret; missing objects are fine."""
@@ -608,7 +647,9 @@ def job_spec_from_params(
         )
     nproc = 1 if values["parallelism"] == "none" else values["nproc_per_node"]
     threads = values["kubernetes_cpu_per_node"]
-    env = {"TRAINFLOW_STORAGE_ROOT": root, "PYTHONUNBUFFERED": "1"}
+    # A rank that finds bad input writes it to the container's termination log: a rank torchrun
+    # restarts in the pod fails at once on it, and the launcher reads it from the pod's status.
+    env = {"TRAINFLOW_STORAGE_ROOT": root, "PYTHONUNBUFFERED": "1", BAD_INPUT_FILE_ENV: TERMINATION_LOG}
     if threads:
         cpus = float(threads[:-1]) / 1000 if threads.endswith("m") else float(threads)
         env["OMP_NUM_THREADS"] = str(max(1, int(cpus // nproc)))

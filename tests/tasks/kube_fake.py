@@ -36,6 +36,12 @@ LOG_LINES = [
 ]
 
 
+BAD_INPUT_MESSAGE = json.dumps({
+    "type": "ShardVerificationError", "rank": 1,
+    "message": "ShardVerificationError: train/part-00001.parquet: checksum mismatch. Re-run the shard task",
+})
+
+
 class FakeKubernetes:
     def __init__(self, scenario: str = "succeed", polls_before_end: int = 2) -> None:
         self.scenario = scenario
@@ -77,6 +83,13 @@ class FakeKubernetes:
             return {"metadata": metadata, "status": {"phase": "Pending", "conditions": [{
                 "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available"}]}}
+        if self.scenario == "bad_input" and self.gets > self.polls_before_end:
+            # The rank wrote its bad-input marker to /dev/termination-log; the kubelet copied it here.
+            return {"metadata": metadata, "status": {
+                "phase": "Failed",
+                "containerStatuses": [{"name": "node", "image": image, "imageID": "", "ready": False, "restartCount": 0,
+                                       "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                                "message": BAD_INPUT_MESSAGE}}}]}}
         return {"metadata": metadata, "status": {"phase": "Running"}}
 
     def _events(self, name: str, namespace: str) -> list[dict]:
@@ -104,7 +117,7 @@ class FakeKubernetes:
         self.gets += 1
         if self.scenario in ("hang", *self.NEVER_START) or self.gets <= self.polls_before_end:
             return {"conditions": [{"type": "Created" if kind == "PyTorchJob" else "Created", "status": "True"}]}
-        if self.scenario == "fail":
+        if self.scenario in ("fail", "bad_input"):
             return {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                                     "message": "node 1 exited with code 1: ValueError: bad shard"}]}
         done = "Complete" if kind == "TrainJob" else "Succeeded"

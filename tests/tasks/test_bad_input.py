@@ -119,3 +119,26 @@ def test_an_unknown_model_setting_reaching_the_trainer_is_bad_input_through_torc
     assert info.value.marker["type"] == "TypeError"
     assert "no_such_setting" in str(info.value) and "trigger a new run" in str(info.value)
     assert not any("another rank found bad input" in line for line in lines)
+
+
+def test_a_rank_writes_bad_input_into_an_existing_termination_log_first_writer_wins(tmp_path, monkeypatch):
+    """In a Kubernetes pod the marker is ``/dev/termination-log``: a file the kubelet made (empty,
+    a bind mount that cannot be replaced). The first rank's report goes into it; a second rank's
+    does not overwrite it; a restarted rank fails at once on it."""
+    from trainflow.tasks.errors import marker_from_text, raise_if_marked, read_marker, report_bad_input
+
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    monkeypatch.setenv("TRAINFLOW_BAD_INPUT_FILE", str(log))
+    assert read_marker(str(log)) is None  # empty: nothing reported yet
+    raise_if_marked()
+    assert report_bad_input(ShardVerificationError("s3://b/train/part-1.parquet", "checksum mismatch"), rank=1)
+    assert report_bad_input(TypeError("second"), rank=0)
+    marker = read_marker(str(log))
+    assert marker["type"] == "ShardVerificationError" and marker["rank"] == 1
+    assert "part-1.parquet" in marker["message"] and "second" not in log.read_text()
+    assert marker_from_text(log.read_text()) == marker
+    assert marker_from_text("Error: OOMKilled") is None and marker_from_text('{"no": "marker"}') is None
+    with pytest.raises(BadInputError, match="another rank found bad input: ShardVerificationError"):
+        raise_if_marked()
+    assert not report_bad_input(ConnectionError("refused"))  # a fault is never written

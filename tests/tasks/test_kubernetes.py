@@ -233,6 +233,38 @@ def test_failed_job_raises_with_the_controller_reason():
     assert fake.paths("DELETE") == [f"/api/v1/namespaces/ml/secrets/{spec.secret_name}"]
 
 
+@pytest.mark.parametrize("job_kind", ["trainjob", "pytorchjob"])
+def test_bad_input_in_a_pod_fails_once_as_bad_input_with_the_ranks_message(job_kind):
+    """A rank that finds bad input writes it to its container's termination log
+    (``TRAINFLOW_BAD_INPUT_FILE=/dev/termination-log`` in every pod); the kubelet hands it to the
+    pod's status and the launcher raises it as bad input, which the task boundary does not retry."""
+    from trainflow.tasks.errors import BadInputError, is_bad_input
+    from trainflow.tasks.kubernetes import KubernetesBadInputError
+
+    spec = _spec(job_kind)
+    assert ("TRAINFLOW_BAD_INPUT_FILE", "/dev/termination-log") in spec.env
+    with FakeKubernetes("bad_input", polls_before_end=1) as fake:
+        with pytest.raises(KubernetesBadInputError) as raised:
+            KubernetesJobRunner(_client(fake.url), on_line=lambda line: None, poll_s=0.05).run(spec)
+    exc = raised.value
+    assert isinstance(exc, BadInputError) and isinstance(exc, KubernetesJobFailed) and is_bad_input(exc)
+    assert "failed: BackoffLimitExceeded" in str(exc)
+    assert "bad input (rank 1): ShardVerificationError: train/part-00001.parquet: checksum mismatch. " \
+           "Re-run the shard task" in str(exc)
+    # As any failed job: the Secret goes, the job stays for `kubectl describe`.
+    assert fake.paths("DELETE") == [f"/api/v1/namespaces/ml/secrets/{spec.secret_name}"]
+
+
+def test_a_plain_failure_is_not_bad_input():
+    from trainflow.tasks.errors import is_bad_input
+
+    spec = _spec("pytorchjob")
+    with FakeKubernetes("fail", polls_before_end=1) as fake:
+        with pytest.raises(KubernetesJobFailed) as raised:
+            KubernetesJobRunner(_client(fake.url), on_line=lambda line: None, poll_s=0.05).run(spec)
+    assert not is_bad_input(raised.value)  # an infrastructure failure keeps Airflow's retries
+
+
 def test_cancel_deletes_the_job_and_its_secret():
     """An interrupted task (Airflow's SIGTERM arrives as an exception in the task) deletes the job."""
     import signal
