@@ -122,6 +122,12 @@ def run_peer(data: Path, budget: float, eval_every: int, threads: int) -> dict:
     return {"curve": curve, "train_s": done["train_s"], "wall_s": done["wall_s"], "epochs": done["epochs"]}
 
 
+def _progress(name: str, run: dict) -> dict:
+    """Each contestant's run on stderr as it finishes (the result lines come at the end)."""
+    print(json.dumps({"contestant": name, "load_1m": round(os.getloadavg()[0], 2), **run}), file=sys.stderr, flush=True)
+    return run
+
+
 def time_to(curve: list[dict], target: float) -> float | None:
     return next((c["wall_s"] for c in curve if c["valid_hr_at_10"] >= target), None)
 
@@ -165,9 +171,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines = []
     for rnd in range(args.rounds):
         load_before = os.getloadavg()
-        two = run_trainflow(uri, 2, epochs, work / f"tf2-{rnd}", args.max_seq_len)
-        peer = None if peer_missing else run_peer(data, two["wall_s"], args.peer_eval_every, args.peer_threads)
-        one = None if args.skip_one_process else run_trainflow(uri, 1, epochs, work / f"tf1-{rnd}", args.max_seq_len)
+        two = _progress("trainflow_2proc", run_trainflow(uri, 2, epochs, work / f"tf2-{rnd}", args.max_seq_len))
+        peer = None if peer_missing else _progress(
+            "peer", run_peer(data, two["wall_s"], args.peer_eval_every, args.peer_threads))
+        one = None if args.skip_one_process else _progress(
+            "trainflow_1proc", run_trainflow(uri, 1, epochs, work / f"tf1-{rnd}", args.max_seq_len))
         load_after = os.getloadavg()
         params = {**common, "round": rnd, "machine": machine(), "load_1m_5m_15m_before": [round(x, 2) for x in load_before],
                   "load_1m_5m_15m_after": [round(x, 2) for x in load_after],
