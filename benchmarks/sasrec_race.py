@@ -6,7 +6,7 @@ protocol: last item eval, second-to-last valid, 100 negatives outside the user's
 Each contestant runs in a fresh process, one after the other (never two at once), in the order
 trainflow 2 processes, peer, trainflow 1 process, ``--rounds`` times:
 
-- trainflow: ``torchrun -m trainers.recommendation`` on the sharded dataset (sharded once
+- trainflow: ``torchrun -m trainflow.trainers.recommendation`` on the sharded dataset (sharded once
   before the clocks start; the time is reported), SASRec with dropout 0.5 (the paper's for sparse
   data), ``--max-seq-len`` (default 20, chosen on ``valid``: docs/quality.md) and trainflow's
   ML-100K settings (hidden 64, 1 negative, batch 256, lr 0.002), ``--epochs`` epochs, one torch
@@ -68,8 +68,8 @@ def subset(path: Path, users: int, out: Path) -> Path:
 
 
 def shard(data: Path, work: Path) -> tuple[str, float]:
-    from tasks.settings import Settings
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.settings import Settings
+    from trainflow.tasks.sharding import shard_dataset
 
     started = time.monotonic()
     settings = Settings.from_env({"TRAINFLOW_DATA_DIR": str(work / "store")})
@@ -81,7 +81,7 @@ def run_trainflow(uri: str, nproc: int, epochs: int, run_dir: Path, max_seq_len:
     """One torchrun launch; the valid curve with the seconds since the launch, and the result."""
     threads = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "trainers.recommendation", "--manifest-uri", uri, "--run-dir", run_dir.as_uri(),
+           "-m", "trainflow.trainers.recommendation", "--manifest-uri", uri, "--run-dir", run_dir.as_uri(),
            "--epochs", str(epochs), f"--family.max_seq_len={max_seq_len}", *TRAINFLOW_SETTINGS]
     env = child_env(OMP_NUM_THREADS=threads)
     env["OMP_NUM_THREADS"] = threads

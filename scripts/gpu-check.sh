@@ -65,7 +65,7 @@ if [ "$SKIP_TESTS" -eq 0 ]; then
 fi
 
 # 3. Both families, bf16, 1 GPU and (2+ GPUs) 2 GPUs.
-shard() { "$PY" -c 'import sys; from tasks.sharding import shard_dataset; print(shard_dataset(sys.argv[1], sys.argv[2])["manifest_uri"])' "$1" "$2"; }
+shard() { "$PY" -c 'import sys; from trainflow.tasks.sharding import shard_dataset; print(shard_dataset(sys.argv[1], sys.argv[2])["manifest_uri"])' "$1" "$2"; }
 REC="$(shard 'synthetic://recommendation?num_interactions=200000&num_users=2000&num_items=4000' recommendation)"
 DRV="$(shard 'synthetic://driving?num_sequences=2000' driving)"
 NPROCS=(1); [ "$GPUS" -ge 2 ] && NPROCS+=(2)

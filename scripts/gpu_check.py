@@ -9,7 +9,7 @@ machine state:
 
 - *memory*: synthetic batches of the same shapes made once, already on the device (no data
   path at all: the step time of the model alone);
-- *loader*: the real data path, :class:`trainers.loader.ShardLoader` streaming the train
+- *loader*: the real data path, :class:`trainflow.trainers.loader.ShardLoader` streaming the train
   split's shards (checksums verified, negatives sampled in its ``transform``, one DataLoader
   worker), each batch copied to the device from pinned memory.
 
@@ -70,9 +70,9 @@ def loader_check(manifest_uri: str, device_name: str, batch: int, steps: int, bl
     import torch
 
     from benchmarks._train_io import family_config, shardloader_batches
-    from tasks.manifest import load_manifest
-    from trainers.distributed import World
-    from trainers.recommendation.family import RecommendationFamily
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.trainers.distributed import World
+    from trainflow.trainers.recommendation.family import RecommendationFamily
 
     if device_name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check loader: --device cuda but torch sees no CUDA device")

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-from tasks.storage import safe_name
+from trainflow.tasks.storage import safe_name
 
 PARALLELISMS = ("none", "ddp", "fsdp", "sharded_embeddings")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 SCRIPT = PROJECT_DIR / "scripts" / "gpu-check.sh"
 HELPER = PROJECT_DIR / "scripts" / "gpu_check.py"

@@ -1,4 +1,4 @@
-"""trainers.loop: one process, torchrun DDP/FSDP, grad accumulation, resume, restarts, MLflow."""
+"""trainflow.trainers.loop: one process, torchrun DDP/FSDP, grad accumulation, resume, restarts, MLflow."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.launch import LaunchConfig, run_torchrun
-from tasks.storage import Storage
-from trainers.config import TrainConfig
-from trainers.loop import load_exported_model, parse_args, run_training
+from trainflow.tasks.launch import LaunchConfig, run_torchrun
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.config import TrainConfig
+from trainflow.trainers.loop import load_exported_model, parse_args, run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_family import ToyConfig, ToyFamily, ToyModel  # noqa: E402
@@ -221,8 +221,8 @@ def test_killed_rank_restarts_and_resumes_from_last_commit(toy_manifest, tmp_pat
 
 
 def test_checkpoint_clock_alone_and_its_config():
-    from trainers.distributed import World
-    from trainers.loop import CheckpointClock
+    from trainflow.trainers.distributed import World
+    from trainflow.trainers.loop import CheckpointClock
 
     now = [100.0]
     world = World()
@@ -277,7 +277,7 @@ def test_killed_after_a_time_based_mid_epoch_commit_resumes_exactly(toy_manifest
     first mid-epoch commit at step >= 10 (the checkpoint after step 10: the ranks compare
     clocks every 10 steps); torchrun restarts them; the run resumes there and every train row
     of the epoch is trained exactly once."""
-    from trainers.loop import CLOCK_CHECK_STEPS, FAULT_MARKER_ENV, FAULT_STEP_ENV
+    from trainflow.trainers.loop import CLOCK_CHECK_STEPS, FAULT_MARKER_ENV, FAULT_STEP_ENV
 
     lines: list[str] = []
     record = tmp_path / "batches"

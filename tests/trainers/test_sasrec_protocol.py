@@ -5,13 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.datasets.sources import SourceNotFoundError
-from tasks.datasets.textio import SourceFormatError
-from tasks.manifest import load_manifest
-from tasks.settings import Settings
-from tasks.sharding import ShardingConfig, shard_dataset
-from trainers.recommendation.sources import SASREC_PROTOCOL, SEQUENCE_READER, resolve_recommendation_source
-from trainers.recommendation.split import SASREC_MIN_INTERACTIONS, SASREC_NEGATIVES
+from trainflow.tasks.datasets.sources import SourceNotFoundError
+from trainflow.tasks.datasets.textio import SourceFormatError
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import Settings
+from trainflow.tasks.sharding import ShardingConfig, shard_dataset
+from trainflow.trainers.recommendation.sources import (
+    SASREC_PROTOCOL,
+    SEQUENCE_READER,
+    resolve_recommendation_source,
+)
+from trainflow.trainers.recommendation.split import SASREC_MIN_INTERACTIONS, SASREC_NEGATIVES
 
 NUM_ITEMS = 300
 

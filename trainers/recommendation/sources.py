@@ -13,12 +13,18 @@ import dataclasses
 import posixpath
 from collections.abc import Callable, Iterator
 
-from tasks.datasets.sources import SourceNotFoundError, file_fingerprint, hash_parts, is_dir, url_stem
-from tasks.datasets.synthetic import READER_VERSION as SYNTHETIC_READER_VERSION
-from tasks.datasets.synthetic import check_generator, parse_synthetic_url, synthetic_generator
-from tasks.settings import Settings, redact_url
-from tasks.storage import filesystem
-from trainers.recommendation import movielens, synthetic
+from trainflow.tasks.datasets.sources import (
+    SourceNotFoundError,
+    file_fingerprint,
+    hash_parts,
+    is_dir,
+    url_stem,
+)
+from trainflow.tasks.datasets.synthetic import READER_VERSION as SYNTHETIC_READER_VERSION
+from trainflow.tasks.datasets.synthetic import check_generator, parse_synthetic_url, synthetic_generator
+from trainflow.tasks.settings import Settings, redact_url
+from trainflow.tasks.storage import filesystem
+from trainflow.trainers.recommendation import movielens, synthetic
 
 
 @dataclasses.dataclass
@@ -37,7 +43,7 @@ class RecommendationSource:
             rows and the test negatives; ``None`` when the split is ours to make.
         bad_rows: Rows with the wrong number of fields seen so far (skipped, counted once
             each, however many passes read the file: see :meth:`add_bad_row`).
-        split_protocol: How :func:`trainers.recommendation.split.shard_recommendation` holds
+        split_protocol: How :func:`trainflow.trainers.recommendation.split.shard_recommendation` holds
             out valid and eval: ``ncf`` (He et al. 2017) or ``sasrec`` (Kang & McAuley 2018,
             what a SASRec sequence file comes with; see :data:`SASREC_PROTOCOL`).
     """
@@ -213,7 +219,7 @@ def read_sequence_lines(handle, *, file_label: str, on_bad_row: Callable[[int, s
     import numpy as np
     import pyarrow as pa
 
-    from tasks.datasets.textio import parse_delimited
+    from trainflow.tasks.datasets.textio import parse_delimited
 
     types = {"user_id": pa.int64(), "item_id": pa.int64()}
     row = 0

@@ -7,13 +7,13 @@ hyper-parameters, and stays in ``train`` flagged ``is_valid`` so a trainer can l
 When the source is already an NCF split its test rows and negatives are used as given.
 
 A source whose ``split_protocol`` is ``sasrec`` (a SASRec sequence file) is split the SASRec
-paper's way instead (:data:`~trainers.recommendation.sources.SASREC_PROTOCOL`): only users with
+paper's way instead (:data:`~trainflow.trainers.recommendation.sources.SASREC_PROTOCOL`): only users with
 at least 4 interactions get a valid and an eval item (the second-to-last and the last), and
 the 100 negatives of each are drawn from the items the user has no *train* interaction with.
 
 Memory is bounded by the number of users (a few arrays of per-user state) and one block of
 rows, never by the number of interactions: the raw data is streamed twice. Moved unchanged
-from ``tasks.sharding`` (sharder version 3): the same inputs give the same dataset version.
+from ``trainflow.tasks.sharding`` (sharder version 3): the same inputs give the same dataset version.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.settings import redact_url
-from tasks.sharding import ShardingConfig, ShardWriter, write_side_file
-from tasks.storage import Storage
-from trainers.recommendation.sources import SASREC_PROTOCOL, RecommendationSource
+from trainflow.tasks.settings import redact_url
+from trainflow.tasks.sharding import ShardingConfig, ShardWriter, write_side_file
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.recommendation.sources import SASREC_PROTOCOL, RecommendationSource
 
 log = logging.getLogger(__name__)
 
