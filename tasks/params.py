@@ -225,6 +225,15 @@ def _common_specs() -> dict[str, dict[str, Any]]:
             "Compile the model with torch.compile (inductor): slower first steps, faster long runs.",
             "torch.compile",
         ),
+        "checkpoint_every_minutes": _spec(
+            10,
+            {"type": "number", "minimum": 0, "maximum": 1440},
+            "Besides the checkpoint at every epoch end, checkpoint mid-epoch once this many minutes of the "
+            "run have passed since the last checkpoint (fractions allowed), so that a failure loses at most "
+            "about that much training; the loader position is committed with it, so a resume continues the "
+            "epoch where it stopped, each sample trained once. 0: only at epoch ends.",
+            "Checkpoint every (minutes)",
+        ),
         "registered_model_name": _spec(
             None,
             {"type": "string", "minLength": 1, "maxLength": 256, "pattern": REGISTERED_MODEL_NAME_PATTERN},

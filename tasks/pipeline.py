@@ -316,6 +316,7 @@ def run_config(
         "compile": values["compile"],
         "pin_memory": values["device"] == "cuda",
         "seed": values["seed"],
+        "checkpoint_every_minutes": values["checkpoint_every_minutes"],
         # No mlflow_tracking_uri: it may carry a password; the ranks get MLFLOW_TRACKING_URI
         # from their environment (child_environment, the Kubernetes Secret).
         "mlflow_run_id": mlflow_run_id,

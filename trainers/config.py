@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from trainflow.tasks.storage import safe_name
@@ -84,6 +85,12 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """Checkpoint every N optimizer steps (0: only at the end of each epoch)."""
 
+    checkpoint_every_minutes: float = 10.0
+    """Also checkpoint mid-epoch once this many minutes have passed since the last checkpoint
+    (or the start of the run), so that a failure loses at most about that much training; 0:
+    no time-based checkpoints. On several ranks the clocks are compared every
+    ``CLOCK_CHECK_STEPS`` (10) optimizer steps (one all-reduce of a flag), alone every step."""
+
     keep_checkpoints: int = 2
     """Committed checkpoints kept in the run directory."""
 
@@ -121,7 +128,10 @@ class TrainConfig:
         safe_name(self.dag_id, "dag_id")
         safe_name(self.run_id, "run_id")
         _positive(self, "epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every_steps")
-        _non_negative(self, "checkpoint_every_steps", "warmup_steps", "weight_decay")
+        if isinstance(self.checkpoint_every_minutes, bool) or not isinstance(self.checkpoint_every_minutes, int | float) \
+                or not math.isfinite(self.checkpoint_every_minutes):
+            raise ValueError(f"checkpoint_every_minutes must be a finite number, got {self.checkpoint_every_minutes!r}")
+        _non_negative(self, "checkpoint_every_steps", "checkpoint_every_minutes", "warmup_steps", "weight_decay")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -10,8 +10,9 @@ load the manifest, build the family's model and wrap it (DDP, or FSDP2 ``fully_s
 family's ``fsdp_modules()`` then the root), build AdamW/Adam and the LR schedule, resume from
 the run directory's last committed checkpoint, then per epoch: micro batches from
 ``family.train_batches`` with gradient accumulation (bf16 autocast on CUDA), a progress line
-every ``log_every_steps`` optimizer steps, checkpoints every ``checkpoint_every_steps`` and at
-the end of the epoch, and an evaluation on ``valid`` that keeps the best epoch by
+every ``log_every_steps`` optimizer steps, checkpoints every ``checkpoint_every_steps``, once
+``checkpoint_every_minutes`` have passed since the last one (mid-epoch, the loader position
+in the commit, so a resume neither repeats nor skips a sample) and at the end of the epoch, and an evaluation on ``valid`` that keeps the best epoch by
 ``family.selection_metric()``. At the end: metrics on ``eval``, the exported model
 (``model/model.pt`` + ``model/config.json``, loadable with plain torch) and
 ``result.json``, all written by rank 0.
@@ -273,6 +274,7 @@ class Trainer:
         stop = cfg.max_steps is not None and step >= cfg.max_steps
         epoch = state["epoch"]
         warned_tail = False
+        clock = CheckpointClock(cfg.checkpoint_every_minutes, world, self.device)
         while epoch < cfg.epochs and not stop:
             skip = state["position"] if epoch == state["epoch"] else 0
             model.train()
@@ -285,6 +287,7 @@ class Trainer:
                 if pending_save:
                     self._save(ckpt, step, state_model, optimizer, scheduler, epoch, position, samples, state,
                                train_seconds + time.monotonic() - run_start)
+                    clock.reset()
                     pending_save = False
                 batch = _to_device(batch, self.device)
                 last_micro = accum + 1 == cfg.grad_accum_steps
@@ -325,6 +328,11 @@ class Trainer:
                     window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.monotonic()
                 if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
                     pending_save = True  # written before the next batch; the epoch-end save supersedes it
+                elif clock.due(step):
+                    if world.is_main:
+                        log.info("%.2f min since the last checkpoint: checkpointing mid-epoch after step %d",
+                                 clock.minutes_since(), step)
+                    pending_save = True  # like the step-based one: before the next batch
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     stop = True
                     break
@@ -351,6 +359,7 @@ class Trainer:
             position = 0 if not stop else position
             self._save(ckpt, step, state_model, optimizer, scheduler, epoch if not stop else epoch - 1,
                        position if stop else 0, samples, state, train_seconds + time.monotonic() - run_start)
+            clock.reset()
         train_seconds += time.monotonic() - run_start
         last_epoch = epoch - 1
         if cfg.keep_best and state["best"] is not None and state["best"]["epoch"] != last_epoch:
@@ -480,6 +489,55 @@ def manifest_tags(manifest) -> dict[str, Any]:
 
 
 # helpers ----------------------------------------------------------------------------------
+CLOCK_CHECK_STEPS = 10
+"""On several ranks, how often (optimizer steps) the ranks compare their checkpoint clocks."""
+
+
+class CheckpointClock:
+    """When a time-based mid-epoch checkpoint is due (``checkpoint_every_minutes``).
+
+    A checkpoint is collective, so every rank must decide the same at the same step. Alone,
+    the clock is read after every optimizer step; on several ranks, every
+    :data:`CLOCK_CHECK_STEPS` steps the ranks all-reduce (max) a "due" flag, so any rank
+    whose clock has run out makes all of them save at that step (one tiny collective per ten
+    steps, no per-step synchronisation).
+
+    Args:
+        minutes: Interval; 0 disables time-based checkpoints.
+        world: This process's rank information.
+        device: Where the flag lives for the all-reduce (the NCCL backend needs CUDA tensors).
+        clock: Monotonic clock in seconds (tests pass their own).
+    """
+
+    def __init__(self, minutes: float, world: World, device: torch.device, clock=time.monotonic) -> None:
+        self.seconds = float(minutes) * 60.0
+        self.world = world
+        self.device = device
+        self.clock = clock
+        self.since = clock()
+
+    def reset(self) -> None:
+        """A checkpoint was just committed: the interval starts again."""
+        self.since = self.clock()
+
+    def minutes_since(self) -> float:
+        return (self.clock() - self.since) / 60.0
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after optimizer step ``step`` (the same answer on every rank)."""
+        if self.seconds <= 0:
+            return False
+        if not self.world.distributed:
+            return self.clock() - self.since >= self.seconds
+        if step % CLOCK_CHECK_STEPS:
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.clock() - self.since >= self.seconds else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
 FAULT_STEP_ENV = "TRAINFLOW_TEST_FAIL_AFTER_COMMIT_STEP"
 FAULT_MARKER_ENV = "TRAINFLOW_TEST_FAULT_MARKER"
 

@@ -87,6 +87,8 @@ def test_model_logged_before_still_loads_and_serves(kind, tmp_path):
     np.testing.assert_allclose(got, np.asarray(expected["output"]), rtol=1e-5, atol=1e-5)
 
 
+
+
 @pytest.mark.parametrize("pipeline", ["recommendation", "driving"])
 def test_dag_params_are_unchanged(pipeline):
     """The trigger form of both example DAGs: same params in the same order, same defaults,

@@ -147,3 +147,19 @@ def test_the_kubernetes_start_timeout_is_a_declared_param():
     with pytest.raises(ParamError) as info:
         validate_params({"kubernetes_start_timeout_s": 0}, "recommendation", cpu_count=2)
     assert info.value.field == "kubernetes_start_timeout_s"
+def test_checkpoint_every_minutes_reaches_the_trainer_config():
+    from trainflow.tasks.pipeline import run_config
+    from trainflow.trainers.config import TrainConfig
+
+    spec = param_specs("recommendation")["checkpoint_every_minutes"]
+    assert spec["default"] == 10 and spec["schema"]["minimum"] == 0 and "epoch ends" in spec["description"]
+    dataset = {"manifest_uri": "file:///data/_manifest.json", "version": "v"}
+    for conf, expected in [({}, 10), ({"checkpoint_every_minutes": 0.5}, 0.5), ({"checkpoint_every_minutes": 0}, 0)]:
+        values = validate_params(conf, "recommendation", cpu_count=2)
+        config = run_config("recommendation", values, dataset, run_dir="file:///runs/x", dag_id="d", run_id="r",
+                            settings=None, mlflow_run_id="m")
+        assert TrainConfig.from_dict(config["train"]).checkpoint_every_minutes == expected
+    for bad, match in [(-1, "below the minimum"), ("often", "expected number"), (True, "boolean")]:
+        with pytest.raises(ParamError, match=match) as err:
+            validate_params({"checkpoint_every_minutes": bad}, "driving", cpu_count=2)
+        assert err.value.field == "checkpoint_every_minutes"

@@ -218,3 +218,99 @@ def test_killed_rank_restarts_and_resumes_from_last_commit(toy_manifest, tmp_pat
     assert result["steps"] == ddp_reference["steps"]
     assert result["metrics"]["eval"]["mse"] == pytest.approx(ddp_reference["metrics"]["eval"]["mse"], rel=1e-4)
     np.testing.assert_allclose(_losses(result), _losses(ddp_reference), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_clock_alone_and_its_config():
+    from trainflow.trainers.distributed import World
+    from trainflow.trainers.loop import CheckpointClock
+
+    now = [100.0]
+    world = World()
+    clock = CheckpointClock(2.0, world, torch.device("cpu"), clock=lambda: now[0])
+    assert not clock.due(1)
+    now[0] += 119.0
+    assert not clock.due(2)
+    now[0] += 1.0
+    assert clock.due(3) and clock.minutes_since() == pytest.approx(2.0)
+    clock.reset()
+    assert not clock.due(4)
+    off = CheckpointClock(0, world, torch.device("cpu"), clock=lambda: now[0])
+    now[0] += 1e6
+    assert not off.due(5)
+    assert TrainConfig(manifest_uri="file:///m").checkpoint_every_minutes == 10.0
+    for bad in (-1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="checkpoint_every_minutes"):
+            TrainConfig(manifest_uri="file:///m", checkpoint_every_minutes=bad)
+
+
+def _marker_states(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for marker in (run_dir / "checkpoints").glob("step-*/_COMMITTED"):
+        data = json.loads(marker.read_text())
+        out[data["step"]] = data
+    return out
+
+
+def test_time_based_checkpoints_commit_mid_epoch_alone(toy_manifest, tmp_path, caplog):
+    """Alone, the clock is read after every step: an interval shorter than a step checkpoints
+    after every step, each commit carrying the loader position of that step."""
+    caplog.set_level(logging.INFO)
+    run_dir = tmp_path / "run"
+    result = run_training(ToyFamily, ToyConfig(), _config(toy_manifest, run_dir, max_steps=6, keep_checkpoints=10,
+                                                          checkpoint_every_minutes=1e-9))
+    markers = _marker_states(run_dir)
+    # Saved before the next batch: steps 1-5 mid-epoch, step 6 by the final (max_steps) save.
+    assert sorted(markers) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 6):
+        assert markers[step]["epoch"] == 0 and markers[step]["train_state"]["position"] == step
+    assert sum("checkpointing mid-epoch after step" in r.getMessage() for r in caplog.records) == 6
+    assert result["steps"] == 6
+    # A long interval (the default 10 min) adds nothing: only the epoch-end commit.
+    run_dir = tmp_path / "quiet"
+    run_training(ToyFamily, ToyConfig(), _config(toy_manifest, run_dir, keep_checkpoints=10))
+    assert sorted(_marker_states(run_dir)) == [toy_manifest.num_rows("train") // 64]
+
+
+@pytest.mark.slow  # ~30 s: two ranks, a fault after a commit, torchrun's restart
+def test_killed_after_a_time_based_mid_epoch_commit_resumes_exactly(toy_manifest, tmp_path, ddp_reference):
+    """2 ranks checkpoint by the clock only (no step interval); every rank exits right after the
+    first mid-epoch commit at step >= 10 (the checkpoint after step 10: the ranks compare
+    clocks every 10 steps); torchrun restarts them; the run resumes there and every train row
+    of the epoch is trained exactly once."""
+    from trainflow.trainers.loop import CLOCK_CHECK_STEPS, FAULT_MARKER_ENV, FAULT_STEP_ENV
+
+    lines: list[str] = []
+    record = tmp_path / "batches"
+    record.mkdir()
+    run_dir = tmp_path / "killed"
+    cfg = {"train": {"manifest_uri": toy_manifest.uri, "run_dir": run_dir.as_uri(), **BASE, "parallelism": "ddp",
+                     "checkpoint_every_minutes": 1e-9, "checkpoint_every_steps": 0, "keep_checkpoints": 10},
+           "family": {"record_dir": str(record)}}
+    path = tmp_path / "killed.json"
+    path.write_text(json.dumps(cfg))
+    fault = tmp_path / "fault"
+    run_torchrun(LaunchConfig(nproc_per_node=2, max_restarts=1), script=TOY_SCRIPT, args=["--config", str(path)],
+                 env={"OMP_NUM_THREADS": "1", FAULT_STEP_ENV: "10", FAULT_MARKER_ENV: str(fault)},
+                 on_line=lines.append)
+    result = json.loads((run_dir / "result.json").read_text())
+    resume = CLOCK_CHECK_STEPS
+    assert fault.read_text() == str(resume)  # the ranks really exited after that commit
+    assert any("checkpointing mid-epoch after step 10" in line for line in lines)
+    assert any(f"resuming from step {resume} " in line for line in lines)
+    assert result["resumed_from_step"] == resume
+    markers = _marker_states(run_dir)
+    steps = toy_manifest.num_rows("train") // 64
+    assert markers[resume]["epoch"] == 0 and markers[resume]["train_state"]["position"] == resume
+    assert sorted(markers) == [s for s in range(CLOCK_CHECK_STEPS, steps, CLOCK_CHECK_STEPS)] + [steps]
+    entries = [json.loads(line) for p in record.glob("rank*.jsonl") for line in p.read_text().splitlines()]
+    first = [e for e in entries if e["restart"] == 0]
+    second = [e for e in entries if e["restart"] == 1]
+    assert first and second
+    # The first attempt handed out batch 10 (fetched before the save) but never trained it.
+    assert {e["position"] for e in first} == set(range(resume + 1))
+    assert min(e["position"] for e in second) == resume
+    trained = [r for e in first if e["position"] < resume for r in e["rows"]] + [r for e in second for r in e["rows"]]
+    assert len(trained) == len(set(trained)) == steps * 64
+    assert result["steps"] == ddp_reference["steps"]
+    np.testing.assert_allclose(_losses(result), _losses(ddp_reference), rtol=1e-4, atol=1e-5)
+    assert result["metrics"]["eval"]["mse"] == pytest.approx(ddp_reference["metrics"]["eval"]["mse"], rel=1e-4)

@@ -1,8 +1,10 @@
 """Recommendation sources: a MovieLens release name (``movielens-100k`` ... ``movielens-32m``:
 downloaded once), a ratings file or a folder holding one (``u.data``, ``ratings.dat``,
 ``ratings.csv``), a folder with an NCF split (``*.train.rating``, ``*.test.rating``,
-``*.test.negative``), or ``synthetic://recommendation?...``. Reader ids and versions are
-unchanged from before the pipeline contract (they are part of every dataset version).
+``*.test.negative``), a SASRec sequence file (``user item`` lines in time order, e.g. the
+Amazon Games ``Video.txt`` of the SASRec paper: a ``*.txt`` file or a folder holding exactly
+one), or ``synthetic://recommendation?...``. Reader ids and versions are unchanged from before
+the pipeline contract (they are part of every dataset version).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class RecommendationSource:
             rows and the test negatives; ``None`` when the split is ours to make.
         bad_rows: Rows with the wrong number of fields seen so far (skipped, counted once
             each, however many passes read the file: see :meth:`add_bad_row`).
+        split_protocol: How :func:`trainflow.trainers.recommendation.split.shard_recommendation` holds
+            out valid and eval: ``ncf`` (He et al. 2017) or ``sasrec`` (Kang & McAuley 2018,
+            what a SASRec sequence file comes with; see :data:`SASREC_PROTOCOL`).
     """
 
     url: str
@@ -52,6 +57,7 @@ class RecommendationSource:
     given_split: dict[str, Callable[[], Iterator]] | None = None
     bad_rows: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
     kind: str = "recommendation"
+    split_protocol: str = "ncf"
     _bad_seen: set[tuple[str, int]] = dataclasses.field(default_factory=set, repr=False)
 
     def add_bad_row(self, file: str, line: int, text: str) -> None:
@@ -107,16 +113,23 @@ def _recommendation_from_url(url: str, settings: Settings) -> RecommendationSour
         if prefix is not None:
             return _ncf_source(url, fs, path, prefix)
         ratings = movielens.find_ratings_file(names)
+        sequences = [n for n in names if n.endswith(SEQUENCE_SUFFIX)]
+        if ratings is None and len(sequences) == 1:
+            return _sequence_source(url, fs, posixpath.join(path, sequences[0]), url_stem(url), in_folder=True)
         if ratings is None:
+            several = f" ({len(sequences)} *.txt files: name one)" if sequences else ""
             raise SourceNotFoundError(
-                f"source_url {shown}: no MovieLens ratings file (u.data, ratings.dat, ratings.csv) "
-                "and no NCF split (*.train.rating, *.test.rating, *.test.negative) in this folder"
+                f"source_url {shown}: no MovieLens ratings file (u.data, ratings.dat, ratings.csv), "
+                f"no NCF split (*.train.rating, *.test.rating, *.test.negative) and no single SASRec "
+                f"sequence file (*.txt){several} in this folder"
             )
         file_path = posixpath.join(path, ratings)
         name = url_stem(url)
     else:
         file_path = path
         ratings = posixpath.basename(path)
+        if ratings.endswith(SEQUENCE_SUFFIX):
+            return _sequence_source(url, fs, path, url_stem(posixpath.dirname(url.rstrip("/"))), in_folder=False)
         if not (ratings in movielens.RATINGS_FILES or ratings.endswith((".dat", ".csv", ".rating", ".data"))):
             raise SourceNotFoundError(f"source_url {shown}: not a MovieLens ratings file")
         name = url_stem(posixpath.dirname(url.rstrip("/")))
@@ -177,4 +190,68 @@ def _ncf_source(url: str, fs, path: str, prefix: str) -> RecommendationSource:
 
     source.open_interactions = all_interactions
     source.given_split = {part: opener(part) for part in files}
+    return source
+
+
+# --- SASRec sequence files ------------------------------------------------------------------
+SEQUENCE_SUFFIX = ".txt"
+SEQUENCE_READER = "sasrec.sequence_txt"
+SEQUENCE_READER_VERSION = "1"
+SASREC_PROTOCOL = "sasrec"
+"""Split protocol of a SASRec sequence file (Kang & McAuley 2018, and pmixer/SASRec.pytorch's
+``utils.py``): per user with at least 4 interactions, the last one is ``eval``, the second to
+last ``valid``, the rest ``train``; users with fewer are train-only; each held-out item is ranked
+among 100 items drawn uniformly from those the user has not interacted with in training."""
+
+
+def read_sequence_lines(handle, *, file_label: str, on_bad_row: Callable[[int, str], None] | None = None) -> Iterator:
+    """Stream a SASRec sequence file as RecordBatches of (user_id, item_id, rating, timestamp).
+
+    The format has one ``user item`` line per interaction (space-separated integer ids, each
+    user's lines in time order) and no timestamps or ratings: ``timestamp`` is the line's row
+    number in the file (0, 1, ...), which orders each user's interactions as the file does,
+    and ``rating`` is 1.
+
+    Raises:
+        SourceFormatError: naming the file and line of a value that is not an integer, or a
+            file without a ``user item`` row.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from trainflow.tasks.datasets.textio import parse_delimited
+
+    types = {"user_id": pa.int64(), "item_id": pa.int64()}
+    row = 0
+    for batch in parse_delimited(handle, file_label=file_label, column_names=list(types), column_types=types,
+                                 delimiter=" ", on_bad_row=on_bad_row):
+        n = batch.num_rows
+        yield pa.RecordBatch.from_arrays(
+            [batch.column("user_id"), batch.column("item_id"), pa.array(np.ones(n, np.float32)),
+             pa.array(np.arange(row, row + n, dtype=np.int64))],
+            schema=movielens.interaction_schema(),
+        )
+        row += n
+
+
+def _sequence_source(url: str, fs, file_path: str, name: str, *, in_folder: bool) -> RecommendationSource:
+    base = posixpath.basename(file_path)
+    label = redact_url(url.rstrip("/") + "/" + base if in_folder else url)
+    source = RecommendationSource(
+        url=url,
+        default_name=name,
+        reader=SEQUENCE_READER,
+        reader_version=SEQUENCE_READER_VERSION,
+        fingerprint=hash_parts(["sasrec", file_fingerprint(fs, file_path)]),
+        open_interactions=lambda: iter(()),
+        split_protocol=SASREC_PROTOCOL,
+    )
+
+    def open_interactions() -> Iterator:
+        with fs.open(file_path, "rb") as handle:
+            yield from read_sequence_lines(
+                handle, file_label=label, on_bad_row=lambda line, text: source.add_bad_row(base, line, text)
+            )
+
+    source.open_interactions = open_interactions
     return source

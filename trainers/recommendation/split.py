@@ -6,6 +6,11 @@ seed; the second-latest is the ``valid`` positive (with its own negatives) for c
 hyper-parameters, and stays in ``train`` flagged ``is_valid`` so a trainer can leave it out.
 When the source is already an NCF split its test rows and negatives are used as given.
 
+A source whose ``split_protocol`` is ``sasrec`` (a SASRec sequence file) is split the SASRec
+paper's way instead (:data:`~trainflow.trainers.recommendation.sources.SASREC_PROTOCOL`): only users with
+at least 4 interactions get a valid and an eval item (the second-to-last and the last), and
+the 100 negatives of each are drawn from the items the user has no *train* interaction with.
+
 Memory is bounded by the number of users (a few arrays of per-user state) and one block of
 rows, never by the number of interactions: the raw data is streamed twice. Moved unchanged
 from ``trainflow.tasks.sharding`` (sharder version 3): the same inputs give the same dataset version.
@@ -23,9 +28,14 @@ import numpy as np
 from trainflow.tasks.settings import redact_url
 from trainflow.tasks.sharding import ShardingConfig, ShardWriter, write_side_file
 from trainflow.tasks.storage import Storage
-from trainflow.trainers.recommendation.sources import RecommendationSource
+from trainflow.trainers.recommendation.sources import SASREC_PROTOCOL, RecommendationSource
 
 log = logging.getLogger(__name__)
+
+SASREC_MIN_INTERACTIONS = 4
+"""The SASRec protocol: users with fewer interactions are train-only."""
+SASREC_NEGATIVES = 100
+"""The SASRec protocol: negatives per held-out item (``ShardingConfig.num_negatives`` is not used)."""
 
 
 def _batch_arrays(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -199,7 +209,9 @@ def shard_recommendation(
     import pyarrow as pa
 
     given = source.given_split
-    k = config.num_negatives
+    sasrec = getattr(source, "split_protocol", "ncf") == SASREC_PROTOCOL
+    k = SASREC_NEGATIVES if sasrec else config.num_negatives
+    min_test, min_valid = (SASREC_MIN_INTERACTIONS, SASREC_MIN_INTERACTIONS) if sasrec else (2, 3)
 
     # Pass 1: id vocabularies, interaction counts and each user's two latest interactions.
     users = np.zeros(0, np.int64)
@@ -275,9 +287,9 @@ def shard_recommendation(
         keep = np.array([counts_by_user[int(x)] >= 2 for x in latest_u], dtype=bool)
         valid_u, valid_ts, valid_i = latest_u[keep], latest_ts[keep], latest_i[keep]
     else:
-        test_mask = np.array([counts_by_user[int(x)] >= 2 for x in latest_u], dtype=bool)
+        test_mask = np.array([counts_by_user[int(x)] >= min_test for x in latest_u], dtype=bool)
         test_u, test_ts, test_i = latest_u[test_mask], latest_ts[test_mask], latest_i[test_mask]
-        valid_mask = np.array([counts_by_user[int(x)] >= 3 for x in second_u], dtype=bool)
+        valid_mask = np.array([counts_by_user[int(x)] >= min_valid for x in second_u], dtype=bool)
         valid_u, valid_ts, valid_i = second_u[valid_mask], second_ts[valid_mask], second_i[valid_mask]
 
     def dense(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -315,15 +327,16 @@ def shard_recommendation(
             rows = np.arange(row_offset, row_offset + u.size)
             row_offset += u.size
             is_duplicate = np.isin(rows, duplicate_rows, assume_unique=True)
-            valid_sets.observe(uidx, iidx)
-            if test_sets is not None:
-                test_sets.observe(uidx, iidx)
             is_test = (ts == test_ts_by_user[uidx]) & (i == test_i_by_user[uidx])
+            is_valid = (ts == valid_ts_by_user[uidx]) & (i == valid_i_by_user[uidx])
+            seen = ~(is_test | is_valid) if sasrec else slice(None)  # SASRec: train items only
+            valid_sets.observe(uidx[seen], iidx[seen])
+            if test_sets is not None:
+                test_sets.observe(uidx[seen], iidx[seen])
             if given:
                 is_test[:] = False
             else:
                 dropped_test_copies += int((is_test & ~is_duplicate).sum())
-            is_valid = (ts == valid_ts_by_user[uidx]) & (i == valid_i_by_user[uidx])
             keep = ~is_test & ~is_duplicate
             perm = np.random.default_rng([config.seed, 11, block]).permutation(int(keep.sum()))
             sel = np.flatnonzero(keep)[perm]
@@ -344,6 +357,9 @@ def shard_recommendation(
             )
         if given:  # the given test items are interactions too: never valid negatives
             valid_sets.observe(dense(users, test_u), dense(items, test_i))
+        if sasrec:  # a held-out item is never its own negative
+            valid_sets.observe(valid_uidx, dense(items, valid_i))
+            test_sets.observe(test_uidx, dense(items, test_i))
         train_entry = train_writer.close()
     finally:
         train_writer.abort()
@@ -450,7 +466,8 @@ def shard_recommendation(
         "num_negatives": int(k) if not given else int(max((n.size for n in test_negs), default=0)),
         "eval_positive_among_negatives": int(positives_in_negatives),
         "users_without_eval": int(num_users - test_u.size),
-        "split_protocol": "given NCF split" if given else "leave-latest-out (NCF)",
+        "split_protocol": "given NCF split" if given else (
+            "leave-last-two-out, 100 negatives not in train (SASRec)" if sasrec else "leave-latest-out (NCF)"),
     }
     cleaning = {
         "skipped_malformed_rows": len(source.bad_rows),
