@@ -129,6 +129,16 @@ def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighb
     return samples
 
 
+def _flat_list(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of a loader batch as flat values + offsets (the loader gives a 2-D tensor
+    instead when every list of the batch has the same length)."""
+    values = np.asarray(batch[name])
+    if f"{name}_offsets" in batch:
+        return values, np.asarray(batch[f"{name}_offsets"], dtype=np.int64)
+    rows, width = values.shape
+    return values.reshape(-1), np.arange(rows + 1, dtype=np.int64) * width
+
+
 def loader_batch_samples(
     batch: dict,
     *,
@@ -150,10 +160,8 @@ def loader_batch_samples(
         per sample, False where the scenario is a padding row of the epoch's tail.
     """
     counts = np.asarray(batch["num_tracks"]).astype(np.int64)
-    values = np.asarray(batch["tracks_xy"], dtype=np.float32)
-    offsets = np.asarray(batch["tracks_xy_offsets"], dtype=np.int64)
-    types = np.asarray(batch["track_types"])
-    type_offsets = np.asarray(batch["track_types_offsets"], dtype=np.int64)
+    values, offsets = _flat_list(batch, "tracks_xy")
+    types, type_offsets = _flat_list(batch, "track_types")
     rows = np.asarray(batch["row_index"], dtype=np.int64)
     mask = np.asarray(batch["sample_mask"], dtype=bool) if "sample_mask" in batch else np.ones(len(rows), bool)
     frames = HISTORY_FRAMES + FUTURE_FRAMES
