@@ -217,7 +217,7 @@ def plot_driving(report: dict[str, Any], out_dir: str) -> list[str]:
         h, f, p, b = ex["history"][i], ex["future"][i], ex["forecast"][i], ex["baseline"][i]
         centre = h[-1]
         for j, track in enumerate(ex["neighbours"][i]):
-            near = np.isfinite(track).all(-1) & (np.linalg.norm(track - centre, axis=-1) < 60)
+            near = np.isfinite(track).all(-1) & (np.linalg.norm(track - centre, axis=-1) < 40)
             if near.any():
                 ax.plot(track[near, 0], track[near, 1], "-", color="0.75", lw=1,
                         label="other agents (5 s)" if i == 0 and j == 0 else None)
@@ -230,10 +230,6 @@ def plot_driving(report: dict[str, Any], out_dir: str) -> list[str]:
         ax.plot(f[:, 0], f[:, 1], "g.-", label="truth (3 s)")
         ax.plot(p[:, 0], p[:, 1], "b.-", label="K = 1")
         ax.plot(b[:, 0], b[:, 1], "r--", label="constant velocity")
-        span = np.concatenate([h, f, p, b])
-        lo, hi = span.min(axis=0) - 15, span.max(axis=0) + 15
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(lo[1], hi[1])
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_title(f"scenario {ex['seq_id'][i]}", fontsize=9)
         if i == 0:
