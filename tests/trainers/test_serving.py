@@ -4,6 +4,7 @@ the trained model's outputs (recommendation and driving)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -178,9 +179,11 @@ def test_forecaster_answers_scene_requests_through_the_scoring_server(tf_env):
         example = json.load(handle)
     port = free_port()
     log = open(tf_env / "serve.log", "wb")
+    # The server execs `uvicorn` by name: this interpreter's scripts folder first on PATH.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", local, "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+         "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
     )
 
     def post(payload):
