@@ -455,3 +455,21 @@ def test_fsdp_matches_ddp(synthetic_manifest, tmp_path):
     full = ddp["memory"]["param_bytes"]
     assert all(b <= full / 2 + 4096 for b in fsdp["memory"]["param_bytes_per_rank"])
     assert sum(fsdp["memory"]["param_bytes_per_rank"]) >= full
+
+
+def test_a_model_registered_before_the_scene_contract_is_scored_on_histories(synthetic_manifest):
+    """The evaluator (and so the gate's re-scoring of an old champion) calls a history-only model
+    with histories and scores it at K = 1; it has no K = 6 metrics."""
+    import mlflow
+
+    from tasks.settings import PROJECT_DIR
+    from trainers.driving.evaluation import evaluate_driving, takes_scenes
+
+    old = mlflow.pyfunc.load_model(str(PROJECT_DIR / "tests" / "fixtures" / "before_plugins" / "models" / "driving"))
+    assert not takes_scenes(old.predict)
+    report = evaluate_driving(synthetic_manifest, old.predict)
+    metrics = report["metrics"]
+    assert metrics["num_samples"] == synthetic_manifest.num_rows("eval")
+    assert np.isfinite(metrics["ade"]) and metrics["baseline_ade"] > 0
+    assert not any(key.startswith(("min_", "history_only_")) for key in metrics)
+    assert report["examples"]["forecasts"] is None

@@ -105,13 +105,13 @@ def multimodal_metrics(
 
 
 def takes_scenes(predict: Predictor) -> bool:
-    """Whether a served model takes scenes (its signature's input is the (n, 20 × A, 3) tensor
-    with the ``num_forecasts`` param); models registered before take histories only."""
+    """Whether a served model takes scenes (its MLflow signature has the ``num_forecasts`` param);
+    models registered before, and plain callables (a baseline), take histories only."""
     model = getattr(predict, "__self__", None)
     metadata = getattr(model, "metadata", None)
     signature = getattr(metadata, "signature", None)
     if signature is None:
-        return True  # not an MLflow model: a trainflow predictor of the current contract
+        return False
     params = getattr(signature, "params", None)
     return params is not None and "num_forecasts" in [p.name for p in params.params]
 
