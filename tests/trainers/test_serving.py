@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.manifest import load_manifest
-from tasks.settings import get_settings
-from tasks.sharding import shard_dataset
-from trainers.loop import load_exported_model
-from trainers.serving import log_serving_model, served_module
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.sharding import shard_dataset
+from trainflow.trainers.loop import load_exported_model
+from trainflow.trainers.serving import log_serving_model, served_module
 
 FRESH = textwrap.dedent(
     """
     import importlib.abc, json, sys
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("tasks", "trainers", "trainflow_airflow"):
+            if name.split(".")[0] in ("tasks", "trainers", "trainflow.airflow"):
                 raise ImportError(f"trainflow code must not be needed to serve: {name}")
             return None
     sys.meta_path.insert(0, Block())
@@ -56,7 +56,7 @@ def _train(kind: str, source: str, extra: list[str]) -> tuple[str, str, str]:
         pass
     run_dir = (settings.data_dir / "store" / "runs" / "t" / kind).as_uri()
     cmd = [
-        sys.executable, "-m", f"trainers.{kind}", f"--train.manifest_uri={manifest_uri}", "--train.epochs=1",
+        sys.executable, "-m", f"trainflow.trainers.{kind}", f"--train.manifest_uri={manifest_uri}", "--train.epochs=1",
         f"--train.run_dir={run_dir}", f"--train.mlflow_run_id={run.info.run_id}", "--train.parallelism=none",
         "--train.batch_size=64", *extra,
     ]
@@ -108,8 +108,8 @@ def _driving_model(tf_env):
 def _expected_scene(state, config, tracks, others):
     """The trained model's single forecast and K forecasts (by decreasing probability), given
     the nearest neighbours as the family's own samples pick them, in the input frame."""
-    from trainers.driving.data import scenario_samples
-    from trainers.driving.model import build_forecaster
+    from trainflow.trainers.driving.data import scenario_samples
+    from trainflow.trainers.driving.model import build_forecaster
 
     model = build_forecaster(config["export_config"]).eval()
     model.load_state_dict(state)
@@ -131,9 +131,9 @@ def _expected_scene(state, config, tracks, others):
 
 @pytest.mark.slow
 def test_forecaster_serves_without_trainflow(tf_env):
-    from trainers.driving.evaluation import scenes
-    from trainers.driving.model import build_forecaster, forecast
-    from trainers.driving.serving import scene_array
+    from trainflow.trainers.driving.evaluation import scenes
+    from trainflow.trainers.driving.model import build_forecaster, forecast
+    from trainflow.trainers.driving.serving import scene_array
 
     manifest, run_dir, logged, state, config = _driving_model(tf_env)
     _, tracks, others = scenes(manifest, "eval", limit=4)
@@ -168,8 +168,8 @@ def test_forecaster_answers_scene_requests_through_the_scoring_server(tf_env):
     import urllib.request
 
     from tests.conftest import free_port
-    from trainers.driving.evaluation import scenes
-    from trainers.driving.serving import scene_array
+    from trainflow.trainers.driving.evaluation import scenes
+    from trainflow.trainers.driving.serving import scene_array
 
     manifest, run_dir, logged, state, config = _driving_model(tf_env)
     _, tracks, others = scenes(manifest, "eval", limit=3)

@@ -1,7 +1,7 @@
 """The driving evaluator: the served forecaster, given each scene, vs constant velocity.
 
 The served model gets the scene (the focal vehicle's 2 s history and the other agents' first
-20 frames, see :mod:`trainers.driving.serving`) and is scored at K = 1 (ADE / FDE / miss rate of
+20 frames, see :mod:`trainflow.trainers.driving.serving`) and is scored at K = 1 (ADE / FDE / miss rate of
 its single forecast) and at K (minADE / minFDE / miss rate over its K forecasts, 6 by default),
 each next to the constant-velocity baseline on the same scenarios (``baseline_*``), overall and
 at 1, 2 and 3 s. A model registered before the scene contract (history in, one forecast out)
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks import metrics as M
-from tasks.evaluation import Predictor, bar_plot, figure, save_figure
-from tasks.manifest import Manifest
+from trainflow.tasks import metrics as M
+from trainflow.tasks.evaluation import Predictor, bar_plot, figure, save_figure
+from trainflow.tasks.manifest import Manifest
 
 HISTORY_FRAMES, FUTURE_FRAMES = 20, 30
 FRAME_RATE_HZ = 10
@@ -26,7 +26,7 @@ NUM_EXAMPLES = 6
 def scenes(manifest: Manifest, split: str = "eval", *, limit: int | None = None) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
     """Scenario ids, the focal agents' (n, 50, 2) tracks and, per scenario, the other agents'
     (m, 50, 2) tracks (NaN where not observed) of ``split``, in manifest order."""
-    from trainers.driving.argoverse import batch_tracks
+    from trainflow.trainers.driving.argoverse import batch_tracks
 
     ids: list[str] = []
     focal, others = [], []
@@ -126,7 +126,7 @@ def evaluate_driving(manifest: Manifest, predict: Predictor, *, split: str = "ev
     forecasts (capped at what the model has) and its history-only call's ADE / FDE
     (``history_only_*``), each with the constant-velocity baseline's (``baseline_*``) on the
     same scenarios."""
-    from trainers.driving.serving import scene_array
+    from trainflow.trainers.driving.serving import scene_array
 
     ids, tracks, others = scenes(manifest, split)
     history, future = tracks[:, :HISTORY_FRAMES], tracks[:, HISTORY_FRAMES:]

@@ -2,7 +2,7 @@
 
 Training samples are every track observed at all 50 frames of a training scenario (AGENT, AV,
 OTHERS), the AGENT weighted up in the loss; each carries the first 20 frames of its nearest
-surrounding tracks as context. The train split is streamed: :class:`trainers.loader.ShardLoader`
+surrounding tracks as context. The train split is streamed: :class:`trainflow.trainers.loader.ShardLoader`
 deals the scenario rows to the ranks (each scenario once per epoch across the world, the
 padded tail flagged by ``sample_mask``) and each batch of scenarios is cut into its samples
 where it is made, so no rank holds more than the loader's windows of the split.
@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tasks.metrics import constant_velocity_forecast, displacement_metrics
-from trainers.driving.config import DrivingConfig
-from trainers.driving.data import TRAIN_COLUMNS, ForecastSamples, load_samples, loader_batch_samples
-from trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
-from trainers.driving.model import build_forecaster
-from trainers.family import ModelFamily
+from trainflow.tasks.metrics import constant_velocity_forecast, displacement_metrics
+from trainflow.trainers.driving.config import DrivingConfig
+from trainflow.trainers.driving.data import TRAIN_COLUMNS, ForecastSamples, load_samples, loader_batch_samples
+from trainflow.trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
+from trainflow.trainers.driving.model import build_forecaster
+from trainflow.trainers.family import ModelFamily
 
 if TYPE_CHECKING:
-    from tasks.manifest import Manifest
-    from trainers.distributed import World
+    from trainflow.tasks.manifest import Manifest
+    from trainflow.trainers.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ class DrivingFamily(ModelFamily):
         return max(1, round(batch_size / self.config.samples_per_scenario))
 
     def train_loader(self, batch_size: int):
-        """This rank's :class:`~trainers.loader.ShardLoader` over the train split's scenarios
+        """This rank's :class:`~trainflow.trainers.loader.ShardLoader` over the train split's scenarios
         (shuffled by ``seed``; the padded tail of an epoch carries ``sample_mask`` False)."""
-        from trainers.loader import ShardLoader
+        from trainflow.trainers.loader import ShardLoader
 
         return ShardLoader(
             self.manifest, "train", self.scenarios_per_batch(batch_size), world=self.world, columns=TRAIN_COLUMNS,
@@ -203,7 +203,7 @@ class DrivingFamily(ModelFamily):
 
         Every rank computes the whole split (it is small), so the values agree across ranks.
         """
-        from trainers.driving.evaluation import multimodal_metrics
+        from trainflow.trainers.driving.evaluation import multimodal_metrics
 
         samples = self.focal_samples(split)
         k = self.config.num_modes
@@ -249,5 +249,5 @@ class DrivingFamily(ModelFamily):
             "scene_input": {"history": [HISTORY_FRAMES, 2], "neighbours": [-1, HISTORY_FRAMES, 2],
                             "neighbours_mask": [-1, HISTORY_FRAMES]},
             "scene_output": {"forecasts": [c.num_modes, FUTURE_FRAMES, 2], "probabilities": [c.num_modes]},
-            "predict": "trainers.driving.model:forecast",
+            "predict": "trainflow.trainers.driving.model:forecast",
         }

@@ -1,7 +1,7 @@
 """Score a finished driving run the way the DAG does: log its served model (the pyfunc) to
 MLflow, load it back and evaluate it with the scene on ``valid`` and/or ``eval``::
 
-    python -m trainers.driving.served_eval --run-dir file:///.../runs/driving_training/RUN --split valid --split eval
+    python -m trainflow.trainers.driving.served_eval --run-dir file:///.../runs/driving_training/RUN --split valid --split eval
 
 The MLflow store is ``TRAINFLOW_DATA_DIR``'s (or ``MLFLOW_TRACKING_URI``). Prints one JSON object:
 per split, the metrics and each metric's relative change against constant velocity; the plots
@@ -34,10 +34,10 @@ def _baseline_key(key: str) -> str:
 def served_metrics(run_dir: str, splits: list[str], plots_dir: str | None = None) -> dict[str, Any]:
     import mlflow
 
-    from tasks.evaluation import evaluate_step
-    from tasks.settings import get_settings
-    from trainers.loop import load_exported_model
-    from trainers.serving import log_serving_model
+    from trainflow.tasks.evaluation import evaluate_step
+    from trainflow.tasks.settings import get_settings
+    from trainflow.trainers.loop import load_exported_model
+    from trainflow.trainers.serving import log_serving_model
 
     settings = get_settings()
     _, config = load_exported_model(run_dir, settings)

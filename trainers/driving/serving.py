@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.serving import ServedModel
+from trainflow.trainers.serving import ServedModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE_SCENES = 4
@@ -82,7 +82,7 @@ def scene_array(history: np.ndarray, neighbours: list[np.ndarray]) -> np.ndarray
 def _driving_example(manifest, max_neighbours: int):
     """The example scenes (first ``eval`` scenarios), the program's inputs for them and the
     focal origins (what turns its outputs into what ``predict`` returns)."""
-    from trainers.driving.evaluation import scenes
+    from trainflow.trainers.driving.evaluation import scenes
 
     _, tracks, others = scenes(manifest, "eval", limit=EXAMPLE_SCENES)
     neighbours = [o[:, :FRAMES] for o in others]
@@ -141,8 +141,8 @@ def scene_signature(num_modes: int):
 
 
 def served_forecaster(state: dict[str, torch.Tensor], config: dict[str, Any], manifest, tmp_dir: str) -> ServedModel:
-    """The served model of an exported driving run (see :class:`trainers.serving.ServedModel`)."""
-    from trainers.driving.model import build_forecaster
+    """The served model of an exported driving run (see :class:`trainflow.trainers.serving.ServedModel`)."""
+    from trainflow.trainers.driving.model import build_forecaster
 
     export = config["export_config"]
     model = build_forecaster(export)

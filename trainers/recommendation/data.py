@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from tasks.manifest import Manifest
+    from trainflow.tasks.manifest import Manifest
 
 
 @dataclasses.dataclass

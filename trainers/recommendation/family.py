@@ -11,14 +11,14 @@ Training (what :class:`RecommendationFamily` gives the generic loop):
   ``num_negatives`` sampled items, BCE over the real (non-padding) positions.
 
 Samples are shuffled by (seed, epoch), identically on every rank, then dealt to ranks by
-:func:`~trainers.recommendation.data.rank_batches`: every positive is covered exactly once
+:func:`~trainflow.trainers.recommendation.data.rank_batches`: every positive is covered exactly once
 per epoch across the world and every rank yields the same number of batches. Negatives are
 drawn per batch from a generator seeded by (seed, epoch, rank, batch index), so resuming
 with ``skip_batches`` reproduces the rest of the epoch without replaying it.
 
 Evaluation follows the NCF protocol: each user's held-out item is ranked among its 99
 sampled negatives (the split's ``neg_item_idx``); ties count against the positive
-(see :func:`~trainers.recommendation.metrics.rank_of_positive`). SASRec reads the user's
+(see :func:`~trainflow.trainers.recommendation.metrics.rank_of_positive`). SASRec reads the user's
 history up to the target: for ``valid`` the train rows without the ``is_valid`` one, for
 ``eval`` all train rows (the valid interaction is earlier than the eval one).
 
@@ -37,16 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.metrics import rank_of_positive, ranking_metrics
-from trainers.family import ModelFamily
-from trainers.recommendation.config import RecommendationConfig
-from trainers.recommendation.data import Interactions, rank_batches, sample_negatives
+from trainflow.tasks.metrics import rank_of_positive, ranking_metrics
+from trainflow.trainers.family import ModelFamily
+from trainflow.trainers.recommendation.config import RecommendationConfig
+from trainflow.trainers.recommendation.data import Interactions, rank_batches, sample_negatives
 
 if TYPE_CHECKING:
     import torch
 
-    from tasks.manifest import Manifest
-    from trainers.distributed import World
+    from trainflow.tasks.manifest import Manifest
+    from trainflow.trainers.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class RecommendationFamily(ModelFamily):
     def build_model(self) -> torch.nn.Module:
         import torch
 
-        from trainers.recommendation.models import build_model
+        from trainflow.trainers.recommendation.models import build_model
 
         c = self.config
         torch.manual_seed(c.seed)
