@@ -541,7 +541,9 @@ def _gather(parts: list[tuple[_Window, int, int]], name: str) -> Any:
 
     pieces = []
     for window, lo, hi in parts:
-        column = pa.chunked_array([t.column(name) for t in window.tables])
+        # the chunks of each table's column (a ChunkedArray given as a value would be converted
+        # element by element through Python: seconds per batch for long lists)
+        column = pa.chunked_array([c for t in window.tables for c in t.column(name).chunks], type=window.tables[0].schema.field(name).type)
         pieces.extend(column.take(_int64_array(window.order[lo:hi])).chunks)
     return _column_to_tensor(pa.chunked_array(pieces, type=parts[0][0].tables[0].schema.field(name).type))
 

@@ -139,6 +139,11 @@ def test_driving_pipeline(dagbag, tf_env):
     assert shard["splits"]["eval"] > 0 and train["world_size"] == 2
     metrics = evaluation["metrics"]
     assert {"ade", "fde", "miss_rate", "ade_1s", "fde_3s", "baseline_ade"} <= set(metrics)
+    # The served model was given the scenes: K = 6 forecasts scored next to constant velocity,
+    # and the history-only call of the first contract scored too.
+    assert {"min_ade_6", "min_fde_6", "miss_rate_6", "min_fde_6_1s", "baseline_min_fde_6", "top_ade_6",
+            "history_only_ade"} <= set(metrics)
+    assert metrics["baseline_min_fde_6"] == metrics["baseline_fde"]
     assert metrics["num_samples"] == shard["splits"]["eval"]
     client = MlflowClient(settings.mlflow_tracking_uri)
     assert {a.path for a in client.list_artifacts(train["mlflow_run_id"], "plots")} >= {
@@ -146,6 +151,13 @@ def test_driving_pipeline(dagbag, tf_env):
         "plots/trajectories.png",
     }
     version = client.get_model_version("trainflow-driving", str(register["version"]))
+    # The registered model takes scenes: the signature's num_forecasts param, default 6.
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    info = mlflow.models.get_model_info(f"models:/trainflow-driving/{register['version']}")
+    assert [(p.name, p.default) for p in info.signature.params.params] == [("num_forecasts", 6)]
     beat = metrics["ade"] < metrics["baseline_ade"]
     assert version.tags["trainflow.decision.outcome"] == ("promoted" if beat else "rejected")
     assert ("champion" in register["aliases"]) == beat

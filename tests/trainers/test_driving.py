@@ -1,8 +1,8 @@
-"""Driving family: frames, the constant-velocity baseline, metrics, rank batching, training."""
+"""Driving family: frames, the constant-velocity baseline, metrics, streamed rank batches, the K
+forecasts, training."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -25,7 +25,6 @@ from trainflow.trainers.driving import (
     forecast,
 )
 from trainflow.trainers.driving.data import scenario_samples
-from trainflow.trainers.driving.family import epoch_batches
 from trainflow.trainers.driving.geometry import agent_frame, from_agent_frame, to_agent_frame
 
 SMALL = dict(hidden_dim=32, num_layers=2, context_dim=16, max_neighbours=4)
@@ -164,6 +163,62 @@ def test_model_forecasts_in_the_input_frame(context_dim):
         forecast(model, np.zeros((3, 19, 2), np.float32))
 
 
+def test_modes_are_k_forecasts_in_the_input_frame_with_logits():
+    torch.manual_seed(0)
+    model = ForecastModel(hidden_dim=32, num_layers=2, context_dim=8, num_modes=4).eval()
+    history = torch.from_numpy(moving_histories(6, seed=3)).float()
+    history = history - history[:, -1:]
+    neighbours = history[:, None] + torch.randn(6, 3, 1, 2) * 10
+    with torch.no_grad():
+        single, modes, logits = model(history, neighbours, with_modes=True)
+        angle = 1.1
+        rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        _, modes_rotated, logits_rotated = model(history @ rotation.T, neighbours @ rotation.T, with_modes=True)
+    assert single.shape == (6, 30, 2) and modes.shape == (6, 4, 30, 2) and logits.shape == (6, 4)
+    torch.testing.assert_close(single, model(history, neighbours))  # the single forecast is unchanged
+    torch.testing.assert_close(modes_rotated, modes @ rotation.T, atol=2e-3, rtol=0)
+    torch.testing.assert_close(logits_rotated, logits, atol=1e-4, rtol=0)
+    assert not torch.allclose(modes[:, 0], modes[:, 1])
+    with pytest.raises(ValueError, match="num_modes"):
+        ForecastModel(hidden_dim=8, num_layers=1, context_dim=0)(history, with_modes=True)
+
+
+def test_multimodal_metrics_score_the_forecast_closest_at_the_end():
+    from trainflow.trainers.driving.evaluation import multimodal_metrics
+
+    future = np.zeros((2, 30, 2))
+    forecasts = np.zeros((2, 3, 30, 2))
+    forecasts[0, 0, :, 0] = 5.0  # 5 m off everywhere, the most probable
+    forecasts[0, 1, :, 1] = np.linspace(0, 1, 30)  # ends 1 m off: the one scored
+    forecasts[0, 2, :, 1] = 3.0
+    forecasts[1, :, :, 0] = np.array([4.0, 2.5, 3.0])[:, None]  # all miss; the best ends 2.5 m off
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    baseline = np.ones((2, 30, 2))
+    m = multimodal_metrics(forecasts, probs, future, baseline)
+    assert m["min_fde_3"] == pytest.approx((1.0 + 2.5) / 2)
+    assert m["min_ade_3"] == pytest.approx((0.5 + 2.5) / 2)
+    assert m["miss_rate_3"] == pytest.approx(0.5)
+    assert m["top_ade_3"] == pytest.approx((5.0 + 2.5) / 2)  # the most probable of each scene
+    assert m["min_fde_3_1s"] == pytest.approx((forecasts[0, 1, 9, 1] + 2.5) / 2)
+    assert m["baseline_min_fde_3"] == pytest.approx(math.sqrt(2))
+    with pytest.raises(ValueError, match="must be"):
+        multimodal_metrics(forecasts[:, :, :20], probs, future)
+
+
+def test_scene_array_stacks_agents_with_an_observed_flag():
+    from trainflow.trainers.driving.serving import scene_array
+
+    history = moving_histories(2, seed=4)[:, :20]
+    others = [np.full((2, 20, 2), 7.0), np.zeros((0, 20, 2))]
+    others[0][1, :5] = np.nan  # not seen in the first 0.5 s
+    scene = scene_array(history, others)
+    assert scene.shape == (2, 60, 3) and scene.dtype == np.float32
+    np.testing.assert_allclose(scene[:, :20, :2], history, rtol=1e-6)
+    assert (scene[:, :20, 2] == 1).all()
+    assert (scene[0, 20:, 2] == 1).sum() == 35 and (scene[0, 40:45, :] == 0).all()
+    assert (scene[1, 20:] == 0).all()  # no neighbours: padding, never observed
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="focal_weight"):
         DrivingConfig(focal_weight=0)
@@ -175,26 +230,7 @@ def test_config_validation_names_the_field():
         DrivingConfig(context_dim=8, max_neighbours=0)
 
 
-# --- rank batching ---------------------------------------------------------------------------
-@pytest.mark.parametrize("num_samples,batch_size,world_size", [(101, 8, 2), (100, 10, 3), (7, 4, 2), (64, 64, 4)])
-def test_epoch_batches_cover_every_sample_once_with_equal_batch_counts(num_samples, batch_size, world_size):
-    per_rank = [epoch_batches(num_samples, batch_size, seed=3, epoch=1, rank=r, world_size=world_size)
-                for r in range(world_size)]
-    assert len({len(batches) for batches in per_rank}) == 1
-    seen = np.concatenate([b for batches in per_rank for b in batches])
-    assert sorted(seen.tolist()) == list(range(num_samples))
-    assert all(0 < len(b) <= batch_size for batches in per_rank for b in batches)
-    again = epoch_batches(num_samples, batch_size, seed=3, epoch=1, rank=0, world_size=world_size)
-    assert all(np.array_equal(a, b) for a, b in zip(again, per_rank[0], strict=True))
-    other_epoch = epoch_batches(num_samples, batch_size, seed=3, epoch=2, rank=0, world_size=world_size)
-    assert not all(np.array_equal(a, b) for a, b in zip(other_epoch, per_rank[0], strict=False))
-
-
-def test_epoch_batches_refuse_too_few_samples():
-    with pytest.raises(ValueError, match="too few"):
-        epoch_batches(1, 4, seed=0, epoch=0, rank=0, world_size=2)
-
-
+# --- streamed rank batches -------------------------------------------------------------------
 def _rows(batches, key="history"):
     return np.concatenate([b[key].reshape(len(b[key]), -1).numpy() for b in batches])
 
@@ -203,22 +239,70 @@ def _sorted_rows(rows):
     return rows[np.lexsort(rows.T[::-1])]
 
 
+def _scenarios(batches):
+    """Scenario rows of the samples that count (weight > 0), one entry per scenario per batch."""
+    rows = []
+    for b in batches:
+        counted = b["weight"] > 0
+        rows.extend(np.unique(b["scenario"][counted].numpy()).tolist())
+    return rows
+
+
 def test_two_ranks_cover_the_epoch_once_and_stay_in_step(synthetic_manifest):
     config = DrivingConfig(**SMALL)
     ranks = [DrivingFamily(config, synthetic_manifest, World(rank=r, world_size=2)) for r in range(2)]
     alone = DrivingFamily(config, synthetic_manifest, World())
     batches = [list(f.train_batches(epoch=3, batch_size=16)) for f in ranks]
     assert len(batches[0]) == len(batches[1]) == ranks[0].num_train_batches(16) > 1
+    # Every training scenario exactly once across the two ranks (the padded tail weighs 0).
+    num_rows = synthetic_manifest.num_rows("train")
+    per_rank = [_scenarios(b) for b in batches]
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(num_rows))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    # Same samples (with the same augmentations) as one process sees in that epoch with the
+    # same global batch.
     union = _rows(batches[0] + batches[1])
-    assert len(union) == len(alone.train_samples) == ranks[0].num_train_samples(3)
-    # Same samples (with the same augmentations) as one process sees in that epoch.
-    np.testing.assert_array_equal(_sorted_rows(union), _sorted_rows(_rows(alone.train_batches(3, 32))))
-    # Each sample once: without mirroring, the union is exactly the training samples.
-    plain = dataclasses.replace(config, mirror_probability=0.0)
-    ranks = [DrivingFamily(plain, synthetic_manifest, World(rank=r, world_size=2)) for r in range(2)]
-    union = _rows([b for f in ranks for b in f.train_batches(epoch=0, batch_size=16)])
-    expected = alone.train_samples.history.reshape(len(alone.train_samples), -1)
-    np.testing.assert_array_equal(_sorted_rows(union), _sorted_rows(expected))
+    single = list(alone.train_batches(3, 32))
+    np.testing.assert_array_equal(_sorted_rows(union), _sorted_rows(_rows(single)))
+    assert sorted(_scenarios(single)) == list(range(num_rows))
+
+
+def test_a_rank_streams_only_its_share_of_the_train_split(synthetic_manifest, monkeypatch):
+    """No rank reads the train split whole: the family never asks the manifest for it (the
+    loader reads shard row groups window by window), and a rank's batches hold its share only."""
+    from trainflow.tasks.manifest import Manifest
+
+    def guarded(name):
+        original = getattr(Manifest, name)
+
+        def read(self, split, *args, **kwargs):
+            if split == "train":
+                raise AssertionError(f"the train split was read whole ({name})")
+            return original(self, split, *args, **kwargs)
+
+        return read
+
+    for name in ("iter_batches", "read_table"):
+        monkeypatch.setattr(Manifest, name, guarded(name))
+    num_rows = synthetic_manifest.num_rows("train")
+    family = DrivingFamily(DrivingConfig(**SMALL), synthetic_manifest, World(rank=0, world_size=2))
+    loader = family.train_loader(16)
+    rows_handed = 0
+    for batch in loader:
+        rows_handed += len(batch["row_index"])
+    assert rows_handed == loader.num_batches() * loader.batch_size
+    assert rows_handed <= num_rows // 2 + loader.batch_size  # its half, at most one padded batch more
+    counted = _scenarios(list(family.train_batches(epoch=0, batch_size=16)))
+    assert len(counted) <= (num_rows + 1) // 2
+    assert not hasattr(family, "train_samples")  # no split-wide array of samples
+
+
+def test_batch_size_in_samples_becomes_scenarios_per_batch(synthetic_manifest):
+    family = DrivingFamily(DrivingConfig(**SMALL, samples_per_scenario=4.0), synthetic_manifest, World())
+    assert family.scenarios_per_batch(64) == 16 and family.scenarios_per_batch(1) == 1
+    assert family.num_train_samples(0) == 4 * synthetic_manifest.num_rows("train")
+    with pytest.raises(ValueError, match="samples_per_scenario"):
+        DrivingConfig(samples_per_scenario=0)
 
 
 def test_train_batches_are_deterministic_and_resume(synthetic_manifest):
@@ -226,12 +310,13 @@ def test_train_batches_are_deterministic_and_resume(synthetic_manifest):
     first = list(family.train_batches(epoch=1, batch_size=16))
     second = list(family.train_batches(epoch=1, batch_size=16))
     resumed = list(family.train_batches(epoch=1, batch_size=16, skip_batches=2))
-    for key in ("history", "future", "neighbours", "weight"):
+    for key in ("history", "future", "neighbours", "weight", "scenario"):
         np.testing.assert_array_equal(_rows(first, key), _rows(second, key))
         np.testing.assert_array_equal(_rows(first[2:], key), _rows(resumed, key))
     assert not np.array_equal(_rows(first), _rows(family.train_batches(epoch=2, batch_size=16)))
     weights = _rows(first, "weight")
-    assert set(np.unique(weights).tolist()) == {1.0, DrivingConfig().focal_weight}
+    assert set(np.unique(weights).tolist()) <= {0.0, 1.0, DrivingConfig().focal_weight}
+    assert {1.0, DrivingConfig().focal_weight} <= set(np.unique(weights).tolist())
 
 
 # --- training --------------------------------------------------------------------------------
@@ -370,3 +455,21 @@ def test_fsdp_matches_ddp(synthetic_manifest, tmp_path):
     full = ddp["memory"]["param_bytes"]
     assert all(b <= full / 2 + 4096 for b in fsdp["memory"]["param_bytes_per_rank"])
     assert sum(fsdp["memory"]["param_bytes_per_rank"]) >= full
+
+
+def test_a_model_registered_before_the_scene_contract_is_scored_on_histories(synthetic_manifest):
+    """The evaluator (and so the gate's re-scoring of an old champion) calls a history-only model
+    with histories and scores it at K = 1; it has no K = 6 metrics."""
+    import mlflow
+
+    from trainflow.tasks.settings import PROJECT_DIR
+    from trainflow.trainers.driving.evaluation import evaluate_driving, takes_scenes
+
+    old = mlflow.pyfunc.load_model(str(PROJECT_DIR / "tests" / "fixtures" / "before_plugins" / "models" / "driving"))
+    assert not takes_scenes(old.predict)
+    report = evaluate_driving(synthetic_manifest, old.predict)
+    metrics = report["metrics"]
+    assert metrics["num_samples"] == synthetic_manifest.num_rows("eval")
+    assert np.isfinite(metrics["ade"]) and metrics["baseline_ade"] > 0
+    assert not any(key.startswith(("min_", "history_only_")) for key in metrics)
+    assert report["examples"]["forecasts"] is None

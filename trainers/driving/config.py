@@ -31,6 +31,14 @@ class DrivingConfig:
         context_dropout: Chance that a training sample's context is removed, so that the model
             also forecasts well from the history alone (the served contract gives no context).
         eval_batch_size: Samples per forward pass in :meth:`DrivingFamily.evaluate`.
+        num_modes: Forecasts of the multimodal head (K; the served model returns up to this
+            many with their probabilities); 0 trains no such head.
+        mode_weight: Weight of the multimodal head's loss (winner-takes-all displacement of
+            the best of the K forecasts + the cross-entropy of its probability).
+        samples_per_scenario: Training samples a training scenario gives on average (11,998 /
+            1,329 = 9.0 on the Argoverse subset). The loader streams scenarios, so the loop's
+            batch size (in samples) becomes ``round(batch_size / samples_per_scenario)``
+            scenarios per batch (at least 1), and ``num_train_samples`` is an estimate.
     """
 
     seed: int = 0
@@ -48,12 +56,15 @@ class DrivingConfig:
     mirror_average: bool = True
     context_dropout: float = 0.1
     eval_batch_size: int = 2048
+    num_modes: int = 6
+    mode_weight: float = 1.0
+    samples_per_scenario: float = 9.0
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "num_layers", "num_members", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("context_dim", "max_neighbours"):
+        for name in ("context_dim", "max_neighbours", "num_modes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.context_dim > 0 and self.max_neighbours == 0:
@@ -66,5 +77,9 @@ class DrivingConfig:
             raise ValueError(f"focal_weight must be positive, got {self.focal_weight}")
         if self.min_other_displacement < 0:
             raise ValueError(f"min_other_displacement must be >= 0, got {self.min_other_displacement}")
+        if self.mode_weight < 0:
+            raise ValueError(f"mode_weight must be >= 0, got {self.mode_weight}")
+        if self.samples_per_scenario <= 0:
+            raise ValueError(f"samples_per_scenario must be positive, got {self.samples_per_scenario}")
         if self.fde_weight < 0:
             raise ValueError(f"fde_weight must be >= 0, got {self.fde_weight}")

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 TRACK_AGENT = 0
 _COLUMNS = ["num_tracks", "tracks_xy", "track_types"]
+TRAIN_COLUMNS = list(_COLUMNS)
 
 
 @dataclasses.dataclass
@@ -126,3 +127,57 @@ def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighb
     )
     log.info("%s: %d samples from %d scenarios (%d focal)", split, len(samples), scenario, int(samples.is_agent.sum()))
     return samples
+
+
+def _flat_list(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of a loader batch as flat values + offsets (the loader gives a 2-D tensor
+    instead when every list of the batch has the same length)."""
+    values = np.asarray(batch[name])
+    if f"{name}_offsets" in batch:
+        return values, np.asarray(batch[f"{name}_offsets"], dtype=np.int64)
+    rows, width = values.shape
+    return values.reshape(-1), np.arange(rows + 1, dtype=np.int64) * width
+
+
+def loader_batch_samples(
+    batch: dict,
+    *,
+    focal_only: bool,
+    max_neighbours: int,
+    min_other_displacement: float = 0.0,
+) -> tuple[ForecastSamples, np.ndarray]:
+    """The samples of a :class:`trainflow.trainers.loader.ShardLoader` batch of scenario rows.
+
+    Args:
+        batch: Columns ``num_tracks``, ``tracks_xy`` + ``tracks_xy_offsets``, ``track_types`` +
+            ``track_types_offsets``, ``row_index`` and optionally ``sample_mask``.
+        focal_only, max_neighbours: As :func:`scenario_samples`.
+        min_other_displacement: Leave out tracks other than the AGENT that move less than this
+            (m, first to last frame).
+
+    Returns:
+        The samples (``scenario`` is the scenario's row index in the split) and a bool array,
+        per sample, False where the scenario is a padding row of the epoch's tail.
+    """
+    counts = np.asarray(batch["num_tracks"]).astype(np.int64)
+    values, offsets = _flat_list(batch, "tracks_xy")
+    types, type_offsets = _flat_list(batch, "track_types")
+    rows = np.asarray(batch["row_index"], dtype=np.int64)
+    mask = np.asarray(batch["sample_mask"], dtype=bool) if "sample_mask" in batch else np.ones(len(rows), bool)
+    frames = HISTORY_FRAMES + FUTURE_FRAMES
+    parts: list[dict[str, np.ndarray]] = []
+    for i in range(len(counts)):
+        tracks = values[offsets[i] : offsets[i + 1]].reshape(int(counts[i]), frames, 2)
+        part = scenario_samples(tracks, types[type_offsets[i] : type_offsets[i + 1]], focal_only=focal_only,
+                                max_neighbours=max_neighbours)
+        if min_other_displacement > 0:
+            # Parked cars teach little about forecasting the (moving) focal vehicles.
+            travelled = np.linalg.norm(part["future"][:, -1] - part["history"][:, 0], axis=-1)
+            keep = part["is_agent"] | (travelled >= min_other_displacement)
+            part = {k: v[keep] for k, v in part.items()}
+        part["scenario"] = np.full(len(part["history"]), rows[i], dtype=np.int64)
+        part["valid"] = np.full(len(part["history"]), mask[i])
+        parts.append(part)
+    names = [f.name for f in dataclasses.fields(ForecastSamples)]
+    samples = ForecastSamples(**{name: np.concatenate([p[name] for p in parts]) for name in names})
+    return samples, np.concatenate([p["valid"] for p in parts])

@@ -2,14 +2,21 @@
 
 Training samples are every track observed at all 50 frames of a training scenario (AGENT, AV,
 OTHERS), the AGENT weighted up in the loss; each carries the first 20 frames of its nearest
-surrounding tracks as context. Evaluation forecasts the AGENT of every scenario of a split and
-reports ADE/FDE/miss rate next to the constant-velocity baseline's on the same sequences.
+surrounding tracks as context. The train split is streamed: :class:`trainflow.trainers.loader.ShardLoader`
+deals the scenario rows to the ranks (each scenario once per epoch across the world, the
+padded tail flagged by ``sample_mask``) and each batch of scenarios is cut into its samples
+where it is made, so no rank holds more than the loader's windows of the split.
+
+The model gives a single forecast (an ensemble trained on ADE + FDE) and K forecasts with
+probabilities (a head trained winner-takes-all). Evaluation forecasts the AGENT of every
+scenario of a split and reports ADE/FDE/miss rate of the single forecast (K = 1) and minADE /
+minFDE / miss rate over the K forecasts, next to the constant-velocity baseline's on the same
+sequences.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +25,7 @@ import torch
 
 from trainflow.tasks.metrics import constant_velocity_forecast, displacement_metrics
 from trainflow.trainers.driving.config import DrivingConfig
-from trainflow.trainers.driving.data import ForecastSamples, load_samples
+from trainflow.trainers.driving.data import TRAIN_COLUMNS, ForecastSamples, load_samples, loader_batch_samples
 from trainflow.trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
 from trainflow.trainers.driving.model import build_forecaster
 from trainflow.trainers.family import ModelFamily
@@ -28,26 +35,6 @@ if TYPE_CHECKING:
     from trainflow.trainers.distributed import World
 
 log = logging.getLogger(__name__)
-
-
-def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[np.ndarray]:
-    """This rank's sample indices for ``epoch``, batch by batch.
-
-    One permutation by (seed, epoch) is dealt round-robin to the ranks, so an epoch covers every
-    sample exactly once across ranks; each rank cuts its share into the same number of batches
-    (at most ``batch_size`` samples, sizes differing by at most one), so collectives stay in step.
-
-    Raises:
-        ValueError: too few samples to give every rank a sample in each batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    per_rank_max = math.ceil(num_samples / world_size)
-    num_batches = math.ceil(per_rank_max / batch_size)
-    if num_samples // world_size < num_batches or num_samples == 0:
-        raise ValueError(f"{num_samples} training samples are too few for {world_size} ranks")
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    return np.array_split(order[rank::world_size], num_batches)
 
 
 class DrivingFamily(ModelFamily):
@@ -68,30 +55,9 @@ class DrivingFamily(ModelFamily):
         if manifest.kind != "driving":
             raise ValueError(f"manifest {manifest.uri} holds a {manifest.kind!r} dataset, expected 'driving'")
         super().__init__(config, manifest, world)
-        self._train: ForecastSamples | None = None
         self._focal: dict[str, ForecastSamples] = {}
 
     # data -------------------------------------------------------------------------------------
-    @property
-    def train_samples(self) -> ForecastSamples:
-        """Every training sample (loaded once; every rank holds the index, takes its share)."""
-        if self._train is None:
-            samples = load_samples(
-                self.manifest,
-                "train",
-                focal_only=not self.config.train_on_all_tracks,
-                max_neighbours=self.config.max_neighbours,
-            )
-            if self.config.min_other_displacement > 0:
-                # Parked cars teach little about forecasting the (moving) focal vehicles.
-                travelled = np.linalg.norm(samples.future[:, -1] - samples.history[:, 0], axis=-1)
-                keep = samples.is_agent | (travelled >= self.config.min_other_displacement)
-                log.info("train: %d of %d other tracks moved at least %.1f m: kept", int((keep & ~samples.is_agent).sum()),
-                         int((~samples.is_agent).sum()), self.config.min_other_displacement)
-                samples = samples.subset(np.flatnonzero(keep))
-            self._train = samples
-        return self._train
-
     def focal_samples(self, split: str) -> ForecastSamples:
         """The AGENT sample of every scenario of ``split``."""
         if split not in self._focal:
@@ -109,65 +75,106 @@ class DrivingFamily(ModelFamily):
             return build_forecaster(self.export_config())
 
     def num_train_samples(self, epoch: int) -> int:
-        return len(self.train_samples)
+        """An estimate (``samples_per_scenario`` × training scenarios): the exact count is known
+        only once the scenarios are read, and they are streamed."""
+        return max(1, round(self.manifest.num_rows("train") * self.config.samples_per_scenario))
+
+    def scenarios_per_batch(self, batch_size: int) -> int:
+        """Scenarios in a batch of about ``batch_size`` training samples (at least 1)."""
+        return max(1, round(batch_size / self.config.samples_per_scenario))
+
+    def train_loader(self, batch_size: int):
+        """This rank's :class:`~trainflow.trainers.loader.ShardLoader` over the train split's scenarios
+        (shuffled by ``seed``; the padded tail of an epoch carries ``sample_mask`` False)."""
+        from trainflow.trainers.loader import ShardLoader
+
+        return ShardLoader(
+            self.manifest, "train", self.scenarios_per_batch(batch_size), world=self.world, columns=TRAIN_COLUMNS,
+            seed=self.config.seed, remainder="pad", with_row_index=True,
+        )
 
     def num_train_batches(self, batch_size: int) -> int:
         """Batches per rank in every epoch."""
-        return len(self._plan(0, batch_size))
-
-    def _plan(self, epoch: int, batch_size: int) -> list[np.ndarray]:
-        return epoch_batches(
-            len(self.train_samples),
-            batch_size,
-            seed=self.config.seed,
-            epoch=epoch,
-            rank=self.world.rank,
-            world_size=self.world.world_size,
-        )
+        return self.train_loader(batch_size).num_batches()
 
     def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        samples = self.train_samples
+        loader = self.train_loader(batch_size)
+        loader.load_state_dict({"epoch": epoch, "position": skip_batches})
+        for batch in loader:
+            yield self.training_batch(batch, epoch)
+
+    def training_batch(self, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        """A loader batch of scenarios → the tensors the loss takes (samples, augmented).
+
+        Augmentations are drawn per scenario by (seed, epoch, scenario row), not per rank: the
+        same epoch sees the same samples whatever the world size. Samples of padding rows get
+        weight 0, so each scenario counts once per epoch.
+        """
         c = self.config
-        # Augmentations are drawn per sample by (seed, epoch), not per rank: the same epoch sees
-        # the same samples whatever the world size.
-        rng = np.random.default_rng([c.seed, epoch, 1])
-        mirror = rng.random(len(samples)) < c.mirror_probability
-        drop_context = rng.random(len(samples)) < c.context_dropout
-        weight = np.where(samples.is_agent, c.focal_weight, 1.0).astype(np.float32)
-        for index in self._plan(epoch, batch_size)[skip_batches:]:
-            history = samples.history[index].copy()
-            future = samples.future[index].copy()
-            neighbours = samples.neighbours[index].copy()
-            flip = mirror[index]
-            history[flip, :, 1] *= -1
-            future[flip, :, 1] *= -1
-            neighbours[flip, ..., 1] *= -1
-            neighbours[drop_context[index]] = np.nan
-            yield {
-                "history": torch.from_numpy(history),
-                "future": torch.from_numpy(future),
-                "neighbours": torch.from_numpy(neighbours),
-                "weight": torch.from_numpy(weight[index]),
-            }
+        samples, valid = loader_batch_samples(
+            batch,
+            focal_only=not c.train_on_all_tracks,
+            max_neighbours=c.max_neighbours,
+            min_other_displacement=c.min_other_displacement,
+        )
+        mirror = np.zeros(len(samples), dtype=bool)
+        drop_context = np.zeros(len(samples), dtype=bool)
+        for row in np.unique(samples.scenario):
+            at = np.flatnonzero(samples.scenario == row)
+            rng = np.random.default_rng([c.seed, epoch, 1, int(row)])
+            mirror[at] = rng.random(len(at)) < c.mirror_probability
+            drop_context[at] = rng.random(len(at)) < c.context_dropout
+        history, future, neighbours = samples.history, samples.future, samples.neighbours
+        history[mirror, :, 1] *= -1
+        future[mirror, :, 1] *= -1
+        neighbours[mirror, ..., 1] *= -1
+        neighbours[drop_context] = np.nan
+        weight = np.where(samples.is_agent, c.focal_weight, 1.0).astype(np.float32) * valid
+        return {
+            "history": torch.from_numpy(history),
+            "future": torch.from_numpy(future),
+            "neighbours": torch.from_numpy(neighbours),
+            "weight": torch.from_numpy(weight.astype(np.float32)),
+            "scenario": torch.from_numpy(samples.scenario),
+        }
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.config
         device = self.world.device
         history = batch["history"].to(device)
         future = batch["future"].to(device)
-        neighbours = batch["neighbours"].to(device) if self.config.context_dim > 0 else None
+        neighbours = batch["neighbours"].to(device) if c.context_dim > 0 else None
         weight = batch["weight"].to(device)
+        total = weight.sum().clamp_min(1e-6)  # a batch of padding rows only: loss 0
+        if c.num_modes > 0:
+            single, modes, logits = model(history, neighbours, per_member=True, with_modes=True)
+        else:
+            single, modes, logits = model(history, neighbours, per_member=True), None, None
         # Each ensemble member learns from its own loss: (members, n, 30) errors.
-        error = torch.linalg.vector_norm(model(history, neighbours, per_member=True) - future, dim=-1)
-        per_sample = error.mean(dim=-1) + self.config.fde_weight * error[..., -1]
-        return (per_sample * weight).sum(dim=-1).mean() / weight.sum()
+        error = torch.linalg.vector_norm(single - future, dim=-1)
+        per_sample = error.mean(dim=-1) + c.fde_weight * error[..., -1]
+        loss = (per_sample * weight).sum(dim=-1).mean() / total
+        if modes is not None:
+            # Winner-takes-all: only the forecast closest to the truth (ADE + FDE) learns to be
+            # closer; the probabilities learn which one that is (cross-entropy).
+            mode_error = torch.linalg.vector_norm(modes - future[:, None], dim=-1)  # (n, K, 30)
+            per_mode = mode_error.mean(dim=-1) + mode_error[..., -1]
+            best = per_mode.detach().argmin(dim=1)
+            wta = per_mode.gather(1, best[:, None]).squeeze(1)
+            nll = torch.nn.functional.cross_entropy(logits.float(), best, reduction="none")
+            loss = loss + c.mode_weight * ((wta + nll) * weight).sum() / total
+        return loss
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, samples: ForecastSamples, *, context: bool = True) -> np.ndarray:
-        """Forecasts (n, 30, 2) of ``samples`` (in their own shifted frame)."""
+    def predict(
+        self, model: torch.nn.Module, samples: ForecastSamples, *, context: bool = True, modes: bool = False
+    ) -> Any:
+        """Forecasts (n, 30, 2) of ``samples`` (in their own shifted frame); with ``modes``,
+        also the K forecasts (n, K, 30, 2) and their probabilities (n, K)."""
         was_training = model.training
         model.eval()
         device = self.world.device
-        outputs = []
+        singles, all_modes, all_probs = [], [], []
         try:
             for start in range(0, len(samples), self.config.eval_batch_size):
                 stop = start + self.config.eval_batch_size
@@ -175,27 +182,45 @@ class DrivingFamily(ModelFamily):
                 neighbours = None
                 if context and self.config.context_dim > 0:
                     neighbours = torch.from_numpy(samples.neighbours[start:stop]).to(device)
-                outputs.append(model(history, neighbours).float().cpu().numpy())
+                if modes:
+                    single, forecasts, logits = model(history, neighbours, with_modes=True)
+                    all_modes.append(forecasts.float().cpu().numpy())
+                    all_probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+                else:
+                    single = model(history, neighbours)
+                singles.append(single.float().cpu().numpy())
         finally:
             model.train(was_training)
-        return np.concatenate(outputs)
+        if modes:
+            return np.concatenate(singles), np.concatenate(all_modes), np.concatenate(all_probs)
+        return np.concatenate(singles)
 
     def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
-        """ADE/FDE/miss rate (and at 1, 2, 3 s) of the AGENT forecasts of ``split``, with the
+        """ADE/FDE/miss rate (and at 1, 2, 3 s) of the AGENT forecasts of ``split`` (K = 1),
+        minADE/minFDE/miss rate over the K forecasts (``min_ade_K``...), with the
         constant-velocity baseline's as ``baseline_*``; a context model also reports its
-        history-only forecasts (what the served model does) as ``history_only_*``.
+        history-only forecasts (the old served call) as ``history_only_*``.
 
         Every rank computes the whole split (it is small), so the values agree across ranks.
         """
+        from trainflow.trainers.driving.evaluation import multimodal_metrics
+
         samples = self.focal_samples(split)
-        metrics = displacement_metrics(self.predict(model, samples), samples.future, frame_rate_hz=FRAME_RATE_HZ)
+        k = self.config.num_modes
+        if k > 0:
+            single, forecasts, probs = self.predict(model, samples, modes=True)
+        else:
+            single = self.predict(model, samples)
+        metrics = displacement_metrics(single, samples.future, frame_rate_hz=FRAME_RATE_HZ)
         baseline = constant_velocity_forecast(samples.history, FUTURE_FRAMES)
         metrics.update(displacement_metrics(baseline, samples.future, frame_rate_hz=FRAME_RATE_HZ, prefix="baseline_"))
+        if k > 0:
+            metrics.update(multimodal_metrics(forecasts, probs, samples.future, baseline))
         if self.config.context_dim > 0:
             alone = displacement_metrics(
                 self.predict(model, samples, context=False), samples.future, frame_rate_hz=FRAME_RATE_HZ
             )
-            metrics.update({f"history_only_{k}": alone[k] for k in ("ade", "fde", "miss_rate")})
+            metrics.update({f"history_only_{key}": alone[key] for key in ("ade", "fde", "miss_rate")})
         metrics.pop("baseline_num_samples", None)
         return metrics
 
@@ -215,9 +240,14 @@ class DrivingFamily(ModelFamily):
                 "dropout": c.dropout,
                 "num_members": c.num_members,
                 "mirror_average": c.mirror_average,
+                "num_modes": c.num_modes,
             },
+            "max_neighbours": c.max_neighbours,
             "frame_rate_hz": FRAME_RATE_HZ,
             "input": {"name": "history", "dtype": "float32", "shape": [-1, HISTORY_FRAMES, 2]},
             "output": {"name": "forecast", "dtype": "float32", "shape": [-1, FUTURE_FRAMES, 2]},
+            "scene_input": {"history": [HISTORY_FRAMES, 2], "neighbours": [-1, HISTORY_FRAMES, 2],
+                            "neighbours_mask": [-1, HISTORY_FRAMES]},
+            "scene_output": {"forecasts": [c.num_modes, FUTURE_FRAMES, 2], "probabilities": [c.num_modes]},
             "predict": "trainflow.trainers.driving.model:forecast",
         }

@@ -112,6 +112,29 @@ class _Member(nn.Module):
         return self.decoder(torch.cat(parts, dim=1))
 
 
+class _ModeHead(nn.Module):
+    """The multimodal head: its own context encoder + an MLP giving ``num_modes`` corrections to
+    the constant-velocity extrapolation and one logit per mode (trained winner-takes-all)."""
+
+    def __init__(self, history_frames: int, future_frames: int, hidden_dim: int, num_layers: int,
+                 context_dim: int, dropout: float, num_modes: int) -> None:
+        super().__init__()
+        self.num_modes = num_modes
+        self.future_frames = future_frames
+        self.context = ContextEncoder(history_frames, context_dim, dropout) if context_dim > 0 else None
+        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + max(context_dim, 0)
+        self.decoder = _mlp([in_dim] + [hidden_dim] * num_layers + [num_modes * (future_frames * 2 + 1)], dropout)
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [features]
+        if self.context is not None:
+            parts.append(self.context(context) if context is not None
+                         else features.new_zeros(features.shape[0], self.context.context_dim))
+        out = self.decoder(torch.cat(parts, dim=1))
+        k, f = self.num_modes, self.future_frames
+        return out[:, : k * f * 2].reshape(-1, k, f, 2), out[:, k * f * 2 :]
+
+
 class ForecastModel(nn.Module):
     """History (and optionally neighbours' histories) in any frame → future positions in that frame.
 
@@ -127,6 +150,7 @@ class ForecastModel(nn.Module):
         mirror_average: Outside training, also forecast the mirror image of the scene (y → -y
             in the agent frame) and average it, mirrored back, with the direct forecast
             (the model is trained on mirrored scenes, so both are forecasts of the same future).
+        num_modes: Forecasts of the multimodal head (0: none); see :meth:`modes`.
     """
 
     def __init__(
@@ -139,8 +163,10 @@ class ForecastModel(nn.Module):
         dropout: float = 0.0,
         num_members: int = 1,
         mirror_average: bool = False,
+        num_modes: int = 0,
     ) -> None:
         super().__init__()
+        self.num_modes = num_modes
         self.mirror_average = mirror_average
         self.history_frames = history_frames
         self.future_frames = future_frames
@@ -149,12 +175,21 @@ class ForecastModel(nn.Module):
             _Member(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout)
             for _ in range(num_members)
         )
+        self.mode_head = (
+            _ModeHead(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout, num_modes)
+            if num_modes > 0 else None
+        )
         steps = torch.arange(1, future_frames + 1, dtype=torch.float32)
         self.register_buffer("steps", steps, persistent=False)
 
     def forward(
-        self, history: torch.Tensor, neighbours: torch.Tensor | None = None, *, per_member: bool = False
-    ) -> torch.Tensor:
+        self,
+        history: torch.Tensor,
+        neighbours: torch.Tensor | None = None,
+        *,
+        per_member: bool = False,
+        with_modes: bool = False,
+    ) -> Any:
         """Forecast.
 
         Args:
@@ -163,9 +198,12 @@ class ForecastModel(nn.Module):
                 same frame, NaN where unobserved; ``None`` (the served contract) means no context.
             per_member: Return every member's forecast, (num_members, n, future_frames, 2),
                 instead of their mean (training).
+            with_modes: Also return the multimodal head's forecasts (n, num_modes,
+                future_frames, 2) in the input frame and their logits (n, num_modes), as a tuple
+                ``(forecast, modes, logits)`` (one forward call, so DDP sees every parameter).
 
         Returns:
-            (n, future_frames, 2) forecast positions in the input frame.
+            (n, future_frames, 2) forecast positions in the input frame (the single forecast).
         """
         origin, cos, sin = agent_frame(history)
         local = to_agent_frame(history, origin, cos, sin)
@@ -187,8 +225,17 @@ class ForecastModel(nn.Module):
             n = history.shape[0]
             flat = (constant_velocity + corrections).reshape(-1, self.future_frames, 2)
             rep = lambda v: v.repeat(len(self.members), *([1] * (v.dim() - 1)))  # noqa: E731
-            return from_agent_frame(flat, rep(origin), rep(cos), rep(sin)).reshape(-1, n, self.future_frames, 2)
-        return from_agent_frame(constant_velocity + corrections.mean(dim=0), origin, cos, sin)
+            single = from_agent_frame(flat, rep(origin), rep(cos), rep(sin)).reshape(-1, n, self.future_frames, 2)
+        else:
+            single = from_agent_frame(constant_velocity + corrections.mean(dim=0), origin, cos, sin)
+        if not with_modes:
+            return single
+        if self.mode_head is None:
+            raise ValueError("this model has no multimodal head (num_modes=0)")
+        mode_corrections, logits = self.mode_head(features, context)
+        local_modes = constant_velocity[:, None] + mode_corrections  # (n, K, F, 2)
+        modes = from_agent_frame(local_modes, origin, cos, sin)
+        return single, modes, logits
 
 
 def build_forecaster(export_config: dict[str, Any]) -> ForecastModel:

@@ -45,6 +45,9 @@ class ServedModel:
         signature: The MLflow signature; ``None``: inferred from ``example`` and the outputs.
         output_offset: Added to ``module``'s outputs to get what ``predict`` returns (e.g.
             the re-centring origin of trajectories).
+        output_to_array: Turns what the logged model's ``predict`` returns on ``example`` into
+            an array shaped as ``module``'s outputs, for the reproduction check (e.g. a dict of
+            arrays packed); ``None``: ``numpy.asarray``.
     """
 
     module: torch.nn.Module
@@ -55,6 +58,7 @@ class ServedModel:
     artifacts: dict[str, str] = dataclasses.field(default_factory=dict)
     signature: Any = None
     output_offset: Any = 0.0
+    output_to_array: Any = None
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +153,10 @@ def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | Non
                 pip_requirements=requirements,
             )
     loaded = mlflow.pyfunc.load_model(info.model_uri)
-    got = np.asarray(loaded.predict(served.example), dtype=np.float32).reshape(expected.shape)
+    prediction = loaded.predict(served.example)
+    if served.output_to_array is not None:
+        prediction = served.output_to_array(prediction)
+    got = np.asarray(prediction, dtype=np.float32).reshape(expected.shape)
     if not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
         raise RuntimeError(
             f"the logged model does not reproduce the trained model: max difference {np.abs(got - expected).max():.3g}"
