@@ -100,6 +100,24 @@ class _Unit:
     num_bytes: int = 0  # estimated from the shard's bytes per row
 
 
+def rank_rows(batch_index: int, batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The dealing rule (module docstring, step 2): rank ``rank``'s rows ``[lo, hi)`` of global
+    batch ``batch_index`` in the epoch's sequence. The one rule every batch path uses (the
+    loader and families that deal in-memory samples, e.g. SASRec's history windows)."""
+    lo = batch_index * batch_size * world_size + rank * batch_size
+    return lo, lo + batch_size
+
+
+def batches_per_rank(num_rows: int, batch_size: int, world_size: int, remainder: str = "drop") -> int:
+    """Batches each rank yields for ``num_rows`` rows (module docstring, step 3)."""
+    if remainder not in _REMAINDERS:
+        raise ValueError(f"remainder must be one of {_REMAINDERS}, got {remainder!r}")
+    g = batch_size * world_size
+    if remainder == "drop":
+        return num_rows // g
+    return -(-num_rows // g) if num_rows else 0
+
+
 class ShardLoader(IterableDataset):
     """Batches of ``split`` for one rank; see the module docstring for the layout.
 
@@ -210,10 +228,7 @@ class ShardLoader(IterableDataset):
 
     def num_batches(self) -> int:
         """Batches each rank yields per epoch."""
-        g = self.global_batch_rows
-        if self.remainder == "drop":
-            return self.num_rows // g
-        return -(-self.num_rows // g) if self.num_rows else 0
+        return batches_per_rank(self.num_rows, self.batch_size, self.world_size, self.remainder)
 
     def __len__(self) -> int:
         return self.num_batches()
@@ -306,12 +321,11 @@ class ShardLoader(IterableDataset):
         units = self._epoch_units(epoch)
         windows = self._windows(units)
         window_starts = np.cumsum([0] + [sum(u.num_rows for u in w) for w in windows])
-        g, b_rows = self.global_batch_rows, self.batch_size
         # Each batch is one or more (window, lo, hi, valid) pieces of the epoch's sequence.
         plans = []
         for b in indices:
-            lo = b * g + self.rank * b_rows
-            plans.append((b, self._pieces(lo, lo + b_rows, window_starts)))
+            lo, hi = rank_rows(b, self.batch_size, self.world_size, self.rank)
+            plans.append((b, self._pieces(lo, hi, window_starts)))
         needed: list[int] = []  # windows in the order they are used (a padded tail wraps to 0)
         for _, pieces in plans:
             for w, _, _, _ in pieces:

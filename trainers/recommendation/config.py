@@ -34,6 +34,12 @@ class RecommendationConfig:
     """SASRec: longest history the model attends to; longer histories are cut into windows
     so that every training positive is still seen once per epoch."""
 
+    history_windows: int = 4
+    """SASRec: windows of ``max_seq_len`` targets trained per user and epoch at most: the family
+    keeps each user's latest ``history_windows * max_seq_len + 2`` train items (a table of
+    ``num_users`` rows, whatever the number of interactions); older interactions of longer
+    histories are not training targets."""
+
     hidden_size: int = 64
     """SASRec: item/position embedding and transformer width."""
 
@@ -73,7 +79,7 @@ class RecommendationConfig:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         object.__setattr__(self, "mlp_layers", tuple(int(v) for v in self.mlp_layers))
-        for name in ("gmf_factors", "max_seq_len", "hidden_size", "num_blocks", "num_heads", "eval_k", "eval_batch_size"):
+        for name in ("gmf_factors", "max_seq_len", "history_windows", "hidden_size", "num_blocks", "num_heads", "eval_k", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_negatives < 1:
