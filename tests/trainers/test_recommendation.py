@@ -181,7 +181,7 @@ def _covered(batches, model):
 
 @pytest.mark.parametrize("model", ["neumf", "sasrec"])
 def test_two_ranks_cover_positives_exactly_once(toy_manifest, model):
-    ranks = [make_family(toy_manifest, model, rank=r, world_size=2) for r in range(2)]
+    ranks = [make_family(toy_manifest, model, rank=r, world_size=2, history_windows=4) for r in range(2)]
     batches = [list(f.train_batches(0, 8)) for f in ranks]
     assert len(batches[0]) == len(batches[1]) > 1
     seen = _covered(batches[0], model) + _covered(batches[1], model)

@@ -11,7 +11,7 @@ family starts (:func:`scan_train`), each of a size that does not grow with the i
   only means an item is not drawn as that user's negative, never that a positive is drawn.
 * :class:`UserHistories`: each user's latest ``keep`` train items in time order (ties on the
   timestamp broken by the item id, the rule that picks the held-out interactions), with the
-  ``is_valid`` flag: ``num_users x keep`` int32, for SASRec's training windows, its valid/eval
+  ``is_valid`` flag: ``num_users x min(keep, longest history)`` int32, for SASRec's training windows, its valid/eval
   histories and the exported model's ``histories`` buffer.
 """
 
@@ -167,11 +167,13 @@ class _LatestPerUser:
     def finish(self) -> UserHistories:
         self._compact()
         u, _, it, va = self.kept
-        items = np.zeros((self.num_users, self.keep), dtype=np.int32)
-        valid = np.zeros((self.num_users, self.keep), dtype=bool)
+        ends = np.searchsorted(u, u, side="right")
+        from_end = ends - np.arange(len(u))  # 1 for each user's latest item
+        width = max(2, int(from_end.max()) if len(u) else 0)  # no wider than the longest kept history
+        items = np.zeros((self.num_users, width), dtype=np.int32)
+        valid = np.zeros((self.num_users, width), dtype=bool)
         if len(u):
-            ends = np.searchsorted(u, u, side="right")
-            col = self.keep - (ends - np.arange(len(u)))
+            col = width - from_end
             items[u, col] = it + 1
             valid[u, col] = va
         return UserHistories(items, valid)

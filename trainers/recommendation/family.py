@@ -124,6 +124,10 @@ class RecommendationFamily(ModelFamily):
         model = build_model(c, self.num_users, self.num_items)
         if c.model == "neumf" and c.pretrained_gmf and c.pretrained_mlp:
             model.load_pretrained(_load_state(c.pretrained_gmf), _load_state(c.pretrained_mlp), c.pretrain_alpha)
+        if c.row_sparse_updates:
+            from trainers.parallel import mark_row_sparse
+
+            mark_row_sparse(model.embedding_modules())
         if c.model != "sasrec":
             return model
         # What an exported model serves from: every known interaction, the valid one included.
@@ -138,6 +142,15 @@ class RecommendationFamily(ModelFamily):
         """The user/item tables (SASRec: the item table), split row-wise under
         ``parallelism='sharded_embeddings'``."""
         return list(unwrap(model).embedding_modules())
+
+    def ddp_ignored(self, model: torch.nn.Module) -> list[str]:
+        """The row-sparse tables (their rows are exchanged by :class:`~trainers.parallel.RowSparseAdamW`)
+        and SASRec's ``histories`` buffer (the same on every rank: DDP would broadcast all
+        ``num_users x max_seq_len`` of it before every training step)."""
+        from trainers.parallel import is_row_sparse
+
+        names = [name for name, p in unwrap(model).named_parameters() if is_row_sparse(p)]
+        return names + [name for name, _ in unwrap(model).named_buffers() if name.endswith("histories")]
 
     # --- training data -------------------------------------------------------------------
     def num_train_samples(self, epoch: int) -> int:
