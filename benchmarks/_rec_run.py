@@ -35,8 +35,6 @@ def main() -> None:
     parser.add_argument("--row-sparse", action="store_true")
     args = parser.parse_args()
     pin_threads()
-    import torch.distributed as dist
-
     from trainers.config import TrainConfig
     from trainers.loop import run_training
     from trainers.recommendation.config import RecommendationConfig
@@ -53,10 +51,22 @@ def main() -> None:
         result = run_training(RecommendationFamily, family, train)
         wall = time.monotonic() - started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    per_rank = [rss]
-    if dist.is_available() and dist.is_initialized():
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, rss)
+    # (the loop has left the process group by now: the ranks meet in a folder instead)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    folder = os.path.join(tempfile.gettempdir(), f"trainflow-bench-rss-{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank-{rank}.tmp"), "w") as handle:
+        handle.write(str(rss))
+    os.replace(os.path.join(folder, f"rank-{rank}.tmp"), os.path.join(folder, f"rank-{rank}"))
+    if rank != 0:
+        return
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len([f for f in os.listdir(folder) if "tmp" not in f]) < world:
+        time.sleep(0.2)
+    per_rank = [float(open(os.path.join(folder, f"rank-{r}")).read()) for r in range(world)]
+    for r in range(world):
+        os.remove(os.path.join(folder, f"rank-{r}"))
+    os.rmdir(folder)
     epoch_seconds = sum(h["seconds"] for h in result["history"])
     out = {"samples_per_s": result["samples_per_s"], "samples": result["samples"],
            "epoch_seconds": round(epoch_seconds, 2), "train_seconds": result["train_seconds"],
@@ -65,8 +75,7 @@ def main() -> None:
            "wall_seconds": round(wall, 2), "world_size": result["world_size"],
            "parallelism": result["parallelism"], "peak_rss_mb_per_rank": [round(x) for x in per_rank],
            "hr_at_10": result["metrics"]["eval"].get("hr_at_10"), "load_avg_1m": os.getloadavg()[0]}
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(out), flush=True)
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
