@@ -12,7 +12,7 @@ across ranks, epoch-end checkpoint, final eval evaluation, export), for the vari
 round are what compare); each line carries the 1-minute load average of its runs.
 
     python -m benchmarks.rec_scaling                  # 2M interactions, both models, 2 rounds
-    python -m benchmarks.rec_scaling --quick          # 50k interactions, 1 round
+    python -m benchmarks.rec_scaling --quick          # 20k interactions, NeuMF row-sparse, 1 round
     python -m benchmarks.rec_scaling --models neumf --variants row_sparse --rounds 3
 """
 
@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--interactions", type=int)
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--models", nargs="+", default=["neumf", "sasrec"])
-    parser.add_argument("--variants", nargs="+", default=["row_sparse", "dense"])
+    parser.add_argument("--models", nargs="+")
+    parser.add_argument("--variants", nargs="+")
     args = parser.parse_args(argv)
-    size = args.interactions or (50_000 if args.quick else 2_000_000)
+    size = args.interactions or (20_000 if args.quick else 2_000_000)
+    models = args.models or (["neumf"] if args.quick else ["neumf", "sasrec"])
+    variants = args.variants or (["row_sparse"] if args.quick else ["row_sparse", "dense"])
     rounds = args.rounds or (1 if args.quick else 2)
     uri = manifest_uri(size)
 
@@ -47,8 +49,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return run_json(cmd, env=child_env(OMP_NUM_THREADS="1"), timeout=3600)
 
     out = []
-    for model in args.models:
-        for variant in args.variants:
+    for model in models:
+        for variant in variants:
             runs: dict[int, list[dict]] = {1: [], 2: []}
             for _ in range(rounds):
                 for n in (1, 2):
