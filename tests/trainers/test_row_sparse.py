@@ -75,8 +75,8 @@ TRAIN = {"epochs": 2, "batch_size": 64, "learning_rate": 0.01, "log_every_steps"
          "keep_best": False}
 
 
-def _launch(manifest, run_dir: Path, nproc: int, family: dict) -> dict:
-    cfg = {"train": {"manifest_uri": manifest.uri, "run_dir": run_dir.as_uri(), **TRAIN}, "family": family}
+def _launch(manifest, run_dir: Path, nproc: int, family: dict, **train) -> dict:
+    cfg = {"train": {"manifest_uri": manifest.uri, "run_dir": run_dir.as_uri(), **TRAIN, **train}, "family": family}
     path = run_dir.parent / f"{run_dir.name}.json"
     path.write_text(json.dumps(cfg))
     run_torchrun(LaunchConfig(nproc_per_node=nproc), module="trainers.recommendation",
@@ -88,19 +88,23 @@ def _launch(manifest, run_dir: Path, nproc: int, family: dict) -> dict:
 @pytest.mark.parametrize("model", ["neumf", "sasrec"])
 def test_two_ranks_exchanging_rows_train_like_one(toy_manifest, tmp_path, model):
     family = {**FAMILY, "model": model, "row_sparse_updates": True}
-    if model == "sasrec":
+    train = {}
+    if model == "sasrec":  # ~300 windows: 5 steps an epoch
         family.update(hidden_size=16, max_seq_len=8, num_negatives=1)
-    one = _launch(toy_manifest, tmp_path / "one", 1, family)
-    two = _launch(toy_manifest, tmp_path / "two", 2, family)
+        train = {"epochs": 6, "learning_rate": 0.005}
+    one = _launch(toy_manifest, tmp_path / "one", 1, family, **train)
+    two = _launch(toy_manifest, tmp_path / "two", 2, family, **train)
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["parallelism"] == "ddp"
     a = np.array([loss for _, loss in one["losses"]])
     b = np.array([loss for _, loss in two["losses"]])
     assert len(a) == len(b) > 10
     # the same global batches, but negatives drawn per rank: close, not equal (exactness of the
     # exchange is the test above)
-    np.testing.assert_allclose(a[:3], b[:3], rtol=2e-3)
-    assert abs(a[-10:].mean() - b[-10:].mean()) < 0.05 * a[-10:].mean()
-    assert a[-5:].mean() < 0.9 * a[:5].mean()  # it learns
+    if model == "neumf":  # logits start near 0: the first losses are ~ln 2 whatever the negatives
+        np.testing.assert_allclose(a[:3], b[:3], rtol=2e-3)
+    # medians: a rank whose share of a padded tail batch is empty logs 0 there, halving that step's mean
+    assert abs(np.median(a[-10:]) - np.median(b[-10:])) < 0.05 * np.median(a[-10:])
+    assert a[-10:].mean() < 0.9 * a[:5].mean()  # it learns
     for key in ("hr_at_10", "ndcg_at_10"):
         assert abs(one["metrics"]["eval"][key] - two["metrics"]["eval"][key]) < 0.08, key  # 100 users: a few users
     assert two["metrics"]["eval"]["num_users"] == toy_manifest.num_rows("eval")
