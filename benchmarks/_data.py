@@ -1,7 +1,7 @@
 """The benchmark data sets, generated once and cached as Arrow IPC files (the "source").
 
 - ``interactions``: synthetic MovieLens-schema interactions from
-  :mod:`trainers.recommendation.synthetic` (user_id, item_id, rating, timestamp).
+  :mod:`trainflow.trainers.recommendation.synthetic` (user_id, item_id, rating, timestamp).
 - ``images``: driving-camera-size records: ``image`` (66×200×3 uint8 as a fixed-size binary of
   39,600 bytes, the PilotNet input), ``steering`` (float32) and ``id`` (int64). Smooth
   road-like gradients with noise, so compression has something (but not everything) to gain.
@@ -62,7 +62,10 @@ def image_batches(num_rows: int, block: int = 1024, seed: int = 0):
 
 
 def interaction_batches(num_rows: int):
-    from trainers.recommendation.synthetic import SyntheticRecommendation, SyntheticRecommendationConfig
+    from trainflow.trainers.recommendation.synthetic import (
+        SyntheticRecommendation,
+        SyntheticRecommendationConfig,
+    )
 
     users = max(100, min(200_000, num_rows // 50))
     config = SyntheticRecommendationConfig(num_interactions=num_rows, num_users=users, num_items=max(2000, num_rows // 200))

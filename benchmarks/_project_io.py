@@ -5,9 +5,9 @@
     python -m benchmarks._project_io memory SOURCE --batch 64
     python -m benchmarks._project_io copy SOURCE TARGET
 
-``write`` shards an Arrow IPC source with :func:`tasks.sharding.shard_batches` (the same
+``write`` shards an Arrow IPC source with :func:`trainflow.tasks.sharding.shard_batches` (the same
 ShardWriter and manifest as the DAG's shard step) and prints seconds, rows and bytes; ``read``
-iterates one shuffled epoch of :class:`trainers.loader.ShardLoader` into torch batches;
+iterates one shuffled epoch of :class:`trainflow.trainers.loader.ShardLoader` into torch batches;
 ``memory`` is the limit: the same rows as pre-built tensors, one shuffled gather per batch;
 ``copy`` copies the source file (the limit of a write; to ``s3://`` one upload per shard-sized piece).
 ROOT_URL, MANIFEST_URI and TARGET may be ``s3://`` URLs (the environment names the endpoint).
@@ -26,8 +26,8 @@ def write(source: str, root: str, compression: str, row_group: int, target_mb: i
     import pyarrow.parquet  # noqa: F401  (imports outside the timed part, as for the peers)
 
     from benchmarks._data import read_source
-    from tasks.sharding import ShardingConfig, shard_batches
-    from tasks.storage import Storage
+    from trainflow.tasks.sharding import ShardingConfig, shard_batches
+    from trainflow.tasks.storage import Storage
 
     table = read_source(source)
     config = ShardingConfig(compression=compression, row_group_rows=row_group, target_shard_bytes=target_mb << 20)
@@ -55,7 +55,7 @@ def copy(source: str, target: str, target_mb: int = 128) -> dict:
         shutil.copyfile(source, target)
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "bytes": os.path.getsize(target), "objects": 1}
-    from tasks.storage import filesystem
+    from trainflow.tasks.storage import filesystem
 
     fs, path = filesystem(target)
     with open(source, "rb") as handle:
@@ -77,8 +77,8 @@ def read(manifest_uri: str, batch: int, workers: int, seed: int) -> dict:
     import pyarrow.compute  # noqa: F401  (imports outside the timed part, as for the peers)
     import pyarrow.parquet  # noqa: F401
 
-    from tasks.manifest import load_manifest
-    from trainers.loader import ShardLoader
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.trainers.loader import ShardLoader
 
     # From S3, an empty node cache: the epoch downloads every shard, as the peers' epochs do here
     cache = tempfile.mkdtemp(prefix="bench-shard-cache-") if manifest_uri.startswith("s3://") else None
@@ -102,7 +102,7 @@ def memory(source: str, batch: int, seed: int) -> dict:
     import torch
 
     from benchmarks._data import read_source
-    from trainers.loader import _column_to_tensor
+    from trainflow.trainers.loader import _column_to_tensor
 
     table = read_source(source)
     tensors = {name: _column_to_tensor(table.column(name)) for name in table.column_names}

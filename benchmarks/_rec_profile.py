@@ -34,12 +34,12 @@ def main() -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tasks.manifest import load_manifest
-    from trainers.distributed import World
-    from trainers.parallel import RowSparseAdamW
-    from trainers.recommendation.config import RecommendationConfig
-    from trainers.recommendation.family import RecommendationFamily
-    from trainers.recommendation.pipeline import MODEL_PRESETS
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.trainers.distributed import World
+    from trainflow.trainers.parallel import RowSparseAdamW
+    from trainflow.trainers.recommendation.config import RecommendationConfig
+    from trainflow.trainers.recommendation.family import RecommendationFamily
+    from trainflow.trainers.recommendation.pipeline import MODEL_PRESETS
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

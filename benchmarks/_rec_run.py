@@ -6,8 +6,8 @@ benchmarks/rec_scaling.py and benchmarks/rec_memory.py:
 
 The real family (train split streamed by ShardLoader, negatives in its transform), the
 generic loop with DDP, the per-epoch valid evaluation, the epoch-end checkpoint, the final
-eval evaluation and the exported model: ``trainers.loop.run_training``, as ``python -m
-trainers.train`` runs it under torchrun (not through Airflow). 1 torch thread a process.
+eval evaluation and the exported model: ``trainflow.trainers.loop.run_training``, as ``python -m
+trainflow.trainers.train`` runs it under torchrun (not through Airflow). 1 torch thread a process.
 
 Rank 0 prints ``{"samples_per_s" (steps x global batch / whole run, evaluation and
 checkpoints included), "epoch_seconds" (training steps), "other_seconds" (valid/eval
@@ -35,11 +35,11 @@ def main() -> None:
     parser.add_argument("--row-sparse", action="store_true")
     args = parser.parse_args()
     pin_threads()
-    from trainers.config import TrainConfig
-    from trainers.loop import run_training
-    from trainers.recommendation.config import RecommendationConfig
-    from trainers.recommendation.family import RecommendationFamily
-    from trainers.recommendation.pipeline import MODEL_PRESETS
+    from trainflow.trainers.config import TrainConfig
+    from trainflow.trainers.loop import run_training
+    from trainflow.trainers.recommendation.config import RecommendationConfig
+    from trainflow.trainers.recommendation.family import RecommendationFamily
+    from trainflow.trainers.recommendation.pipeline import MODEL_PRESETS
 
     family = RecommendationConfig(model=args.model, row_sparse_updates=args.row_sparse,
                                   **MODEL_PRESETS[args.model])

@@ -6,8 +6,8 @@ from benchmarks._data import cache_dir
 
 
 def manifest_uri(num_interactions: int) -> str:
-    from tasks.settings import Settings
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.settings import Settings
+    from trainflow.tasks.sharding import shard_dataset
 
     users = max(200, num_interactions // 60)
     items = max(2000, num_interactions // 100)

@@ -7,11 +7,11 @@ VARIANT (NeuMF on a committed recommendation dataset, one epoch, 1 torch thread 
 
 - ``hand_memory``: a minimal hand-written PyTorch loop (forward, BCE, backward, AdamW step)
   over pre-built batches in memory.
-- ``trainer_memory``: :class:`trainers.loop.Trainer` over the same pre-built batches (a family
+- ``trainer_memory``: :class:`trainflow.trainers.loop.Trainer` over the same pre-built batches (a family
   whose ``train_batches`` replays them): the loop's own overhead.
 - ``trainer_family``: the Trainer with the family's real data path (``train_batches``: the
   train split streamed by ShardLoader, negatives sampled in its transform).
-- ``hand_shardloader``: the hand-written loop fed by :class:`trainers.loader.ShardLoader`
+- ``hand_shardloader``: the hand-written loop fed by :class:`trainflow.trainers.loader.ShardLoader`
   (shards read and verified, negatives sampled in the loader's ``transform``), in process.
 - ``hand_shardloader_nw1``: the same with one DataLoader worker process making the batches
   while the training process trains.
@@ -30,8 +30,8 @@ import time
 import numpy as np
 import torch
 
-from trainers.recommendation.config import RecommendationConfig
-from trainers.recommendation.family import RecommendationFamily
+from trainflow.trainers.recommendation.config import RecommendationConfig
+from trainflow.trainers.recommendation.family import RecommendationFamily
 
 BATCHES: dict[int, list] = {}
 
@@ -74,8 +74,8 @@ def hand_loop(model: torch.nn.Module, batches, lr: float, batch_size: int) -> tu
 
 
 def run(variant: str, manifest_uri: str, batch: int, run_dir: str | None) -> dict:
-    from tasks.manifest import load_manifest
-    from trainers.distributed import World, world_from_env
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.trainers.distributed import World, world_from_env
 
     manifest = load_manifest(manifest_uri)
     config = family_config()
@@ -89,8 +89,8 @@ def run(variant: str, manifest_uri: str, batch: int, run_dir: str | None) -> dic
             batches = shardloader_batches(family, manifest, batch, workers=1 if variant.endswith("_nw1") else 0)
         samples, seconds = hand_loop(model, batches, 1e-3, batch)
         return {"samples_per_s": samples / seconds, "samples": samples, "seconds": seconds}
-    from trainers.config import TrainConfig
-    from trainers.loop import run_training
+    from trainflow.trainers.config import TrainConfig
+    from trainflow.trainers.loop import run_training
 
     world = world_from_env("cpu")
     micro = batch // world.world_size
@@ -108,8 +108,8 @@ def run(variant: str, manifest_uri: str, batch: int, run_dir: str | None) -> dic
 
 def shardloader_batches(family: RecommendationFamily, manifest, batch: int, workers: int = 0):
     """The train split through ShardLoader, negatives sampled in the loader's transform."""
-    from trainers.loader import ShardLoader
-    from trainers.recommendation.data import sample_negatives
+    from trainflow.trainers.loader import ShardLoader
+    from trainflow.trainers.recommendation.data import sample_negatives
 
     positives, num_items, k = family.positives, family.num_items, family.config.num_negatives
 

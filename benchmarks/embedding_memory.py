@@ -4,9 +4,9 @@
 Each case is one ``torchrun`` launch (gloo, CPU) of this module in worker mode (``--quick``:
 one 2-rank launch runs every case on sub-groups, peak RSS not reported): every rank
 builds a GMF recommender whose item table is the large one, wraps it as the train loop does
-(``DistributedDataParallel``, or :func:`trainers.parallel.wrap_sharded_embeddings`), takes a
+(``DistributedDataParallel``, or :func:`trainflow.trainers.parallel.wrap_sharded_embeddings`), takes a
 few AdamW steps on random batches and measures, on its own local tensors
-(:func:`trainers.parallel.memory_bytes`), the bytes of the parameters and of the optimizer
+(:func:`trainflow.trainers.parallel.memory_bytes`), the bytes of the parameters and of the optimizer
 state, plus its peak resident set size. One JSON line per case and rank count: the largest
 rank's parameter + optimizer bytes, with the replicated run of the same size as baseline.
 
@@ -67,8 +67,8 @@ def _measure(args: argparse.Namespace, nproc: int, parallelism: str, group) -> d
     import torch
     from torch.distributed.tensor import DTensor
 
-    from trainers.parallel import memory_bytes, wrap_sharded_embeddings
-    from trainers.recommendation.models import GMF
+    from trainflow.trainers.parallel import memory_bytes, wrap_sharded_embeddings
+    from trainflow.trainers.recommendation.models import GMF
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -33,7 +33,7 @@ def child(conf: dict) -> dict:
     from airflow.utils.session import create_session
     from airflow.utils.state import DagRunState
 
-    from tasks.settings import PROJECT_DIR
+    from trainflow.tasks.settings import PROJECT_DIR
 
     bag = DagBag(dag_folder=str(PROJECT_DIR / "dags"))
     if bag.import_errors:

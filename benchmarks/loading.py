@@ -5,8 +5,8 @@ Two data sets (``benchmarks/_data.py``): image-like records (66×200×3 uint8 + 
 Every measurement is a fresh process; the variants run interleaved (A, B, C, A, B, C, ...)
 and the medians are compared:
 
-- ``trainflow``: :class:`trainers.loader.ShardLoader` over the project's shards (written by
-  :func:`tasks.sharding.shard_batches`, uncompressed: the images are noise-heavy, zstd saves
+- ``trainflow``: :class:`trainflow.trainers.loader.ShardLoader` over the project's shards (written by
+  :func:`trainflow.tasks.sharding.shard_batches`, uncompressed: the images are noise-heavy, zstd saves
   8% of the bytes), sha256 of every shard verified as it is read.
 - ``memory``: the limit, the same rows as pre-built tensors, one shuffled gather per batch.
 - peers (``benchmarks/setup_peers.sh``): WebDataset (tar, shuffle buffer 1000), MosaicML

@@ -21,8 +21,8 @@ BATCH = {"neumf": 4096, "sasrec": 256}
 
 
 def manifest_uri(num_interactions: int, users: int, items: int) -> str:
-    from tasks.settings import Settings
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.settings import Settings
+    from trainflow.tasks.sharding import shard_dataset
 
     url = f"synthetic://recommendation?num_interactions={num_interactions}&num_users={users}&num_items={items}"
     settings = Settings.from_env({"TRAINFLOW_DATA_DIR": str(cache_dir() / "recdata")})

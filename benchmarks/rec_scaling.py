@@ -6,7 +6,7 @@ across ranks, epoch-end checkpoint, final eval evaluation, export), for the vari
 
 - ``dense``: DDP all-reduces and AdamW updates the whole embedding tables every step (before);
 - ``row_sparse``: ``row_sparse_updates=True``: only the rows a step touches are exchanged and
-  updated (:class:`trainers.parallel.RowSparseAdamW`; after).
+  updated (:class:`trainflow.trainers.parallel.RowSparseAdamW`; after).
 
 1 and 2 processes are interleaved round by round (the machine is shared: ratios within a
 round are what compare); each line carries the 1-minute load average of its runs.

@@ -23,7 +23,7 @@ from benchmarks.common import emit, machine
 
 CHILD = """
 import json, resource, sys, time
-from tasks.sharding import shard_dataset
+from trainflow.tasks.sharding import shard_dataset
 t = time.monotonic()
 s = shard_dataset(sys.argv[1], "recommendation")
 print(json.dumps({"seconds": time.monotonic() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

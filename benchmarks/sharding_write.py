@@ -7,7 +7,7 @@ variants run interleaved (A, B, C, A, B, C, ...), medians compared, each after a
 (so no writer starts while the kernel still writes back the previous one's pages). The unit is
 source rows per second; the raw copy (``shutil.copyfile`` of the source) is the limit.
 
-- ``trainflow``: :func:`tasks.sharding.shard_batches` (the shard step's ShardWriter: Parquet
+- ``trainflow``: :func:`trainflow.tasks.sharding.shard_batches` (the shard step's ShardWriter: Parquet
   row groups; each closed shard hashed (sha256, xxh3-128) and published on a background
   thread while the next is encoded; manifest committed last). Interactions with the default
   zstd and uncompressed (``trainflow_none``, the bytes the block-layout peers write); images

@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Param, dag, task
-from trainflow_airflow.dag_support import default_args, raw_data_asset
-from trainflow_airflow.raw_data import pipelines
+
+from trainflow.airflow.dag_support import default_args, raw_data_asset
+from trainflow.airflow.raw_data import pipelines
 
 PIPELINES = pipelines()
 # The form preselects the first example pipeline when it is installed.
@@ -53,7 +54,7 @@ def announce_raw_data():
         @task(task_id=f"announce_{kind}", outlets=[asset])
         def announce(kind=kind, asset=asset, **context):
             """Check the URL and emit the Asset event with it."""
-            from trainflow_airflow.raw_data import announce as announce_drop
+            from trainflow.airflow.raw_data import announce as announce_drop
 
             params = context["params"]
             return announce_drop(context, kind, asset, params["source_url"], params.get("dataset_name"))

@@ -26,7 +26,8 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import Asset, dag
-from trainflow_airflow.dag_support import (
+
+from trainflow.airflow.dag_support import (
     build_params,
     default_args,
     pipeline_tasks,

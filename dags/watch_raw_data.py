@@ -17,8 +17,9 @@ from __future__ import annotations
 import datetime as dt
 
 from airflow.sdk import dag, task
-from trainflow_airflow.dag_support import default_args, raw_data_asset
-from trainflow_airflow.raw_data import pipelines, watch_schedule
+
+from trainflow.airflow.dag_support import default_args, raw_data_asset
+from trainflow.airflow.raw_data import pipelines, watch_schedule
 
 PIPELINES = pipelines()
 
@@ -39,14 +40,14 @@ def watch_raw_data():
         @task(task_id=f"detect_{kind}", outlets=[asset])
         def detect(kind=kind, asset=asset, **context):
             """Announce the newest complete drop not announced yet (skipped when there is none)."""
-            from trainflow_airflow.raw_data import detect as detect_drop
+            from trainflow.airflow.raw_data import detect as detect_drop
 
             return detect_drop(context, kind, asset)
 
         @task(task_id=f"remember_{kind}")
         def remember(announced, kind=kind):
             """Record the announced drop so that the next poll does not announce it again."""
-            from trainflow_airflow.raw_data import remember_announced
+            from trainflow.airflow.raw_data import remember_announced
 
             return remember_announced(kind, announced["source_url"])
 

@@ -65,8 +65,8 @@ RUN --mount=type=cache,target=/home/airflow/.cache/pip,uid=50000,gid=0 \
         /tmp/trainflow-src \
     && rm -rf /tmp/trainflow-src \
     && pip check \
-    && cd / && python -c "import tasks, trainers, trainflow_airflow.plugin, trainflow_airflow.policies" \
-    && python -m trainers.recommendation --help > /dev/null && python -m trainers.driving --help > /dev/null
+    && cd / && python -c "import tasks, trainers, trainflow.airflow.plugin, trainflow.airflow.policies" \
+    && python -m trainflow.trainers.recommendation --help > /dev/null && python -m trainflow.trainers.driving --help > /dev/null
 
 # The DAG files; everything they import comes from the installed package.
 COPY --chown=airflow:0 dags /opt/airflow/dags

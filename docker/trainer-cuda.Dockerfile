@@ -2,7 +2,7 @@
 # versions of constraints.txt, on Python 3.11. Runs one model family's entry point, alone or under
 # torchrun (same code path), e.g.
 #   docker run --gpus all --ipc=host trainflow-trainer-cuda:0.1.0 \
-#       torchrun --standalone --nproc-per-node 8 -m trainers.recommendation --manifest-uri s3://... --device cuda
+#       torchrun --standalone --nproc-per-node 8 -m trainflow.trainers.recommendation --manifest-uri s3://... --device cuda
 # Multi-node: the same torchrun with --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT per node.
 #
 # The CUDA libraries (cuDNN, cuBLAS, NCCL, ...) come with the torch wheel from TORCH_INDEX_URL; the
@@ -56,7 +56,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
         /tmp/trainflow-src \
     && python -c "import sys, torch; v = torch.__version__; print('torch', v, 'cuda', torch.version.cuda); \
 sys.exit(0 if v.split('+')[0] == '2.13.0' and torch.version.cuda else 'expected the CUDA build of torch 2.13.0, got ' + v)" \
-    && python -c "import trainers.recommendation.family, trainers.driving.family"
+    && python -c "import trainflow.trainers.recommendation.family, trainflow.trainers.driving.family"
 
 # Ubuntu 24.04 images already have uid 1000 (ubuntu).
 RUN useradd --create-home --uid 10001 trainer \
@@ -67,4 +67,4 @@ WORKDIR /workspace
 
 # torchrun's c10d rendezvous / master port.
 EXPOSE 29500
-CMD ["python", "-m", "trainers.recommendation", "--help"]
+CMD ["python", "-m", "trainflow.trainers.recommendation", "--help"]

@@ -1,5 +1,5 @@
 """Entry for Airflow's plugins folder (the installed package also registers it by entry point)."""
 
-from trainflow_airflow.plugin import TrainflowPlugin
+from trainflow.airflow.plugin import TrainflowPlugin
 
 __all__ = ["TrainflowPlugin"]

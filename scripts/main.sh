@@ -53,11 +53,11 @@ if [ -z "$RUN_ID" ] || ! printf '%s\n' "$FINISHED" | grep -q "state=success"; th
 fi
 echo "[main] run $RUN_ID finished in $(( $(date +%s) - START )) s (log: $LOG)"
 echo
-"$VENV/bin/python" -m tasks.cli report "${KIND}_training" --run-id "$RUN_ID"
+"$VENV/bin/python" -m trainflow.tasks.cli report "${KIND}_training" --run-id "$RUN_ID"
 cat <<MSG
 
 [main] To look at the results:
   Airflow UI:  bash scripts/airflow-ui.sh    -> http://127.0.0.1:8080 (DAG ${KIND}_training, its runs, task logs, MLflow links)
   MLflow UI:   bash scripts/mlflow-ui.sh     -> http://127.0.0.1:5000 (experiment trainflow-${KIND}, model trainflow-${KIND})
-  Manifest:    .venv/bin/python -m tasks.cli manifest '$SOURCE' --kind $KIND
+  Manifest:    .venv/bin/python -m trainflow.tasks.cli manifest '$SOURCE' --kind $KIND
 MSG

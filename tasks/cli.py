@@ -1,9 +1,9 @@
 """Command line for the steps that run without Airflow.
 
-    python -m tasks.cli shard SOURCE_URL --kind PIPELINE [--name NAME] [--verify sha256]
-    python -m tasks.cli manifest SOURCE_URL --kind PIPELINE [--name NAME] [--full]
-    python -m tasks.cli pipelines                         # the registered pipelines
-    python -m tasks.cli report DAG_ID [--run-id RUN_ID]   # the last (or that) finished run, for people
+    python -m trainflow.tasks.cli shard SOURCE_URL --kind PIPELINE [--name NAME] [--verify sha256]
+    python -m trainflow.tasks.cli manifest SOURCE_URL --kind PIPELINE [--name NAME] [--full]
+    python -m trainflow.tasks.cli pipelines                         # the registered pipelines
+    python -m trainflow.tasks.cli report DAG_ID [--run-id RUN_ID]   # the last (or that) finished run, for people
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import json
 import logging
 import sys
 
-from tasks.datasets.sources import resolve_source
-from tasks.manifest import VERIFY_MODES, load_manifest, manifest_path
-from tasks.pipelines import get_pipeline, pipeline_names
-from tasks.settings import get_settings
-from tasks.sharding import ShardingConfig, dataset_version, shard_dataset
-from tasks.storage import Storage, safe_name
+from trainflow.tasks.datasets.sources import resolve_source
+from trainflow.tasks.manifest import VERIFY_MODES, load_manifest, manifest_path
+from trainflow.tasks.pipelines import get_pipeline, pipeline_names
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.sharding import ShardingConfig, dataset_version, shard_dataset
+from trainflow.tasks.storage import Storage, safe_name
 
 
 def _manifest_uri(source_url: str, kind: str, name: str | None) -> str:
@@ -30,7 +30,7 @@ def _manifest_uri(source_url: str, kind: str, name: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.cli", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainflow.tasks.cli", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command in ("shard", "manifest"):
         p = sub.add_parser(command)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_report(dag_id: str, run_id: str) -> dict | None:
     """The report of one DAG run (``{root}/runs/{dag_id}/{run_id}/report.json``), or ``None``."""
-    from tasks.pipeline import REPORT_NAME
+    from trainflow.tasks.pipeline import REPORT_NAME
 
     store = Storage.from_settings(get_settings())
     path = f"runs/{safe_name(dag_id, 'dag_id')}/{safe_name(run_id, 'run_id')}/{REPORT_NAME}"
@@ -89,7 +89,7 @@ def run_report(dag_id: str, run_id: str) -> dict | None:
 def print_report(dag_id: str, as_json: bool = False, run_id: str | None = None) -> int:
     """Print the run report of ``dag_id``'s run ``run_id`` (default: the latest finished run):
     dataset, training, metrics, registry."""
-    from tasks.pipeline import latest_run_report
+    from trainflow.tasks.pipeline import latest_run_report
 
     report = run_report(dag_id, run_id) if run_id else latest_run_report(dag_id)
     if report is None:

@@ -4,7 +4,7 @@ against the pipeline's baseline, with the plots a reviewer needs.
 The model is called through its served contract (see DESIGN.md), so the same code scores the
 model just trained (``runs:/...``), any registered version (``models:/name/3``) or a baseline.
 What is scored and how is the pipeline's evaluator
-(:attr:`tasks.pipelines.PipelineSpec.evaluate`); this module is the driver: it loads the
+(:attr:`trainflow.tasks.pipelines.PipelineSpec.evaluate`); this module is the driver: it loads the
 model, calls the evaluator, logs metrics and plots to the MLflow run.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.manifest import load_manifest
-from tasks.settings import Settings, get_settings
-from tasks.tracking import require_tracking_server
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import Settings, get_settings
+from trainflow.tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ def evaluate_step(
         ``{"metrics": {...}, "plots": [artifact paths], "manifest_uri", "model_uri"}``.
 
     Raises:
-        tasks.pipelines.UnknownPipelineError: no such pipeline.
+        trainflow.tasks.pipelines.UnknownPipelineError: no such pipeline.
         ValueError: the dataset is of another pipeline.
     """
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     spec = get_pipeline(pipeline)
     settings = settings or get_settings()

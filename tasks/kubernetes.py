@@ -10,7 +10,7 @@ Two job kinds, chosen by the DAG param ``kubernetes_job_kind``:
   the older operator: one ``Master`` and ``nnodes - 1`` ``Worker`` replicas, ``nprocPerNode``
   set so the operator sets the same ``PET_*`` variables.
 
-Every pod runs ``python -m torch.distributed.run --max-restarts N -m trainers.train ARGS``
+Every pod runs ``python -m torch.distributed.run --max-restarts N -m trainflow.trainers.train ARGS``
 (torchrun reads the rest from ``PET_*``) with the image, CPU/memory/``nvidia.com/gpu``
 requests, and the settings of the object store and MLflow in its environment. Credentials
 (the AWS keys, the MLflow URI, which may carry a password) go into a Secret created next to the
@@ -43,8 +43,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The one trainer entry every pipeline runs through (tasks.pipeline uses the same).
-TRAINER_MODULE = "trainers.train"
+# The one trainer entry every pipeline runs through (trainflow.tasks.pipeline uses the same).
+TRAINER_MODULE = "trainflow.trainers.train"
 TRAINJOB = {"group": "trainer.kubeflow.org", "version": "v1alpha1", "plural": "trainjobs", "kind": "TrainJob"}
 PYTORCHJOB = {"group": "kubeflow.org", "version": "v1", "plural": "pytorchjobs", "kind": "PyTorchJob"}
 JOB_KINDS = {"trainjob": TRAINJOB, "pytorchjob": PYTORCHJOB}
@@ -84,7 +84,7 @@ class KubernetesJobSpec:
         namespace: Namespace of the job and its Secret.
         job_kind: ``trainjob`` or ``pytorchjob``.
         image: Container image with trainflow installed.
-        module: Trainer module each rank runs (``trainers.train``).
+        module: Trainer module each rank runs (``trainflow.trainers.train``).
         args: The trainer's arguments.
         nnodes: Pods (torchrun nodes).
         nproc_per_node: Processes per pod.

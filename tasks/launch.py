@@ -19,7 +19,7 @@ This module imports neither torch nor airflow: it runs inside the Airflow task p
 
 Example::
 
-    run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.train",
+    run_torchrun(LaunchConfig(nproc_per_node=2), module="trainflow.trainers.train",
                  args=["--pipeline=NAME", "--config=/tmp/cfg.json"])
 """
 
@@ -172,7 +172,7 @@ def build_torchrun_command(
 
     Args:
         config: Placement and rendezvous.
-        module: Python module to run in each rank (``trainers.train``).
+        module: Python module to run in each rank (``trainflow.trainers.train``).
         script: Or a script path.
         args: Arguments passed to the module or script.
         log_dir: torchrun ``--log-dir``: where per-rank ``error.json`` files go.
@@ -311,7 +311,7 @@ def run_dir_url(dag_id: str, run_id: str, settings=None) -> str:
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    from tasks.layout import run_dir_url as layout_run_dir_url
+    from trainflow.tasks.layout import run_dir_url as layout_run_dir_url
 
     return layout_run_dir_url(dag_id, run_id, settings)
 
@@ -322,8 +322,8 @@ def read_result(run_dir: str, settings=None) -> dict:
     Raises:
         FileNotFoundError: naming the URL, when training did not finish.
     """
-    from tasks.layout import RESULT_NAME
-    from tasks.storage import Storage
+    from trainflow.tasks.layout import RESULT_NAME
+    from trainflow.tasks.storage import Storage
 
     return json.loads(Storage(run_dir, settings).read_bytes(RESULT_NAME))
 

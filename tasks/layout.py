@@ -10,8 +10,8 @@
                                           result.json                   (the trainer's result)
                                           report.json                   (what the run produced, for people)
 
-Paths are relative to the storage root (``tasks.storage.Storage``); every component taken from
-input goes through :func:`tasks.storage.safe_name`. A run directory is keyed by DAG run, not by
+Paths are relative to the storage root (``trainflow.tasks.storage.Storage``); every component taken from
+input goes through :func:`trainflow.tasks.storage.safe_name`. A run directory is keyed by DAG run, not by
 try, so a retried task resumes from the run's checkpoints.
 """
 
@@ -40,7 +40,7 @@ def dataset_dir(name: str, version: str) -> str:
     Raises:
         ValueError: ``name`` is not a safe path component.
     """
-    from tasks.storage import safe_name
+    from trainflow.tasks.storage import safe_name
 
     return f"{DATASETS_DIR}/{safe_name(name, 'dataset name')}/{version}"
 
@@ -52,7 +52,7 @@ def manifest_path(name: str, version: str) -> str:
 
 def runs_dir(dag_id: str) -> str:
     """``runs/{dag_id}``: every run directory of one DAG."""
-    from tasks.storage import safe_name
+    from trainflow.tasks.storage import safe_name
 
     return f"{RUNS_DIR}/{safe_name(dag_id, 'dag_id')}"
 
@@ -63,7 +63,7 @@ def run_dir(dag_id: str, run_id: str) -> str:
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    from tasks.storage import safe_name
+    from trainflow.tasks.storage import safe_name
 
     return f"{runs_dir(dag_id)}/{safe_name(run_id, 'run_id')}"
 
@@ -75,7 +75,7 @@ def run_dir_url(dag_id: str, run_id: str, settings=None) -> str:
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    from tasks.storage import Storage
+    from trainflow.tasks.storage import Storage
 
     return Storage.from_settings(settings).url(run_dir(dag_id, run_id))
 

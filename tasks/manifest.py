@@ -34,14 +34,14 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from tasks.settings import Settings
-from tasks.storage import Storage, redact_url
+from trainflow.tasks.settings import Settings
+from trainflow.tasks.storage import Storage, redact_url
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-from tasks.layout import MANIFEST_NAME, manifest_path  # noqa: F401  (the store layout lives in tasks.layout)
+from trainflow.tasks.layout import MANIFEST_NAME, manifest_path  # noqa: F401  (the store layout lives in trainflow.tasks.layout)
 
 MANIFEST_FORMAT = "trainflow.dataset/1"
 CHECKSUMS = ("auto", "xxh3_128", "sha256")
@@ -50,7 +50,7 @@ CHECKSUMS = ("auto", "xxh3_128", "sha256")
 class ShardVerificationError(RuntimeError):
     """A shard is missing, or its size or checksum differs from the manifest.
 
-    The message ends with how to recover: re-run the ``shard`` step (or ``python -m tasks.cli
+    The message ends with how to recover: re-run the ``shard`` step (or ``python -m trainflow.tasks.cli
     shard``) on the same source, which verifies the committed version and rewrites it.
     """
 
@@ -61,7 +61,7 @@ class ShardVerificationError(RuntimeError):
 
 
 REPAIR_HINT = (
-    "To repair the dataset version, re-run the DAG's shard task (or `python -m tasks.cli shard "
+    "To repair the dataset version, re-run the DAG's shard task (or `python -m trainflow.tasks.cli shard "
     "SOURCE_URL --kind KIND`) on the same source: it verifies the committed version and rewrites "
     "it from the source under the same version id"
 )
@@ -75,7 +75,7 @@ def repair_hint(data: dict[str, Any]) -> str:
     name = f" --name {data['name']}" if data.get("name") else ""
     return (
         "To repair the dataset version, re-run the DAG run's shard task (same params), or "
-        f"`python -m tasks.cli shard '{source}' --kind {data['kind']}{name}`: it verifies the committed "
+        f"`python -m trainflow.tasks.cli shard '{source}' --kind {data['kind']}{name}`: it verifies the committed "
         "version and rewrites it from the source under the same version id"
     )
 
@@ -230,7 +230,7 @@ class Manifest:
 
         A shard in a local store is memory-mapped (the page cache is read in place, nothing is
         copied; shards are immutable once committed); from a remote store it is fetched whole,
-        through the node's shard cache when the settings enable it (:mod:`tasks.shardcache`:
+        through the node's shard cache when the settings enable it (:mod:`trainflow.tasks.shardcache`:
         one download per node, then memory-mapped from local disk, verified on every read).
 
         Args:
@@ -259,7 +259,7 @@ class Manifest:
             else:
                 settings = self.storage.settings
                 if settings.shard_cache_bytes and settings.shard_cache_dir is not None:
-                    from tasks.shardcache import ShardFileCache
+                    from trainflow.tasks.shardcache import ShardFileCache
 
                     cache = ShardFileCache(settings.shard_cache_dir, settings.shard_cache_bytes)
                     return cache.get(

@@ -4,7 +4,7 @@
 range, enum, description) that the DAG files turn into ``airflow.sdk.Param``; the UI renders
 a typed form from it and the REST API rejects a ``conf`` that violates it. The common params
 are defined here; a pipeline adds or overrides some through its spec
-(:attr:`tasks.pipelines.PipelineSpec.params`). What a schema cannot say (checks across fields,
+(:attr:`trainflow.tasks.pipelines.PipelineSpec.params`). What a schema cannot say (checks across fields,
 what this machine can run, the model family's own settings, whether the data URL exists) is
 checked by :func:`validate_params` in the first task, before any work, with the field named.
 """
@@ -43,9 +43,9 @@ def param_specs(pipeline: Any) -> dict[str, dict[str, Any]]:
     with the pipeline's overrides merged in, then the ones the pipeline adds.
 
     Raises:
-        tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
+        trainflow.tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
     """
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     spec = get_pipeline(pipeline)
     specs = _common_specs()
@@ -357,7 +357,7 @@ def _check_family_settings(values: dict[str, Any], pipeline: Any) -> None:
     import dataclasses
     import difflib
 
-    from tasks.pipelines import get_pipeline, load_object
+    from trainflow.tasks.pipelines import get_pipeline, load_object
 
     spec = get_pipeline(pipeline)
     config_cls = load_object(spec.family_config)

@@ -14,13 +14,13 @@ import logging
 import os
 from typing import Any
 
-from tasks.kubernetes import TRAINER_MODULE
-from tasks.layout import REPORT_NAME, RUN_CONFIG_NAME
-from tasks.params import validate_params
-from tasks.rendezvous import NodeChannel
-from tasks.settings import Settings, get_settings, redact_url
-from tasks.sharding import ShardingConfig, shard_dataset
-from tasks.tracking import require_tracking_server
+from trainflow.tasks.kubernetes import TRAINER_MODULE
+from trainflow.tasks.layout import REPORT_NAME, RUN_CONFIG_NAME
+from trainflow.tasks.params import validate_params
+from trainflow.tasks.rendezvous import NodeChannel
+from trainflow.tasks.settings import Settings, get_settings, redact_url
+from trainflow.tasks.sharding import ShardingConfig, shard_dataset
+from trainflow.tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ def shard_step(
     """Validate the params, then shard the source into a dataset version (or find it).
 
     Args:
-        params: The run's params (for an unattended run, as :func:`tasks.retraining.resolve_run_params`
+        params: The run's params (for an unattended run, as :func:`trainflow.tasks.retraining.resolve_run_params`
             made them).
-        pipeline: The pipeline's name or spec (see :mod:`tasks.pipelines`).
+        pipeline: The pipeline's name or spec (see :mod:`trainflow.tasks.pipelines`).
         settings: Storage root and credentials.
         source_origin: Where the source came from (``form``, ``production``, ``asset_event``);
             recorded with the dataset and, at registration, on the model version.
@@ -64,7 +64,7 @@ def shard_step(
 def family_args(pipeline: Any, values: dict[str, Any]) -> list[str]:
     """The model family's settings from the DAG params (``model``, ``model_size``,
     ``model_options``, ``seed``) as ``--family.FIELD=VALUE`` arguments (the spec maps them)."""
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     settings = get_pipeline(pipeline).settings_for_family(values)
     return [f"--family.{key}={json.dumps(value)}" for key, value in settings.items()]
@@ -81,7 +81,7 @@ def _sqlite_schema_lock(tracking_uri: str):
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    from tasks.storage import local_file_lock
+    from trainflow.tasks.storage import local_file_lock
 
     with local_file_lock(tracking_uri[len("sqlite:///") :].split("?", 1)[0]):
         yield
@@ -149,10 +149,10 @@ def train_step(
 
     A retry of the same DAG run reuses its run directory (so training resumes from the last
     committed checkpoint) and its MLflow run. With ``nnodes > 1`` this is node 0: it publishes
-    the rendezvous plan through ``nodes`` (see :mod:`tasks.rendezvous`) and runs its share of
+    the rendezvous plan through ``nodes`` (see :mod:`trainflow.tasks.rendezvous`) and runs its share of
     the ranks; the other nodes run :func:`train_node_step`. With ``launcher=kubernetes`` the
     training runs as a job on the cluster of the ``kubernetes`` client (see
-    :mod:`tasks.kubernetes`).
+    :mod:`trainflow.tasks.kubernetes`).
 
     Returns:
         The trainer's result (metrics, model and checkpoint URIs, steps, samples/s, world
@@ -161,10 +161,10 @@ def train_step(
 
     Raises:
         ValueError: ``nnodes > 1`` without ``nodes``, or ``launcher=kubernetes`` without a client.
-        tasks.rendezvous.RendezvousTimeout: a node never joined; names it and the timeout.
+        trainflow.tasks.rendezvous.RendezvousTimeout: a node never joined; names it and the timeout.
     """
-    from tasks.launch import LaunchConfig, LaunchError, read_result, run_dir_url, run_torchrun
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.launch import LaunchConfig, LaunchError, read_result, run_dir_url, run_torchrun
+    from trainflow.tasks.pipelines import get_pipeline
 
     settings = settings or get_settings()
     spec = get_pipeline(pipeline)
@@ -184,7 +184,7 @@ def train_step(
                         settings=settings, mlflow_run_id=mlflow_run_id)
     env = child_environment(settings, threads)
     if values["launcher"] == "kubernetes":
-        from tasks.kubernetes import run_kubernetes_training
+        from trainflow.tasks.kubernetes import run_kubernetes_training
 
         if kubernetes is None:
             raise ValueError("launcher=kubernetes needs a Kubernetes client (the DAG side builds it from the connection)")
@@ -240,11 +240,11 @@ def train_node_step(
         (``already_finished``: a retry that found node 0's training done and ran nothing).
 
     Raises:
-        tasks.rendezvous.NodeFailed: node 0 failed before training started.
-        tasks.rendezvous.RendezvousTimeout: node 0 (or another node) never joined.
+        trainflow.tasks.rendezvous.NodeFailed: node 0 failed before training started.
+        trainflow.tasks.rendezvous.RendezvousTimeout: node 0 (or another node) never joined.
     """
-    from tasks.launch import LaunchConfig, LaunchError, run_torchrun
-    from tasks.rendezvous import wait_for_plan
+    from trainflow.tasks.launch import LaunchConfig, LaunchError, run_torchrun
+    from trainflow.tasks.rendezvous import wait_for_plan
 
     settings = settings or get_settings()
     values = validate_params(params, pipeline)
@@ -297,7 +297,7 @@ def run_config(
     ``train`` is the loop's ``TrainConfig`` (the pipeline's ``train_defaults``, then the
     params); ``family`` the family config's fields from the params (the spec maps them).
     """
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     spec = get_pipeline(pipeline)
     train = {
@@ -336,7 +336,7 @@ def trainer_args(
     """The trainer's command-line arguments (the same on every node and every pod): the run
     configuration, written whole into the run directory (which every node and pod reads), and
     the pipeline's name."""
-    from tasks.storage import Storage
+    from trainflow.tasks.storage import Storage
 
     config = run_config(pipeline, values, dataset, run_dir=run_dir, dag_id=dag_id, run_id=run_id,
                         settings=settings, mlflow_run_id=mlflow_run_id)
@@ -352,8 +352,8 @@ def _threads_per_rank(values: dict[str, Any], nproc: int) -> int:
 
 def _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number, nodes):
     """Node 0: choose the rendezvous, publish the plan, and return its launch config."""
-    from tasks.launch import LaunchConfig
-    from tasks.rendezvous import free_port, make_plan, node_address, rendezvous_id
+    from trainflow.tasks.launch import LaunchConfig
+    from trainflow.tasks.rendezvous import free_port, make_plan, node_address, rendezvous_id
 
     if nodes is None:
         raise ValueError("nnodes > 1 needs the node channel of the orchestrator (one task per node)")
@@ -383,7 +383,7 @@ def _publish_node0_plan(values, nproc, threads, args, dag_id, run_id, try_number
 
 def _raise_rendezvous_error(exc, nodes, launch, node_rank: int) -> None:
     """Turn torchrun's rendezvous failures into an error naming the missing nodes."""
-    from tasks.rendezvous import (
+    from trainflow.tasks.rendezvous import (
         RendezvousTimeout,
         is_rendezvous_timeout,
         is_rendezvous_unreachable,
@@ -408,7 +408,7 @@ def _export_servable(run_dir: str, mlflow_run_id: str, env: dict[str, str]) -> d
 
     log.info("logging the servable model to MLflow run %s", mlflow_run_id)
     out = subprocess.run(
-        [sys.executable, "-m", "trainers.serving", "--run-dir", run_dir, "--mlflow-run-id", mlflow_run_id],
+        [sys.executable, "-m", "trainflow.trainers.serving", "--run-dir", run_dir, "--mlflow-run-id", mlflow_run_id],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -423,7 +423,7 @@ def _export_servable(run_dir: str, mlflow_run_id: str, env: dict[str, str]) -> d
 # --- evaluate --------------------------------------------------------------------------------
 def evaluate_model_step(pipeline: Any, train: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
     """Score the trained model on its dataset's eval split vs the baseline; log to its run."""
-    from tasks.evaluation import evaluate_step
+    from trainflow.tasks.evaluation import evaluate_step
 
     return evaluate_step(
         pipeline, train["model_uri"], train["manifest_uri"], mlflow_run_id=train["mlflow_run_id"], settings=settings
@@ -450,12 +450,12 @@ def register_model_step(
     reviewer (the gate's verdict is recorded, ``champion`` does not move yet), a scheduled one
     does not. The result carries what the approval request shows (dataset, training, plots).
     """
-    from tasks.evaluation import load_predictor
-    from tasks.manifest import load_manifest
-    from tasks.params import approval_required
-    from tasks.pipelines import get_pipeline
-    from tasks.registry import GateConfig, Lineage, code_version, register_step
-    from tasks.sharding import split_protocol
+    from trainflow.tasks.evaluation import load_predictor
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.tasks.params import approval_required
+    from trainflow.tasks.pipelines import get_pipeline
+    from trainflow.tasks.registry import GateConfig, Lineage, code_version, register_step
+    from trainflow.tasks.sharding import split_protocol
 
     settings = settings or get_settings()
     spec = get_pipeline(pipeline)
@@ -543,7 +543,7 @@ def register_model_step(
 
 def run_report(pipeline: Any, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], registry: dict[str, Any]) -> dict[str, Any]:
     """What one pipeline run produced, in a few lines a user reads first."""
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     spec = get_pipeline(pipeline)
     metrics = evaluation["metrics"]
@@ -574,8 +574,8 @@ def run_report(pipeline: Any, dataset: dict[str, Any], train: dict[str, Any], ev
 
 def write_run_report(report: dict[str, Any], dag_id: str, run_id: str, settings: Settings | None = None) -> str:
     """Write ``report.json`` into the DAG run's directory; returns its URL."""
-    from tasks.launch import run_dir_url
-    from tasks.storage import Storage
+    from trainflow.tasks.launch import run_dir_url
+    from trainflow.tasks.storage import Storage
 
     settings = settings or get_settings()
     store = Storage(run_dir_url(dag_id, run_id, settings), settings)
@@ -585,8 +585,8 @@ def write_run_report(report: dict[str, Any], dag_id: str, run_id: str, settings:
 
 def update_run_report_registry(dag_id: str, run_id: str, registry: dict[str, Any], settings: Settings | None = None) -> str | None:
     """Put a reviewer's decision into the run's ``report.json`` (written by ``register``)."""
-    from tasks.launch import run_dir_url
-    from tasks.storage import Storage
+    from trainflow.tasks.launch import run_dir_url
+    from trainflow.tasks.storage import Storage
 
     settings = settings or get_settings()
     store = Storage(run_dir_url(dag_id, run_id, settings), settings)
@@ -604,8 +604,8 @@ def update_run_report_registry(dag_id: str, run_id: str, registry: dict[str, Any
 
 def latest_run_report(dag_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
     """The most recently finished run report of ``dag_id``, or ``None``."""
-    from tasks.layout import runs_dir
-    from tasks.storage import Storage
+    from trainflow.tasks.layout import runs_dir
+    from trainflow.tasks.storage import Storage
 
     settings = settings or get_settings()
     store = Storage.from_settings(settings).child(runs_dir(dag_id))

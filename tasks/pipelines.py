@@ -4,7 +4,7 @@ The engine (sharding, the trainer, evaluation, serving, the registry, the Airflo
 branches on a pipeline's name: it asks the registry for the spec and uses its attributes. A
 pipeline is one package that builds a spec and registers it, either in code::
 
-    from tasks.pipelines import PipelineSpec, register_pipeline
+    from trainflow.tasks.pipelines import PipelineSpec, register_pipeline
     register_pipeline(PipelineSpec(name="tabular", ...))
 
 or, for an installed package, through the ``trainflow.pipelines`` entry point group (what the
@@ -52,7 +52,7 @@ class Metric:
         higher_is_better: Direction: the gate promotes a larger value when True, a smaller one
             when False.
         headline: Shown in the task log's summary and first in comparison tables.
-        report: Included in the run report (``report.json``, ``python -m tasks.cli report``).
+        report: Included in the run report (``report.json``, ``python -m trainflow.tasks.cli report``).
         gate: May be chosen as the ``promotion_metric`` of the champion/challenger gate.
         description: One line for people (the trigger form, the docs).
     """
@@ -80,16 +80,16 @@ class PipelineSpec:
         resolve_source: ``(url, settings) -> source``: turn a ``source_url`` into a source
             object (attributes ``url``, ``default_name``, ``reader``, ``reader_version``,
             ``fingerprint``; the rest is the split protocol's business). Raise
-            :class:`tasks.datasets.sources.SourceNotFoundError` for nothing (of this kind) at
+            :class:`trainflow.tasks.datasets.sources.SourceNotFoundError` for nothing (of this kind) at
             the URL. The reader id and version are part of the dataset version.
         split: ``(source, store, config, tmp_dir) -> dict``: the split protocol: write the
             ``train`` / ``valid`` / ``eval`` shards of ``source`` with
-            :class:`tasks.sharding.ShardWriter` into ``store`` and return the manifest body
+            :class:`trainflow.tasks.sharding.ShardWriter` into ``store`` and return the manifest body
             (``splits``, ``stats`` and any extra keys such as ``files``).
         split_protocol: ``(sharding config) -> str``: how a dataset written *before* the split
             recorded ``stats["split_protocol"]`` was split (the gate compares the dataset's name
             and split protocol); optional: a split that records it needs none.
-        family: ``"module:Class"`` of the :class:`trainers.family.ModelFamily`.
+        family: ``"module:Class"`` of the :class:`trainflow.trainers.family.ModelFamily`.
         family_config: ``"module:Class"`` of the family's config dataclass.
         family_settings: ``(params) -> dict``: the family config's fields from the run's
             validated params (``model``, ``model_size``, ``model_options``, ``seed``...);
@@ -99,15 +99,15 @@ class PipelineSpec:
         params: Param specs this pipeline adds or overrides, by key: each a dict with any of
             ``default``, ``schema`` (JSON schema fragment), ``description``, ``title``;
             an override is merged into the common param of that key (see
-            :func:`tasks.params.param_specs`).
+            :func:`trainflow.tasks.params.param_specs`).
         metrics: The metrics its evaluator reports (direction, headline, report, gate).
         evaluate: ``(manifest, predict, split) -> report``: score a served model's
             ``predict`` on ``split``: ``{"metrics": {...with baseline_* keys}, ...}``.
         plot: ``(report, out_dir) -> [png paths]``: plots for the MLflow run; optional.
         baseline_name: What the ``baseline_*`` metrics are (``"most popular"``...).
         serving: ``"module:function"``: ``(state, config, manifest, tmp_dir) ->
-            trainers.serving.ServedModel``: the served computation, its example input,
-            pyfunc code file and artifacts (see :mod:`trainers.serving`).
+            trainflow.trainers.serving.ServedModel``: the served computation, its example input,
+            pyfunc code file and artifacts (see :mod:`trainflow.trainers.serving`).
         promotion_metric: The gate's default metric (default: the first gate metric).
         registered_model_name: Default MLflow registered model.
         dag_id: The DAG that runs this pipeline (the trigger-time conf check uses it).

@@ -27,9 +27,9 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
-from tasks.settings import PROJECT_DIR, Settings, get_settings, redact_url
-from tasks.storage import Storage, lease
-from tasks.tracking import require_tracking_server
+from trainflow.tasks.settings import PROJECT_DIR, Settings, get_settings, redact_url
+from trainflow.tasks.storage import Storage, lease
+from trainflow.tasks.tracking import require_tracking_server
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class GateConfig:
         metric: Metric key compared (one the pipeline declares with ``gate=True``).
         margin: Absolute improvement required over the champion (>= 0).
         higher_is_better: The metric's direction, from the pipeline's spec
-            (:meth:`tasks.pipelines.PipelineSpec.higher_is_better`).
+            (:meth:`trainflow.tasks.pipelines.PipelineSpec.higher_is_better`).
         metric_order: Metrics listed first in comparison tables (the pipeline's headline ones).
     """
 

@@ -86,7 +86,7 @@ def node_address() -> str:
     to a reachable address, e.g. ``status.podIP`` on Kubernetes); otherwise what this host's
     name resolves to, or the name itself.
     """
-    from tasks.settings import get_settings
+    from trainflow.tasks.settings import get_settings
 
     configured = get_settings().node_address
     if configured:

@@ -206,7 +206,7 @@ def find_new_drop(prefix_url: str, announced: Iterable[str], settings=None, mark
     Returns:
         The new drop's URL (the newest by name when several arrived), or ``None``.
     """
-    from tasks.storage import Storage
+    from trainflow.tasks.storage import Storage
 
     storage = Storage(prefix_url.rstrip("/"), settings)
     seen = set(announced)

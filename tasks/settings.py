@@ -110,7 +110,7 @@ class Settings:
         mlflow_artifact_root: Artifact location of the experiments trainflow creates;
             ``None`` lets an MLflow server choose (its ``--default-artifact-root``).
         shard_cache_dir: Node-local cache of shards read from a remote store
-            (:mod:`tasks.shardcache`).
+            (:mod:`trainflow.tasks.shardcache`).
         shard_cache_bytes: Most bytes that cache holds (least recently used evicted first);
             ``0`` turns it off.
         node_address: ``TRAINFLOW_NODE_ADDRESS``: the address other nodes reach this worker at
@@ -372,7 +372,7 @@ def pipeline_setting(pipeline: str, name: str, environ: Mapping[str, str] | None
     """A per-pipeline deployment setting, ``TRAINFLOW_<PIPELINE>_<NAME>`` (empty: ``None``).
 
     The ones trainflow reads: ``PRODUCTION`` (the production configuration of scheduled and
-    data-triggered runs, see :mod:`tasks.retraining`), ``WATCH`` (an object-store prefix the
+    data-triggered runs, see :mod:`trainflow.tasks.retraining`), ``WATCH`` (an object-store prefix the
     raw-data watcher DAG polls) and ``SCHEDULE`` (the training DAG's time schedule, read when
     the DAG file is parsed).
     """

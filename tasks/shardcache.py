@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.storage import local_file_lock
+from trainflow.tasks.storage import local_file_lock
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -8,7 +8,7 @@ manifest, so no reader sees the partial version, and the next run clears the lef
 completes it.
 
 How raw rows become ``train`` / ``valid`` / ``eval`` shards is the pipeline's split protocol
-(:attr:`tasks.pipelines.PipelineSpec.split`), written with :class:`ShardWriter`; this module
+(:attr:`trainflow.tasks.pipelines.PipelineSpec.split`), written with :class:`ShardWriter`; this module
 owns the writer, the version, the cache and the commit. :func:`hash_split` is the deterministic
 split by a key's hash that a pipeline without its own protocol uses.
 """
@@ -28,9 +28,9 @@ import tempfile
 import time
 from typing import Any
 
-from tasks.datasets.sources import resolve_source
-from tasks.layout import dataset_dir
-from tasks.manifest import (
+from trainflow.tasks.datasets.sources import resolve_source
+from trainflow.tasks.layout import dataset_dir
+from trainflow.tasks.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     Manifest,
@@ -41,8 +41,8 @@ from tasks.manifest import (
     load_manifest,
     verify_version,
 )
-from tasks.settings import Settings, get_settings, redact_url
-from tasks.storage import Storage, safe_name
+from trainflow.tasks.settings import Settings, get_settings, redact_url
+from trainflow.tasks.storage import Storage, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def shard_batches(
 
     The generic path for records that need no split protocol (benchmarks, images): the
     same :class:`ShardWriter` and manifest as :func:`shard_dataset`, readable by
-    :class:`trainers.loader.ShardLoader`. ``store`` is the version folder; its version id is
+    :class:`trainflow.trainers.loader.ShardLoader`. ``store`` is the version folder; its version id is
     its last path component.
 
     Raises:
@@ -363,14 +363,14 @@ def shard_dataset(
     """Shard ``source_url`` into a committed dataset version, or find the one already there.
 
     A version already committed is verified before it is reused (see
-    :func:`tasks.manifest.verify_version`): its manifest against its own checksum, and every
+    :func:`trainflow.tasks.manifest.verify_version`): its manifest against its own checksum, and every
     file it lists. A damaged or missing file, or a damaged manifest, is repaired: the manifest
     is removed first (no reader sees the version meanwhile), the version is rewritten from the
     source under the same version id, and the manifest is committed last.
 
     Args:
-        source_url: See :func:`tasks.datasets.sources.resolve_source`.
-        pipeline: The pipeline's name or spec (see :mod:`tasks.pipelines`).
+        source_url: See :func:`trainflow.tasks.datasets.sources.resolve_source`.
+        pipeline: The pipeline's name or spec (see :mod:`trainflow.tasks.pipelines`).
         name: Dataset name (a safe path component); default: derived from the source.
         config: Sharding config (default: :class:`ShardingConfig`).
         settings: Storage root and credentials (default: from the environment).
@@ -385,7 +385,7 @@ def shard_dataset(
     """
     settings = settings or get_settings()
     config = config or ShardingConfig()
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     spec = get_pipeline(pipeline)
     source = resolve_source(source_url, spec, settings)
@@ -465,13 +465,13 @@ def split_protocol(manifest: Manifest) -> str:
     """How the dataset was split, as the gate compares it (with the dataset's name).
 
     Read from the manifest's stats (a split protocol records it there); for manifests written
-    before their pipeline recorded it, the pipeline's :attr:`~tasks.pipelines.PipelineSpec.split_protocol`
+    before their pipeline recorded it, the pipeline's :attr:`~trainflow.tasks.pipelines.PipelineSpec.split_protocol`
     describes it from their sharding config.
     """
     recorded = manifest.stats.get("split_protocol")
     if recorded:
         return str(recorded)
-    from tasks.pipelines import UnknownPipelineError, get_pipeline
+    from trainflow.tasks.pipelines import UnknownPipelineError, get_pipeline
 
     try:
         spec = get_pipeline(manifest.kind)

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from tasks.settings import Settings, get_settings, redact_text, redact_url, url_has_credentials
+from trainflow.tasks.settings import Settings, get_settings, redact_text, redact_url, url_has_credentials
 
 if TYPE_CHECKING:
     import fsspec

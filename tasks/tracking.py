@@ -16,7 +16,7 @@ import socket
 import time
 import urllib.parse
 
-from tasks.settings import redact_url
+from trainflow.tasks.settings import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 
 def pytest_configure(config):

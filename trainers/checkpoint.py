@@ -37,10 +37,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from tasks.layout import CHECKPOINT_STEP_PREFIX, CHECKPOINTS_DIR, checkpoint_dir
-from tasks.settings import Settings, get_settings, redact_url
-from tasks.storage import Storage
-from trainers.distributed import World, barrier
+from trainflow.tasks.layout import CHECKPOINT_STEP_PREFIX, CHECKPOINTS_DIR, checkpoint_dir
+from trainflow.tasks.settings import Settings, get_settings, redact_url
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.distributed import World, barrier
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_dir_url(dag_id: str, run_id: str, settings: Settings | None = None) -> s
     Raises:
         ValueError: ``dag_id`` or ``run_id`` is not a safe path component.
     """
-    from tasks.launch import run_dir_url as _run_dir_url
+    from trainflow.tasks.launch import run_dir_url as _run_dir_url
 
     return _run_dir_url(dag_id, run_id, settings or get_settings())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tasks.storage import safe_name
+from trainflow.tasks.storage import safe_name
 
 PARALLELISMS = ("none", "ddp", "fsdp", "sharded_embeddings")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -1,7 +1,7 @@
 """The contract between the generic train loop and a model family (one per pipeline, see
-:attr:`tasks.pipelines.PipelineSpec.family`).
+:attr:`trainflow.tasks.pipelines.PipelineSpec.family`).
 
-The loop (``trainers.loop``) owns distribution (DDP/FSDP wrapping), the optimizer, gradient
+The loop (``trainflow.trainers.loop``) owns distribution (DDP/FSDP wrapping), the optimizer, gradient
 accumulation, mixed precision, checkpoints, progress lines and MLflow logging. A family owns
 what is specific to its data and model: how to build the model, how this rank's training
 batches are made from the dataset manifest, the loss, evaluation and the exported model.
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from tasks.manifest import Manifest
-    from trainers.distributed import World
+    from trainflow.tasks.manifest import Manifest
+    from trainflow.trainers.distributed import World
 
 
 class ModelFamily(abc.ABC):
@@ -86,7 +86,7 @@ class ModelFamily(abc.ABC):
 
 class ShardLoaderFamily(ModelFamily):
     """A family whose training batches are rows of the ``train`` split as tensors, streamed by
-    :class:`trainers.loader.ShardLoader`: the default batch path (each rank reads its own share
+    :class:`trainflow.trainers.loader.ShardLoader`: the default batch path (each rank reads its own share
     of the shards, every row once per epoch, resumable mid-epoch).
 
     A subclass sets :attr:`columns` (``None``: every column) and writes ``build_model``,
@@ -100,7 +100,7 @@ class ShardLoaderFamily(ModelFamily):
         return self.manifest.num_rows("train")
 
     def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        from trainers.loader import ShardLoader
+        from trainflow.trainers.loader import ShardLoader
 
         seed = int(getattr(self.config, "seed", 0)) + self.shuffle_seed_offset
         loader = ShardLoader(self.manifest, "train", batch_size, world=self.world, columns=self.columns, seed=seed)

@@ -22,7 +22,7 @@ How an epoch is laid out (deterministic in ``(seed, epoch)``, independent of the
    worker ``(b - start) % num_workers``, which is the order in which ``DataLoader`` takes
    batches from its workers; resuming at batch ``start`` keeps that mapping.
 
-Each worker reads through fsspec (:meth:`tasks.manifest.Manifest.open_shard`, which verifies
+Each worker reads through fsspec (:meth:`trainflow.tasks.manifest.Manifest.open_shard`, which verifies
 size and checksum before anything is decoded; a local shard is memory-mapped, a remote one
 fetched whole) with a background thread decoding the next windows ahead
 (``prefetch_windows``) while batches are being consumed. A window's row groups stay as they
@@ -55,13 +55,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tasks.manifest import CHECKSUMS
+from trainflow.tasks.manifest import CHECKSUMS
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from tasks.manifest import Manifest
-    from trainers.distributed import World
+    from trainflow.tasks.manifest import Manifest
+    from trainflow.trainers.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class ShardLoader(IterableDataset):
         transform: Optional ``transform(batch, info) -> batch``, run where batches are made.
         with_row_index: Add the ``row_index`` column.
         checksum: How each shard is verified before any of it is used (see
-            :meth:`tasks.manifest.Manifest.read_shard_buffer`): ``auto`` (xxh3-128 where the
+            :meth:`trainflow.tasks.manifest.Manifest.read_shard_buffer`): ``auto`` (xxh3-128 where the
             manifest records it, else sha256), ``xxh3_128`` or ``sha256``.
 
     Raises:

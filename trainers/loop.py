@@ -1,11 +1,11 @@
-"""The generic train loop over a :class:`trainers.family.ModelFamily`.
+"""The generic train loop over a :class:`trainflow.trainers.family.ModelFamily`.
 
 One code path runs alone and under torchrun (a family's ``__main__`` calls :func:`main`)::
 
-    python -m trainers.train --pipeline NAME --config run.json --train.epochs=2
-    torchrun --standalone --nproc-per-node 2 -m trainers.train --pipeline NAME --config run.json
+    python -m trainflow.trainers.train --pipeline NAME --config run.json --train.epochs=2
+    torchrun --standalone --nproc-per-node 2 -m trainflow.trainers.train --pipeline NAME --config run.json
 
-What the loop does, in order: join the process group (:mod:`trainers.distributed`), seed,
+What the loop does, in order: join the process group (:mod:`trainflow.trainers.distributed`), seed,
 load the manifest, build the family's model and wrap it (DDP, or FSDP2 ``fully_shard`` on the
 family's ``fsdp_modules()`` then the root), build AdamW/Adam and the LR schedule, resume from
 the run directory's last committed checkpoint, then per epoch: micro batches from
@@ -36,13 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.layout import BEST_MODEL_DIR, MODEL_CONFIG_NAME, MODEL_DIR, MODEL_WEIGHTS_NAME, RESULT_NAME
-from tasks.manifest import load_manifest
-from tasks.settings import Settings, get_settings, redact_url
-from tasks.storage import Storage
-from trainers.checkpoint import Checkpointer, run_dir_url
-from trainers.config import TrainConfig
-from trainers.distributed import (
+from trainflow.tasks.layout import (
+    BEST_MODEL_DIR,
+    MODEL_CONFIG_NAME,
+    MODEL_DIR,
+    MODEL_WEIGHTS_NAME,
+    RESULT_NAME,
+)
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import Settings, get_settings, redact_url
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.checkpoint import Checkpointer, run_dir_url
+from trainflow.trainers.config import TrainConfig
+from trainflow.trainers.distributed import (
     NullLogger,
     World,
     barrier,
@@ -50,8 +56,8 @@ from trainers.distributed import (
     shutdown_distributed,
     world_from_env,
 )
-from trainers.family import ModelFamily
-from trainers.parallel import (
+from trainflow.trainers.family import ModelFamily
+from trainflow.trainers.parallel import (
     SHARDED_EMBEDDINGS,
     RowSparseAdamW,
     clip_grad_norm,
@@ -631,7 +637,7 @@ def read_run_config(path_or_url: str) -> dict[str, Any]:
     """A run configuration file (``{"train": {...}, "family": {...}}``) from a local path or any
     storage URL (the train step writes it into the run directory, which every node can read)."""
     if "://" in path_or_url:
-        from tasks.storage import Storage
+        from trainflow.tasks.storage import Storage
 
         base, _, name = path_or_url.rstrip("/").rpartition("/")
         return json.loads(Storage(base).read_bytes(name))

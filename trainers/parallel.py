@@ -1,7 +1,7 @@
 """Model parallelism beyond DDP/FSDP: embedding tables sharded row-wise across ranks.
 
 ``parallelism="sharded_embeddings"`` replaces every embedding table a family names
-(:meth:`trainers.family.ModelFamily.embedding_tables`) with a :class:`RowShardedEmbedding`
+(:meth:`trainflow.trainers.family.ModelFamily.embedding_tables`) with a :class:`RowShardedEmbedding`
 and wraps the rest of the model in DDP (the tables are excluded from DDP's gradient sync):
 
 * Rank ``r`` of ``W`` owns rows ``[r*c, min((r+1)*c, N))`` of an ``N``-row table, ``c =

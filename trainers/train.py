@@ -1,7 +1,7 @@
 """The one trainer entry for every pipeline, alone or under torchrun (the same code path)::
 
-    python -m trainers.train --pipeline NAME --config run_config.json
-    torchrun --standalone --nproc-per-node 2 -m trainers.train --pipeline NAME --config URL
+    python -m trainflow.trainers.train --pipeline NAME --config run_config.json
+    torchrun --standalone --nproc-per-node 2 -m trainflow.trainers.train --pipeline NAME --config URL
 
 ``--config`` is the run configuration the train step validated and wrote whole
 (``{"pipeline", "train": {...}, "family": {...}}``, a local path or a storage URL);
@@ -36,9 +36,9 @@ def pipeline_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train the pipeline named by ``--pipeline`` (or by the config file)."""
-    from tasks.pipelines import get_pipeline
-    from trainers.loop import main as loop_main
-    from trainers.loop import read_run_config
+    from trainflow.tasks.pipelines import get_pipeline
+    from trainflow.trainers.loop import main as loop_main
+    from trainflow.trainers.loop import read_run_config
 
     name, rest = pipeline_argv(sys.argv[1:] if argv is None else argv)
     if name is None:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _not_in_file(defaults: list[str], others: list[str]) -> list[str]:
     """The defaults whose field the config file does not set (a default must not beat the file)."""
-    from trainers.loop import read_run_config
+    from trainflow.trainers.loop import read_run_config
 
     config = None
     for i, arg in enumerate(others):

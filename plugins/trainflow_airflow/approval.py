@@ -7,7 +7,7 @@ endpoints) with a markdown summary built from that result: the candidate's metri
 champion's and the baseline's, the gate's verdict and margin, the dataset version, links to the
 MLflow run, the model version page, the plots and the DAG run. It waits without holding a
 worker slot (Airflow 3.3 parks it in ``awaiting_input``; the scheduler applies the timeout
-default, ``Reject``). ``promote`` applies the answer with :func:`tasks.registry.record_review`.
+default, ``Reject``). ``promote`` applies the answer with :func:`trainflow.tasks.registry.record_review`.
 When no approval is needed the task is skipped, and so is ``promote``.
 """
 
@@ -22,7 +22,7 @@ from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import AirflowSkipException
 
-from trainflow_airflow.links import MLflowModelVersionLink, MLflowRunLink, mlflow_ui_url, persist_mlflow_links
+from trainflow.airflow.links import MLflowModelVersionLink, MLflowRunLink, mlflow_ui_url, persist_mlflow_links
 
 DEFAULT_TIMEOUT_HOURS = 72.0
 
@@ -49,7 +49,7 @@ class ModelApprovalOperator(ApprovalOperator):
     """Ask a reviewer to approve the promotion of the version ``register`` created.
 
     Args:
-        register_task_id: The task whose result (see ``tasks.registry.register_step``) says
+        register_task_id: The task whose result (see ``trainflow.tasks.registry.register_step``) says
             whether approval is required and holds the comparison.
         timeout_param: DAG param holding the response timeout in hours.
 
@@ -86,7 +86,7 @@ class ModelApprovalOperator(ApprovalOperator):
         self.timeout_param = timeout_param
 
     def execute(self, context: Any) -> Any:
-        from tasks.registry import approval_request
+        from trainflow.tasks.registry import approval_request
 
         result = context["ti"].xcom_pull(task_ids=self.register_task_id)
         if not result:

@@ -55,7 +55,7 @@ class RejectUnknownConfKeys:
 def _pipeline_of(dag_id: str) -> str | None:
     """The registered pipeline whose DAG is ``dag_id`` (``None``: not a trainflow pipeline's DAG,
     which this middleware leaves to Airflow)."""
-    from tasks.pipelines import pipeline_for_dag
+    from trainflow.tasks.pipelines import pipeline_for_dag
 
     spec = pipeline_for_dag(dag_id)
     return spec.name if spec is not None else None
@@ -65,11 +65,11 @@ def _unknown_key_detail(body: bytes, kind: str) -> str | None:
     """The 400 detail for the first unknown conf key or invalid value, or ``None`` (also for a
     body Airflow itself should judge: not JSON, no ``conf`` object).
 
-    The values are checked as the first task checks them (:func:`tasks.params.validate_params`:
+    The values are checked as the first task checks them (:func:`trainflow.tasks.params.validate_params`:
     combinations, the family's ``model_options``, ``batch_size`` vs the world size), except what
     depends on the worker's machine (CPU and GPU counts), which the first task still checks.
     """
-    from tasks.params import (
+    from trainflow.tasks.params import (
         ParamError,
         check_schema,
         param_specs,

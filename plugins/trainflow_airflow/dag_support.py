@@ -19,7 +19,7 @@ from typing import Any
 
 from airflow.sdk import Param
 
-from tasks.params import param_specs
+from trainflow.tasks.params import param_specs
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def build_params(kind: str) -> dict[str, Param]:
     """Typed trigger-form params (JSON schema) of the registered pipeline ``kind``.
 
     Raises:
-        tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
+        trainflow.tasks.pipelines.UnknownPipelineError: no such pipeline; lists the registered ones.
     """
     params = {}
     for key, spec in param_specs(kind).items():
@@ -59,7 +59,7 @@ def training_schedule(kind: str, default: str | None, raw_asset):
     """
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
 
-    from tasks.settings import pipeline_setting
+    from trainflow.tasks.settings import pipeline_setting
 
     cron = pipeline_setting(kind, "SCHEDULE") or default
     if cron is None or cron.lower() == "none":
@@ -85,7 +85,7 @@ def settings_with_connections():
     connection the standard AWS variables (or botocore's chain) apply. Values are passed on
     as plain settings; nothing is logged but whether a connection was used.
     """
-    from tasks.settings import get_settings
+    from trainflow.tasks.settings import get_settings
 
     settings = get_settings()
     conn_id = settings.aws_conn_id
@@ -111,9 +111,9 @@ def fail_fast_on_bad_input():
     cannot fix it. Infrastructure errors (an unreachable store) still go through retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.datasets.sources import SourceNotFoundError
-    from tasks.datasets.textio import SourceFormatError
-    from tasks.manifest import ManifestError, ShardVerificationError
+    from trainflow.tasks.datasets.sources import SourceNotFoundError
+    from trainflow.tasks.datasets.textio import SourceFormatError
+    from trainflow.tasks.manifest import ManifestError, ShardVerificationError
 
     try:
         yield
@@ -124,11 +124,11 @@ def fail_fast_on_bad_input():
 def production_config(kind: str) -> dict[str, Any] | None:
     """The ``kind`` pipeline's production configuration: the Airflow Variable
     ``trainflow_<kind>_production`` if set, else the setting ``TRAINFLOW_<KIND>_PRODUCTION``
-    (see :mod:`tasks.retraining`); ``None`` when neither is."""
+    (see :mod:`trainflow.tasks.retraining`); ``None`` when neither is."""
     from airflow.sdk import Variable
 
-    from tasks.retraining import parse_production_config, production_variable
-    from tasks.settings import pipeline_setting
+    from trainflow.tasks.retraining import parse_production_config, production_variable
+    from trainflow.tasks.settings import pipeline_setting
 
     raw = Variable.get(production_variable(kind), default=None)
     origin = f"Airflow Variable {production_variable(kind)!r}"
@@ -136,7 +136,7 @@ def production_config(kind: str) -> dict[str, Any] | None:
         raw, origin = pipeline_setting(kind, "PRODUCTION"), f"setting TRAINFLOW_{kind.upper()}_PRODUCTION"
     config = parse_production_config(raw, kind)
     if config is not None:
-        from tasks.settings import redact_url
+        from trainflow.tasks.settings import redact_url
 
         log.info("production configuration of %s from the %s: source %s", kind, origin, redact_url(config["source_url"]))
     return config
@@ -159,8 +159,8 @@ def run_params(context: dict[str, Any], kind: str, raw_asset=None) -> tuple[dict
     """The params this run trains with and where its data comes from (``form``,
     ``production``, ``asset_event``): manual runs keep the form; scheduled runs take the
     production configuration; Asset-triggered runs the event's ``source_url``. Raises
-    :class:`tasks.retraining.RunSourceError` (bad input, never retried) when there is none."""
-    from tasks.retraining import UNATTENDED_RUN_TYPES, resolve_run_params
+    :class:`trainflow.tasks.retraining.RunSourceError` (bad input, never retried) when there is none."""
+    from trainflow.tasks.retraining import UNATTENDED_RUN_TYPES, resolve_run_params
 
     kind_of_run = run_type(context)
     production = production_config(kind) if kind_of_run in UNATTENDED_RUN_TYPES else None
@@ -178,8 +178,8 @@ def dataset_params(context: dict[str, Any], dataset: dict[str, Any] | None) -> d
 def run_shard(context: dict[str, Any], kind: str, asset, raw_asset=None) -> dict[str, Any]:
     """Body of the ``shard`` task: settle the run's data (see :func:`run_params`), shard (or
     reuse) the dataset and annotate the Asset event."""
-    from tasks.pipeline import shard_step
-    from tasks.settings import redact_url
+    from trainflow.tasks.pipeline import shard_step
+    from trainflow.tasks.settings import redact_url
 
     with fail_fast_on_bad_input():
         params, origin = run_params(context, kind, raw_asset)
@@ -214,10 +214,10 @@ RENDEZVOUS_XCOM_KEY = "rendezvous"
 
 
 def node_channel(context: dict[str, Any], params: dict[str, Any]):
-    """The node tasks' channel (:class:`tasks.rendezvous.NodeChannel`) over this DAG run:
+    """The node tasks' channel (:class:`trainflow.tasks.rendezvous.NodeChannel`) over this DAG run:
     node 0's plan in XCom (key ``rendezvous`` of ``train``), the node tasks' states from the
     execution API. Node ``r > 0`` is map index ``r - 1`` of ``train_node``."""
-    from tasks.rendezvous import NodeChannel
+    from trainflow.tasks.rendezvous import NodeChannel
 
     ti = context["ti"]
     dag_id, run_id = ti.dag_id, ti.run_id
@@ -256,7 +256,7 @@ def kubernetes_client():
     ``KubernetesHook`` resolves it)."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    from tasks.settings import get_settings
+    from trainflow.tasks.settings import get_settings
 
     conn_id = get_settings().kubernetes_conn_id
     log.info("Kubernetes client from Airflow connection %r", conn_id)
@@ -266,8 +266,8 @@ def kubernetes_client():
 def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> dict[str, Any]:
     """Body of the ``train`` task: torchrun on this machine (node 0 when ``nnodes > 1``) or a
     Kubernetes job; resumes on a retry."""
-    from tasks.pipeline import train_step
-    from trainflow_airflow.links import persist_mlflow_links
+    from trainflow.airflow.links import persist_mlflow_links
+    from trainflow.tasks.pipeline import train_step
 
     dag_id, run_id, try_number = _ids(context)
     params = dataset_params(context, dataset)
@@ -293,7 +293,7 @@ def run_train(context: dict[str, Any], kind: str, dataset: dict[str, Any]) -> di
 
 def run_train_node(context: dict[str, Any], kind: str, node_rank: int, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     """Body of a ``train_node`` task: node ``node_rank`` joins node 0's rendezvous."""
-    from tasks.pipeline import train_node_step
+    from trainflow.tasks.pipeline import train_node_step
 
     params = dataset_params(context, dataset)
     with fail_fast_on_bad_input():
@@ -311,8 +311,8 @@ def peer_node_ranks(params: dict[str, Any]) -> list[int]:
 
 def run_evaluate(context: dict[str, Any], kind: str, train: dict[str, Any]) -> dict[str, Any]:
     """Body of the ``evaluate`` task."""
-    from tasks.pipeline import evaluate_model_step
-    from trainflow_airflow.links import persist_mlflow_links
+    from trainflow.airflow.links import persist_mlflow_links
+    from trainflow.tasks.pipeline import evaluate_model_step
 
     persist_mlflow_links(context, experiment_id=train["mlflow_experiment_id"], run_id=train["mlflow_run_id"])
     return evaluate_model_step(kind, train, settings_with_connections())
@@ -322,8 +322,8 @@ def run_register(
     context: dict[str, Any], kind: str, dataset: dict[str, Any], train: dict[str, Any], evaluation: dict[str, Any], asset
 ) -> dict[str, Any]:
     """Body of the ``register`` task: a model version, the gate, and the model Asset event."""
-    from tasks.pipeline import register_model_step, run_report, write_run_report
-    from trainflow_airflow.links import persist_mlflow_links
+    from trainflow.airflow.links import persist_mlflow_links
+    from trainflow.tasks.pipeline import register_model_step, run_report, write_run_report
 
     dag_id, run_id, _ = _ids(context)
     result = register_model_step(
@@ -371,9 +371,9 @@ def run_type(context: dict[str, Any]) -> str:
 
 def run_promote(context: dict[str, Any], registered: dict[str, Any], answer: dict[str, Any], asset) -> dict[str, Any]:
     """Body of the ``promote`` task: apply the reviewer's answer to the version and record it."""
-    from tasks.pipeline import update_run_report_registry
-    from tasks.registry import ReviewResponse, record_review
-    from trainflow_airflow.links import persist_mlflow_links
+    from trainflow.airflow.links import persist_mlflow_links
+    from trainflow.tasks.pipeline import update_run_report_registry
+    from trainflow.tasks.registry import ReviewResponse, record_review
 
     user = answer.get("responded_by_user") or {}
     chosen = list(answer.get("chosen_options") or [])
@@ -407,8 +407,8 @@ def pipeline_tasks(kind: str, dataset_asset, model_asset, training_pool: str = "
     """
     from airflow.sdk import task
 
-    from trainflow_airflow.approval import ModelApprovalOperator
-    from trainflow_airflow.operators import trainflow_task
+    from trainflow.airflow.approval import ModelApprovalOperator
+    from trainflow.airflow.operators import trainflow_task
 
     @task(outlets=[dataset_asset])
     def shard(**context):

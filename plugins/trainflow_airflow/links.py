@@ -21,7 +21,7 @@ XCOM_KEY = "trainflow_mlflow"
 def mlflow_ui_url(tracking_uri: str | None = None) -> str:
     """Base URL of the MLflow UI: ``TRAINFLOW_MLFLOW_UI_URL``, else an http(s) tracking URI,
     else the local ``mlflow ui`` default."""
-    from tasks.settings import get_settings
+    from trainflow.tasks.settings import get_settings
 
     settings = get_settings()
     if settings.mlflow_ui_url:

@@ -8,7 +8,7 @@ from typing import Any
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from trainflow_airflow.links import MLflowModelVersionLink, MLflowRunLink
+from trainflow.airflow.links import MLflowModelVersionLink, MLflowRunLink
 
 
 class TrainflowStepOperator(_PythonDecoratedOperator):

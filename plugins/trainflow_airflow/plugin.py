@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from trainflow_airflow.conf_check import RejectUnknownConfKeys
-from trainflow_airflow.links import MLflowModelVersionLink, MLflowRunLink
+from trainflow.airflow.conf_check import RejectUnknownConfKeys
+from trainflow.airflow.links import MLflowModelVersionLink, MLflowRunLink
 
 
 class TrainflowPlugin(AirflowPlugin):

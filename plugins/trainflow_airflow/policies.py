@@ -8,7 +8,7 @@ registers it through the ``airflow.policy`` entry point of its package, so every
 environment where trainflow is installed applies it, with no ``airflow_local_settings.py``.
 
 A run with ``device=cuda`` and ``launcher=local`` sends *all* its tasks to the GPU queue: each step
-validates the run's params against the machine it runs on (``tasks.params.validate_params``), and
+validates the run's params against the machine it runs on (``trainflow.tasks.params.validate_params``), and
 the torchrun ranks of ``train`` / ``train_node`` need the GPUs. ``launcher=kubernetes`` runs keep
 the default queue (their pods ask the cluster for GPUs). The queue name is Airflow's option
 ``[trainflow] gpu_queue`` (``AIRFLOW__TRAINFLOW__GPU_QUEUE``), ``gpu`` by default; GPU workers

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 def pipelines() -> tuple[str, ...]:
     """The pipelines whose raw data the producer DAGs announce: every registered one
-    (:func:`tasks.pipelines.pipeline_names`), sorted."""
-    from tasks.pipelines import pipeline_names
+    (:func:`trainflow.tasks.pipelines.pipeline_names`), sorted."""
+    from trainflow.tasks.pipelines import pipeline_names
 
     return tuple(pipeline_names())
 
@@ -33,9 +33,9 @@ def check_source(kind: str, source_url: str) -> str:
     Raises:
         ValueError and the sources module's errors: a missing or malformed source (bad input).
     """
-    from tasks.datasets.sources import resolve_source
-    from tasks.settings import redact_url
-    from trainflow_airflow.dag_support import settings_with_connections
+    from trainflow.airflow.dag_support import settings_with_connections
+    from trainflow.tasks.datasets.sources import resolve_source
+    from trainflow.tasks.settings import redact_url
 
     url = (source_url or "").strip()
     if not url:
@@ -47,7 +47,7 @@ def check_source(kind: str, source_url: str) -> str:
 
 def announce(context: dict[str, Any], kind: str, asset, source_url: str, dataset_name: str | None = None) -> dict[str, Any]:
     """Check ``source_url`` and set the extra of this task's ``asset`` event."""
-    from trainflow_airflow.dag_support import fail_fast_on_bad_input
+    from trainflow.airflow.dag_support import fail_fast_on_bad_input
 
     with fail_fast_on_bad_input():
         url = check_source(kind, source_url)
@@ -60,7 +60,7 @@ def announce(context: dict[str, Any], kind: str, asset, source_url: str, dataset
 
 
 def _redacted(url: str) -> str:
-    from tasks.settings import redact_url
+    from trainflow.tasks.settings import redact_url
 
     return redact_url(url)
 
@@ -70,7 +70,7 @@ def watch_prefix(kind: str) -> str | None:
     ``trainflow_<kind>_watch``, else the setting ``TRAINFLOW_<KIND>_WATCH``; ``None`` if neither."""
     from airflow.sdk import Variable
 
-    from tasks.settings import pipeline_setting
+    from trainflow.tasks.settings import pipeline_setting
 
     value = Variable.get(f"trainflow_{kind}_watch", default=None)
     return (value or "").strip() or pipeline_setting(kind, "WATCH")
@@ -78,9 +78,9 @@ def watch_prefix(kind: str) -> str | None:
 
 def load_announced(kind: str) -> list[str]:
     """The drops of ``kind`` the watcher has announced (names under its prefix)."""
-    from tasks.retraining import watch_state_path
-    from tasks.storage import Storage
-    from trainflow_airflow.dag_support import settings_with_connections
+    from trainflow.airflow.dag_support import settings_with_connections
+    from trainflow.tasks.retraining import watch_state_path
+    from trainflow.tasks.storage import Storage
 
     store = Storage.from_settings(settings_with_connections())
     path = watch_state_path(kind)
@@ -91,9 +91,9 @@ def load_announced(kind: str) -> list[str]:
 
 def remember_announced(kind: str, drop_url: str) -> list[str]:
     """Record ``drop_url`` as announced (after its event was emitted: at least once)."""
-    from tasks.retraining import watch_state_path
-    from tasks.storage import Storage
-    from trainflow_airflow.dag_support import settings_with_connections
+    from trainflow.airflow.dag_support import settings_with_connections
+    from trainflow.tasks.retraining import watch_state_path
+    from trainflow.tasks.storage import Storage
 
     store = Storage.from_settings(settings_with_connections())
     announced = load_announced(kind)
@@ -109,9 +109,9 @@ def detect(context: dict[str, Any], kind: str, asset) -> dict[str, Any]:
     watched prefix that was not announced yet; skipped (no event) when there is none."""
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from tasks.retraining import find_new_drop
-    from tasks.settings import redact_url
-    from trainflow_airflow.dag_support import settings_with_connections
+    from trainflow.airflow.dag_support import settings_with_connections
+    from trainflow.tasks.retraining import find_new_drop
+    from trainflow.tasks.settings import redact_url
 
     prefix = watch_prefix(kind)
     if not prefix:
@@ -127,6 +127,6 @@ def detect(context: dict[str, Any], kind: str, asset) -> dict[str, Any]:
 
 def watch_schedule() -> str:
     """The watcher DAG's poll schedule: ``TRAINFLOW_WATCH_SCHEDULE`` (cron), default every 15 minutes."""
-    from tasks.settings import watch_schedule as configured
+    from trainflow.tasks.settings import watch_schedule as configured
 
     return configured() or "*/15 * * * *"

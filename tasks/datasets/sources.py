@@ -1,7 +1,7 @@
 """Resolve a ``source_url`` into a reader of raw records, through the pipeline's spec.
 
 Which URLs a pipeline reads and how is the pipeline's business
-(:attr:`tasks.pipelines.PipelineSpec.resolve_source`); this module holds what every reader
+(:attr:`trainflow.tasks.pipelines.PipelineSpec.resolve_source`); this module holds what every reader
 shares: the errors, content fingerprints of files on any fsspec URL, and the entry point
 :func:`resolve_source`. Every URL may be local (plain path or ``file://``) or remote
 (``s3://``...) through fsspec.
@@ -14,9 +14,9 @@ import json
 import posixpath
 from typing import Any
 
-from tasks.datasets.textio import SourceFormatError
-from tasks.settings import Settings, get_settings, redact_url
-from tasks.storage import CREDENTIALS_HINT, is_credentials_error, refuse_credentials_in_url
+from trainflow.tasks.datasets.textio import SourceFormatError
+from trainflow.tasks.settings import Settings, get_settings, redact_url
+from trainflow.tasks.storage import CREDENTIALS_HINT, is_credentials_error, refuse_credentials_in_url
 
 SUPPORTED_SCHEMES = ("file", "s3", "s3a")
 """URL schemes a source may have besides ``synthetic://`` (plain paths are local files)."""
@@ -69,14 +69,14 @@ def resolve_source(url: str, pipeline: Any, settings: Settings | None = None) ->
     """Turn ``url`` into the source object of ``pipeline`` (a name or a spec).
 
     Raises:
-        tasks.pipelines.UnknownPipelineError: no such pipeline.
+        trainflow.tasks.pipelines.UnknownPipelineError: no such pipeline.
         ValueError: an empty URL, or one the pipeline refuses as malformed.
         SourceNotFoundError: nothing at the URL, or nothing of the pipeline's kind there.
         UnsupportedSourceError: a scheme other than ``file``, ``s3``, ``s3a``, ``synthetic``.
         CredentialsInUrlError: credentials inside the URL (refused, shown masked).
         SourceCredentialsError: an ``s3://`` source without valid credentials.
     """
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     spec = get_pipeline(pipeline)
     settings = settings or get_settings()

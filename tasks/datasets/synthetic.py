@@ -49,7 +49,7 @@ def check_generator(url: str, expected: str) -> None:
     Raises:
         ValueError: another pipeline's generator, or one nobody has.
     """
-    from tasks.pipelines import pipeline_names
+    from trainflow.tasks.pipelines import pipeline_names
 
     generator = synthetic_generator(url)
     if generator == expected:

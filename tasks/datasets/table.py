@@ -2,7 +2,7 @@
 
 A pipeline whose raw data is a table (one row per sample) needs no reader of its own::
 
-    from tasks.datasets.table import resolve_table_source, table_split
+    from trainflow.tasks.datasets.table import resolve_table_source, table_split
 
     PipelineSpec(..., resolve_source=resolve_table_source, split=table_split(key="row_id"), ...)
 
@@ -10,7 +10,7 @@ A pipeline whose raw data is a table (one row per sample) needs no reader of its
 in name order; all of one format). The fingerprint is the files' names, sizes and content
 hashes (ETags on object stores), so new data is a new dataset version and the same data is a
 cache hit. :func:`table_split` assigns each row to ``train`` / ``valid`` / ``eval`` by
-:func:`tasks.sharding.hash_split` of its key column: deterministic, no randomness, and a row
+:func:`trainflow.tasks.sharding.hash_split` of its key column: deterministic, no randomness, and a row
 never moves between splits when rows are added.
 """
 
@@ -22,10 +22,16 @@ import posixpath
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tasks.datasets.sources import SourceNotFoundError, file_fingerprint, hash_parts, is_dir, url_stem
-from tasks.datasets.textio import SourceFormatError
-from tasks.settings import Settings, redact_url
-from tasks.storage import filesystem
+from trainflow.tasks.datasets.sources import (
+    SourceNotFoundError,
+    file_fingerprint,
+    hash_parts,
+    is_dir,
+    url_stem,
+)
+from trainflow.tasks.datasets.textio import SourceFormatError
+from trainflow.tasks.settings import Settings, redact_url
+from trainflow.tasks.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,7 @@ def resolve_table_source(url: str, settings: Settings) -> TableSource:
 
 def table_split(key: str, columns: list[str] | None = None) -> Callable[..., dict[str, Any]]:
     """A split protocol: each row to ``train`` / ``valid`` / ``eval`` by the hash of its ``key``
-    column (:func:`tasks.sharding.hash_split` with the sharding config's fractions and seed).
+    column (:func:`trainflow.tasks.sharding.hash_split` with the sharding config's fractions and seed).
 
     Args:
         key: The column that identifies a row (an id); rows with the same key share a split.
@@ -114,14 +120,14 @@ def table_split(key: str, columns: list[str] | None = None) -> Callable[..., dic
 
     Returns:
         ``split(source, store, config, tmp_dir) -> manifest body`` for
-        :attr:`tasks.pipelines.PipelineSpec.split`.
+        :attr:`trainflow.tasks.pipelines.PipelineSpec.split`.
     """
 
     def split(source: TableSource, store, config, tmp_dir: str) -> dict[str, Any]:
         import numpy as np
         import pyarrow as pa
 
-        from tasks.sharding import ShardWriter, hash_split
+        from trainflow.tasks.sharding import ShardWriter, hash_split
 
         writers: dict[str, ShardWriter] = {}
         schema = None

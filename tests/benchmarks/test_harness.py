@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from benchmarks.__main__ import discover
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 KEYS = {"name", "value", "unit", "baseline", "ratio", "params"}
 

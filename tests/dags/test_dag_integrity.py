@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 DAGS = {
     "recommendation_training": {"shard", "train", "plan_nodes", "train_node", "evaluate", "register", "approve", "promote"},
@@ -223,7 +223,7 @@ def test_multi_node_wiring(dagbag, dag_id):
 
 
 def test_peer_node_ranks():
-    from trainflow_airflow.dag_support import peer_node_ranks
+    from trainflow.airflow.dag_support import peer_node_ranks
 
     assert peer_node_ranks({}) == [] and peer_node_ranks({"nnodes": 1}) == []
     assert peer_node_ranks({"nnodes": 3}) == [1, 2]

@@ -33,7 +33,7 @@ def dagbag(airflow_db):
     object's params, so a shared DAG would carry one test's conf into the next."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from tasks.settings import PROJECT_DIR
+    from trainflow.tasks.settings import PROJECT_DIR
 
     bag = DagBag(dag_folder=str(PROJECT_DIR / "dags"))
     assert bag.import_errors == {}

@@ -25,8 +25,8 @@ PIPELINE_PY = '''
 
 import numpy as np
 
-from tasks.datasets.table import resolve_table_source, table_split
-from tasks.pipelines import Metric, PipelineSpec
+from trainflow.tasks.datasets.table import resolve_table_source, table_split
+from trainflow.tasks.pipelines import Metric, PipelineSpec
 
 FEATURES = ["x0", "x1", "x2", "x3"]
 
@@ -79,8 +79,8 @@ import numpy as np
 import torch
 
 from tabreg.pipeline import FEATURES
-from trainers.family import ShardLoaderFamily
-from trainers.serving import table_served_model
+from trainflow.trainers.family import ShardLoaderFamily
+from trainflow.trainers.serving import table_served_model
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ DAG_PY = '''
 import datetime as dt
 
 from airflow.sdk import Asset, dag
-from trainflow_airflow.dag_support import build_params, default_args, pipeline_tasks
+from trainflow.airflow.dag_support import build_params, default_args, pipeline_tasks
 
 
 @dag(schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC), catchup=False,
@@ -172,7 +172,7 @@ def write_data(folder: Path, num_rows: int = 800) -> None:
 @pytest.fixture
 def tabreg(tmp_path, monkeypatch):
     """The package installed (sys.path + dist-info, for this process and the ranks it starts)."""
-    from tasks.pipelines import reload_pipelines, unregister_pipeline
+    from trainflow.tasks.pipelines import reload_pipelines, unregister_pipeline
 
     site = tmp_path / "site"
     write_package(site)
@@ -190,8 +190,8 @@ def test_a_pipeline_from_outside_runs_end_to_end(airflow_db, tf_env, tmp_path, t
     from airflow.utils.state import DagRunState
     from mlflow import MlflowClient
 
-    from tasks.pipelines import get_pipeline, pipeline_names
-    from tasks.settings import get_settings
+    from trainflow.tasks.pipelines import get_pipeline, pipeline_names
+    from trainflow.tasks.settings import get_settings
 
     assert "tabreg" in pipeline_names()  # found through the entry point, nothing registered it in code
     assert get_pipeline("tabreg").dag_id == "tabreg_training"

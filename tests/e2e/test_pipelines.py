@@ -7,8 +7,8 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from tasks.manifest import load_manifest
-from tasks.settings import get_settings
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import get_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -70,7 +70,7 @@ def test_watcher_announces_each_complete_drop_once(dagbag, tf_env, tmp_path, mon
     def poll():
         from airflow.dag_processing.dagbag import DagBag
 
-        from tasks.settings import PROJECT_DIR
+        from trainflow.tasks.settings import PROJECT_DIR
 
         dag = DagBag(dag_folder=str(PROJECT_DIR / "dags" / "watch_raw_data.py")).dags["watch_raw_data"]
         run = dag.test()

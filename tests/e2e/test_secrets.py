@@ -13,7 +13,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 
-from tasks.settings import get_settings
+from trainflow.tasks.settings import get_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -59,7 +59,7 @@ def test_pipeline_run_leaks_no_secret(dagbag, s3_env, capfd, monkeypatch):
     states = {t.task_id: t.state for t in run.get_task_instances()}
     assert run.state == DagRunState.SUCCESS, (states, (out + err)[-3000:])
     # The tasks resolve S3 credentials with this function: here it picks the connection's keys.
-    from trainflow_airflow.dag_support import settings_with_connections
+    from trainflow.airflow.dag_support import settings_with_connections
 
     assert settings_with_connections().s3.access_key_id == CONN_KEY_ID
 

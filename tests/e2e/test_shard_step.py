@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.manifest import load_manifest
+from trainflow.tasks.manifest import load_manifest
 
 pytestmark = pytest.mark.e2e
 

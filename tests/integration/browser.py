@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 WINDOW_SIZE = (1440, 900)
 """Fixed window size: screenshots and layouts are the same on every machine."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 POSTGRES_DSN = os.environ.get("TRAINFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 """The machine's PostgreSQL server (trust auth); each stack creates and drops its own databases."""

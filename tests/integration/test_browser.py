@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from tasks.params import param_specs
 from tests.integration.browser import login_airflow, save_screenshot, wait, wait_text, wait_visible
+from trainflow.tasks.params import param_specs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -431,7 +431,7 @@ def test_celery_executor_with_a_scalable_worker(
         "airflow-dag-processor": "dag-processor",
         "airflow-triggerer": "triggerer",
         "airflow-worker": "celery worker",
-        # Only runs with device=cuda reach this queue (trainflow_airflow.policies), and only GPU
+        # Only runs with device=cuda reach this queue (trainflow.airflow.policies), and only GPU
         # workers listen on it; the default worker keeps Airflow's default queue.
         "airflow-worker-gpu": f"celery worker --queues {common_env['AIRFLOW__TRAINFLOW__GPU_QUEUE']}",
     }
@@ -465,7 +465,7 @@ def test_aws_connection_points_at_minio(compose: dict[str, Any], env_example: di
     env = compose["x-airflow-common"]["environment"]
     assert env["TRAINFLOW_AWS_CONN_ID"] == "aws_default"
     conn = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])
-    # The fields trainflow_airflow.dag_support.settings_with_connections reads.
+    # The fields trainflow.airflow.dag_support.settings_with_connections reads.
     assert conn["conn_type"] == "aws"
     assert conn["login"] == env_example["TRAINFLOW_S3_ACCESS_KEY"]
     assert conn["password"] == env_example["TRAINFLOW_S3_SECRET_KEY"]
@@ -478,7 +478,7 @@ def test_aws_connection_points_at_minio(compose: dict[str, Any], env_example: di
 def test_worker_environment_gives_trainflow_settings(
     services: dict[str, dict[str, Any]], env_example: dict[str, str]
 ) -> None:
-    from tasks.settings import Settings
+    from trainflow.tasks.settings import Settings
 
     settings = Settings.from_env(environment(services["airflow-worker"]))
     bucket = env_example["TRAINFLOW_BUCKET"]
@@ -651,16 +651,16 @@ def test_airflow_image() -> None:
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     assert re.search(r"^COPY .*\bdags /opt/airflow/dags$", text, re.M)
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in text
-    assert "import tasks, trainers, trainflow_airflow.plugin" in text
-    assert "python -m trainers.recommendation --help" in text
+    assert "import tasks, trainers, trainflow.airflow.plugin" in text
+    assert "python -m trainflow.trainers.recommendation --help" in text
     # The plugin reaches Airflow through the installed package's entry point, not plugins_folder.
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["airflow.plugins"] == {
-        "trainflow": "trainflow_airflow.plugin:TrainflowPlugin"
+        "trainflow": "trainflow.airflow.plugin:TrainflowPlugin"
     }
-    assert project["entry-points"]["airflow.policy"] == {"trainflow": "trainflow_airflow.policies"}
+    assert project["entry-points"]["airflow.policy"] == {"trainflow": "trainflow.airflow.policies"}
     assert "plugins/trainflow_airflow" not in text
     # The base is a build argument with the upstream default; offline builds through the wheelhouse.
     assert f"ARG AIRFLOW_IMAGE=apache/airflow:{airflow}-python3.11" in text
@@ -673,7 +673,7 @@ def test_airflow_image() -> None:
 
 def test_the_installed_package_is_complete() -> None:
     """The images install trainflow as a wheel (not editable): every package folder must be in
-    pyproject.toml's list, or e.g. ``python -m trainers.recommendation`` fails in the container (the
+    pyproject.toml's list, or e.g. ``python -m trainflow.trainers.recommendation`` fails in the container (the
     first real start of the stack found exactly that)."""
     import tomllib
 
@@ -699,7 +699,7 @@ def test_trainer_image() -> None:
     assert "torch.version.cuda" in text, "the build must fail on a CPU-only torch"
     for family in ("recommendation", "driving"):
         assert (ROOT / "trainers" / family / "__main__.py").is_file()
-        assert f"trainers.{family}" in text
+        assert f"trainflow.trainers.{family}" in text
     assert re.search(r"^USER trainer$", text, re.M)
 
 

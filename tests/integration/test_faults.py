@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.registry import TAG, GateConfig, Lineage, RegistryUnavailableError, register_step
-from tasks.settings import get_settings
 from tests.conftest import free_port
 from tests.integration.conftest import wait_http
+from trainflow.tasks.registry import TAG, GateConfig, Lineage, RegistryUnavailableError, register_step
+from trainflow.tasks.settings import get_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,7 +81,7 @@ def restartable_mlflow(tf_env, tmp_path, monkeypatch):
 
 
 def test_mlflow_stopped_during_registration_then_the_retry_registers_once(restartable_mlflow, monkeypatch):
-    import tasks.registry as registry
+    import trainflow.tasks.registry as registry
 
     server = restartable_mlflow
     settings = get_settings()
@@ -129,7 +129,7 @@ def test_mlflow_stopped_during_registration_then_the_retry_registers_once(restar
     assert len(versions) == 1
     assert versions[0].tags[TAG + "training_key"] == "recommendation_training/manual__faults"
     assert versions[0].tags[TAG + "decision.outcome"] == "promoted"
-    from tasks.storage import Storage
+    from trainflow.tasks.storage import Storage
 
     assert Storage.from_settings(settings).list("locks/registry") == []  # no lease left behind
 
@@ -172,9 +172,9 @@ def own_s3(tf_env, monkeypatch):
 def test_s3_endpoint_stopped_mid_sharding_fails_clearly_then_the_retry_completes(own_s3, tmp_path, monkeypatch):
     import dataclasses
 
-    from tasks.manifest import MANIFEST_NAME, load_manifest
-    from tasks.sharding import ShardingConfig, ShardWriter, shard_dataset
-    from tasks.storage import Storage, StorageUnavailableError
+    from trainflow.tasks.manifest import MANIFEST_NAME, load_manifest
+    from trainflow.tasks.sharding import ShardingConfig, ShardWriter, shard_dataset
+    from trainflow.tasks.storage import Storage, StorageUnavailableError
 
     source = "synthetic://recommendation?num_interactions=6000&num_users=60&num_items=400&seed=3"
     config = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500)

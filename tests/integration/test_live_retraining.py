@@ -119,8 +119,8 @@ def _next_production_run(stack, seen: set[str], timeout: float = 600.0) -> str:
 
 
 def _fingerprint(stack, url: str) -> str:
-    from tasks.datasets.sources import resolve_source
-    from tasks.settings import Settings
+    from trainflow.tasks.datasets.sources import resolve_source
+    from trainflow.tasks.settings import Settings
 
     creds = stack.s3_credentials
     settings = Settings.from_env({

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.evaluation import evaluate_step
-from tasks.manifest import load_manifest
-from tasks.registry import GateConfig, Lineage, register_step
-from tasks.settings import get_settings
-from tasks.sharding import shard_dataset
+from trainflow.tasks.evaluation import evaluate_step
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.registry import GateConfig, Lineage, register_step
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.sharding import shard_dataset
 
 pytestmark = pytest.mark.integration
 

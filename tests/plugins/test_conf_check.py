@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
-from trainflow_airflow.conf_check import RejectUnknownConfKeys
-from trainflow_airflow.plugin import TrainflowPlugin
+
+from trainflow.airflow.conf_check import RejectUnknownConfKeys
+from trainflow.airflow.plugin import TrainflowPlugin
 
 
 @pytest.fixture

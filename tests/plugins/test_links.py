@@ -6,9 +6,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from trainflow_airflow import links
-from trainflow_airflow.links import MLflowModelVersionLink, MLflowRunLink, mlflow_ui_url, persist_mlflow_links
-from trainflow_airflow.operators import TrainflowStepOperator, trainflow_task
+
+from trainflow.airflow import links
+from trainflow.airflow.links import MLflowModelVersionLink, MLflowRunLink, mlflow_ui_url, persist_mlflow_links
+from trainflow.airflow.operators import TrainflowStepOperator, trainflow_task
 
 
 def _dag():

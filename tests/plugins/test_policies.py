@@ -8,7 +8,8 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-from trainflow_airflow import policies
+
+from trainflow.airflow import policies
 
 
 def make_ti(task_id: str = "train", queue: str = "default", params: dict | None = None) -> SimpleNamespace:
@@ -55,7 +56,7 @@ def test_airflow_loads_the_policy_from_the_package_entry_point() -> None:
         """
         from types import SimpleNamespace
         from airflow import settings
-        import trainflow_airflow.policies as policies
+        import trainflow.airflow.policies as policies
         assert policies in settings.get_policy_plugin_manager().get_plugins()
         assert settings.task_instance_mutation_hook.is_noop is False
         ti = SimpleNamespace(task_id="train", queue="default", task=SimpleNamespace(params={}))

@@ -10,7 +10,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 FAKE_AIRFLOW = r"""#!/usr/bin/env bash
 # A stand-in for `airflow`: `dags test` runs for FAKE_SECONDS and prints Airflow's own last line
@@ -27,8 +27,8 @@ esac
 """
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-# `-m tasks.cli report DAG --run-id ID` prints which report it was asked for; anything else is Python.
-if [ "$1 $2 $3" = "-m tasks.cli report" ]; then echo "REPORT $4 $5 $6"; exit 0; fi
+# `-m trainflow.tasks.cli report DAG --run-id ID` prints which report it was asked for; anything else is Python.
+if [ "$1 $2 $3" = "-m trainflow.tasks.cli report" ]; then echo "REPORT $4 $5 $6"; exit 0; fi
 exec "REAL_PYTHON" "$@"
 """
 
@@ -89,11 +89,11 @@ def test_a_failed_run_is_reported_as_this_runs_failure(tmp_path):
 
 
 def test_report_of_one_run_not_the_latest(tf_env):
-    """`tasks.cli report --run-id` (what main.sh prints) reads that run's report.json."""
+    """`trainflow.tasks.cli report --run-id` (what main.sh prints) reads that run's report.json."""
     import json
 
-    from tasks.cli import run_report
-    from tasks.pipeline import latest_run_report, write_run_report
+    from trainflow.tasks.cli import run_report
+    from trainflow.tasks.pipeline import latest_run_report, write_run_report
 
     for run_id, finished in (("manual__a", "2026-12-02T03:00:00"), ("manual__b", "2026-12-02T04:00:00")):
         write_run_report({"run": run_id, "finished_at": finished}, "recommendation_training", run_id)

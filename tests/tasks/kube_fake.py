@@ -30,9 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 LOG_LINES = [
-    "2026-12-01 12:00:00 [rank 0] INFO trainers.distributed: rank 0/4 joined (nccl on cuda:0)",
-    "2026-12-01 12:00:05 [rank 0] INFO trainers.loop: epoch 1/2 step 10/20 (50%) loss 0.41230 lr 1.00e-03",
-    "2026-12-01 12:00:09 [rank 0] INFO trainers.loop: result written to s3://bucket/runs/x/y/result.json",
+    "2026-12-01 12:00:00 [rank 0] INFO trainflow.trainers.distributed: rank 0/4 joined (nccl on cuda:0)",
+    "2026-12-01 12:00:05 [rank 0] INFO trainflow.trainers.loop: epoch 1/2 step 10/20 (50%) loss 0.41230 lr 1.00e-03",
+    "2026-12-01 12:00:09 [rank 0] INFO trainflow.trainers.loop: result written to s3://bucket/runs/x/y/result.json",
 ]
 
 

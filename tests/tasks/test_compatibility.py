@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 FIXTURES = PROJECT_DIR / "tests" / "fixtures" / "before_plugins"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -40,8 +40,8 @@ def _source_url(entry: dict, tmp_path: Path) -> str:
 @pytest.mark.parametrize("entry", VERSIONS, ids=[f"{e['kind']}:{e['reader']}:{e['version']}" for e in VERSIONS])
 def test_dataset_versions_are_unchanged(entry, tf_env, tmp_path):
     """Same inputs → the same version id as before, so a store sharded before is a cache hit."""
-    from tasks.datasets.sources import resolve_source
-    from tasks.sharding import ShardingConfig, dataset_version
+    from trainflow.tasks.datasets.sources import resolve_source
+    from trainflow.tasks.sharding import ShardingConfig, dataset_version
 
     source = resolve_source(_source_url(entry, tmp_path), entry["kind"])
     assert source.reader == entry["reader"]
@@ -51,7 +51,7 @@ def test_dataset_versions_are_unchanged(entry, tf_env, tmp_path):
 
 def test_dataset_sharded_before_is_a_cache_hit(tf_env, tmp_path, caplog):
     """A committed version at the id the old code computed is found and reused, not re-sharded."""
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.sharding import shard_dataset
 
     entry = next(e for e in VERSIONS if e["reader"] == "synthetic.driving")
     first = shard_dataset(entry["source_url"], entry["kind"])
@@ -92,7 +92,7 @@ def test_dag_params_are_unchanged(pipeline):
     """The trigger form of both example DAGs: same params in the same order, same defaults,
     schemas, titles and descriptions as before (batch_size's description now says it must be a
     multiple of the world size, which is checked at the door)."""
-    from tasks.params import param_specs
+    from trainflow.tasks.params import param_specs
 
     before = json.loads((FIXTURES / "param_specs.json").read_text())[pipeline]
     now = param_specs(pipeline)

@@ -16,8 +16,8 @@ import traceback
 import pytest
 from mlflow import MlflowClient
 
-from tasks.pipeline import shard_step
-from tasks.settings import get_settings
+from trainflow.tasks.pipeline import shard_step
+from trainflow.tasks.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ PARAMS = {
 
 
 def _train(run_id, dataset, barrier, queue):
-    from tasks.pipeline import train_step
+    from trainflow.tasks.pipeline import train_step
 
     barrier.wait(timeout=120)
     started = time.time()

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.datasets.sources import SourceNotFoundError, resolve_source
-from tasks.datasets.textio import SourceFormatError
-from trainers.driving import synthetic as driving_synthetic
-from trainers.recommendation import movielens, synthetic
+from trainflow.tasks.datasets.sources import SourceNotFoundError, resolve_source
+from trainflow.tasks.datasets.textio import SourceFormatError
+from trainflow.trainers.driving import synthetic as driving_synthetic
+from trainflow.trainers.recommendation import movielens, synthetic
 
 
 def _read(text: str, name: str, **kwargs) -> pa.Table:
@@ -238,8 +238,8 @@ def test_synthetic_driving_is_plausible():
 def test_credentials_in_a_source_url_are_refused_without_echoing_them(tf_env):
     """botocore printed ``Invalid bucket name "KEY:SECRET@bucket"`` as is: now the URL is refused
     before any library sees it, shown masked, with where credentials go instead."""
-    from tasks.sharding import shard_dataset
-    from tasks.storage import CredentialsInUrlError
+    from trainflow.tasks.sharding import shard_dataset
+    from trainflow.tasks.storage import CredentialsInUrlError
 
     for url in ("s3://AKIDEXAMPLE:Se/cr+et@bucket/ml/u.data", "s3://AKIDEXAMPLE:Se%2Fcr%2Bet@my-bucket/ml"):
         with pytest.raises(CredentialsInUrlError) as caught:
@@ -252,7 +252,7 @@ def test_credentials_in_a_source_url_are_refused_without_echoing_them(tf_env):
 
 @pytest.mark.parametrize("url", ["https://files.example.org/ml/u.data", "http://127.0.0.1:9/ratings.csv", "gs://b/u.data"])
 def test_unsupported_scheme_is_named_as_such(tf_env, url):
-    from tasks.datasets.sources import UnsupportedSourceError
+    from trainflow.tasks.datasets.sources import UnsupportedSourceError
 
     scheme = url.split("://")[0]
     with pytest.raises(UnsupportedSourceError, match=rf"the scheme {scheme}:// is not supported; use a local path"):
@@ -262,9 +262,9 @@ def test_unsupported_scheme_is_named_as_such(tf_env, url):
 def test_s3_source_without_credentials_names_the_url_and_how_to_give_them(s3_server, tf_env, monkeypatch, tmp_path):
     import boto3
     from airflow.sdk.exceptions import AirflowFailException
-    from trainflow_airflow.dag_support import fail_fast_on_bad_input
 
-    from tasks.datasets.sources import SourceCredentialsError
+    from trainflow.airflow.dag_support import fail_fast_on_bad_input
+    from trainflow.tasks.datasets.sources import SourceCredentialsError
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
                       aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key")
@@ -286,7 +286,7 @@ def test_s3_source_without_credentials_names_the_url_and_how_to_give_them(s3_ser
         with fail_fast_on_bad_input():
             resolve_source("s3://no-creds/ml/u.data", "recommendation")
     # The storage root on S3 without credentials: the same, bad input rather than an outage.
-    from tasks.storage import Storage, StorageCredentialsError
+    from trainflow.tasks.storage import Storage, StorageCredentialsError
 
     with pytest.raises(StorageCredentialsError, match=r"s3://no-creds/trainflow/x: no valid S3 credentials"):
         Storage("s3://no-creds/trainflow").read_bytes("x")
@@ -297,7 +297,7 @@ def test_ratings_csv_with_an_extra_column_says_wrong_field_count(tf_env, tmp_pat
     folder.mkdir()
     rows = "".join(f"{u % 50},{u % 70},{u % 5 + 1},{1000 + u},tag\n" for u in range(3000))
     (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp,tag\n" + rows)
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.sharding import shard_dataset
 
     with pytest.raises(SourceFormatError) as caught:
         shard_dataset(str(folder), "recommendation")
@@ -309,8 +309,8 @@ def test_ratings_csv_with_an_extra_column_says_wrong_field_count(tf_env, tmp_pat
 
 
 def test_one_malformed_line_is_counted_once_in_the_manifest(tf_env, tmp_path):
-    from tasks.manifest import load_manifest
-    from tasks.sharding import ShardingConfig, shard_dataset
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.tasks.sharding import ShardingConfig, shard_dataset
 
     folder = tmp_path / "ml-bad"
     folder.mkdir()

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import metrics as M
-from tasks.evaluation import evaluate_step
-from tasks.manifest import load_manifest
-from tasks.sharding import shard_dataset
-from trainers.driving.evaluation import evaluate_driving
-from trainers.recommendation.evaluation import evaluate_recommendation
+from trainflow.tasks import metrics as M
+from trainflow.tasks.evaluation import evaluate_step
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.sharding import shard_dataset
+from trainflow.trainers.driving.evaluation import evaluate_driving
+from trainflow.trainers.recommendation.evaluation import evaluate_recommendation
 
 REC = "synthetic://recommendation?num_interactions=4000&num_users=40&num_items=300&seed=2"
 DRV = "synthetic://driving?num_sequences=60&seed=4"
@@ -84,7 +84,7 @@ class PopularityModel(mlflow.pyfunc.PythonModel):
 
 
 def test_evaluate_step_logs_metrics_and_plots_to_mlflow(rec_manifest, tf_env):
-    from tasks.settings import get_settings
+    from trainflow.tasks.settings import get_settings
 
     settings = get_settings()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

@@ -18,7 +18,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tasks.kubernetes import (
+from tests.tasks.kube_fake import LOG_LINES, FakeKubernetes
+from trainflow.tasks.kubernetes import (
     KubernetesJobFailed,
     KubernetesJobRunner,
     KubernetesJobSpec,
@@ -28,9 +29,8 @@ from tasks.kubernetes import (
     render_manifests,
     run_kubernetes_training,
 )
-from tasks.params import validate_params
-from tasks.settings import Settings
-from tests.tasks.kube_fake import LOG_LINES, FakeKubernetes
+from trainflow.tasks.params import validate_params
+from trainflow.tasks.settings import Settings
 
 HERE = Path(__file__).parent / "kubernetes"
 SCHEMAS = json.loads((HERE / "kubeflow_job_schemas.json").read_text())
@@ -151,7 +151,7 @@ def test_what_the_job_carries():
     container = master["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch" and container["image"] == "registry.example/trainflow-trainer:1.0"
     assert container["resources"]["limits"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"}
-    assert container["command"][-2:] == ["-m", "trainers.train"]
+    assert container["command"][-2:] == ["-m", "trainflow.trainers.train"]
     env = {e["name"]: e for e in container["env"]}
     assert env["TRAINFLOW_STORAGE_ROOT"]["value"] == "s3://bucket/trainflow"
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio:9000" and env["OMP_NUM_THREADS"]["value"] == "4"
@@ -271,7 +271,7 @@ def test_missing_crd_is_explained():
 def test_run_through_the_provider_hook_and_a_connection(monkeypatch, tmp_path):
     """The DAG side's client: the cncf.kubernetes KubernetesHook from an Airflow connection
     (a kube config pointing at the fake API), then the launcher's whole run."""
-    from trainflow_airflow.dag_support import kubernetes_client
+    from trainflow.airflow.dag_support import kubernetes_client
 
     with FakeKubernetes("succeed", polls_before_end=1) as fake:
         kube_config = tmp_path / "kubeconfig"
@@ -305,7 +305,7 @@ def test_run_through_the_provider_hook_and_a_connection(monkeypatch, tmp_path):
 # --- jobs that never start -------------------------------------------------------------------------
 def _run_never_starting(scenario: str, caplog, **runner):
     spec = _spec("trainjob")
-    caplog.set_level("INFO", logger="tasks.kubernetes")
+    caplog.set_level("INFO", logger="trainflow.tasks.kubernetes")
     with FakeKubernetes(scenario) as fake:
         started = time.monotonic()
         with pytest.raises(KubernetesJobFailed) as caught:
@@ -317,7 +317,7 @@ def _run_never_starting(scenario: str, caplog, **runner):
 
 
 def test_image_pull_error_fails_at_once_naming_the_image(caplog):
-    from tasks.kubernetes import KubernetesImagePullError
+    from trainflow.tasks.kubernetes import KubernetesImagePullError
 
     spec, error, elapsed = _run_never_starting("image_pull", caplog)  # default start timeout: 900 s
     assert isinstance(error, KubernetesImagePullError) and isinstance(error, ValueError)  # bad input: not retried
@@ -330,7 +330,7 @@ def test_image_pull_error_fails_at_once_naming_the_image(caplog):
 
 
 def test_unschedulable_pod_fails_at_once_with_the_schedulers_reason(caplog):
-    from tasks.kubernetes import KubernetesImagePullError, KubernetesJobNotStarted
+    from trainflow.tasks.kubernetes import KubernetesImagePullError, KubernetesJobNotStarted
 
     spec, error, elapsed = _run_never_starting("unschedulable", caplog)
     assert isinstance(error, KubernetesJobNotStarted) and not isinstance(error, KubernetesImagePullError)
@@ -344,7 +344,7 @@ def test_unschedulable_pod_fails_at_once_with_the_schedulers_reason(caplog):
     ("no_pods", "no pod was created (is the training operator running? quota?); last warning: JobSet "),
 ])
 def test_a_job_that_does_not_start_in_time_fails_naming_its_state(scenario, detail, caplog):
-    from tasks.kubernetes import KubernetesJobNotStarted
+    from trainflow.tasks.kubernetes import KubernetesJobNotStarted
 
     spec, error, elapsed = _run_never_starting(scenario, caplog, start_timeout_s=1.0)
     assert isinstance(error, KubernetesJobNotStarted)
@@ -358,7 +358,7 @@ def test_a_job_that_does_not_start_in_time_fails_naming_its_state(scenario, deta
 
 
 def test_start_timeout_comes_from_the_params_with_a_default(monkeypatch):
-    import tasks.kubernetes as kubernetes
+    import trainflow.tasks.kubernetes as kubernetes
 
     seen = {}
 

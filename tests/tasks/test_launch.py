@@ -1,4 +1,4 @@
-"""tasks.launch: the torchrun command, streamed output, failing ranks, and no orphans."""
+"""trainflow.tasks.launch: the torchrun command, streamed output, failing ranks, and no orphans."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.launch import LaunchConfig, LaunchError, build_torchrun_command, run_torchrun
+from trainflow.tasks.launch import LaunchConfig, LaunchError, build_torchrun_command, run_torchrun
 
 WORKER = str(Path(__file__).with_name("launch_worker.py"))
 
@@ -98,7 +98,7 @@ def test_error_names_the_failing_rank_and_its_exception():
 LAUNCHER = textwrap.dedent(
     """
     import sys
-    from tasks.launch import LaunchConfig, run_torchrun
+    from trainflow.tasks.launch import LaunchConfig, run_torchrun
     run_torchrun(LaunchConfig(nproc_per_node=2), script=sys.argv[1], args=["sleep", sys.argv[2]],
                  on_line=lambda line: None, kill_grace_s=3)
     """
@@ -144,8 +144,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_run_dir_and_result_for_the_airflow_task(tf_env):
-    from tasks.launch import read_result, run_dir_url
-    from tasks.storage import Storage
+    from trainflow.tasks.launch import read_result, run_dir_url
+    from trainflow.tasks.storage import Storage
 
     run_dir = run_dir_url("recommendation_training", "scheduled__2026-01-01T00:00:00+00:00")
     assert run_dir == (tf_env / "store").resolve().as_uri() + "/runs/recommendation_training/scheduled__2026-01-01T00:00:00+00:00"

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from tasks.manifest import (
+from trainflow.tasks.manifest import (
     MANIFEST_NAME,
     ManifestIntegrityError,
     ShardVerificationError,
     load_manifest,
 )
-from tasks.sharding import ShardingConfig, shard_dataset
+from trainflow.tasks.sharding import ShardingConfig, shard_dataset
 
 SYN_REC = "synthetic://recommendation?num_interactions=6000&num_users=60&num_items=400&seed=3"
 SMALL = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500)
@@ -42,7 +42,7 @@ def test_edited_split_num_rows_is_detected_naming_the_field(tf_env):
     assert "splits.train.num_rows" in caught.value.fields
     assert f"splits.train.num_rows is {manifest.num_rows('train') + 1000}" in message
     assert f"sum to {manifest.num_rows('train')}" in message
-    assert "shard task" in message and "python -m tasks.cli shard 'synthetic://recommendation" in message
+    assert "shard task" in message and "python -m trainflow.tasks.cli shard 'synthetic://recommendation" in message
 
 
 def test_consistent_edit_of_a_shard_is_caught_by_the_checksum_and_by_the_footer(tf_env):
@@ -73,7 +73,7 @@ def test_consistent_edit_of_a_shard_is_caught_by_the_checksum_and_by_the_footer(
     with pytest.raises(ShardVerificationError, match=r"train/part-00001\.parquet: its Parquet footer has \d+ rows, "
                        r"the manifest's num_rows says \d+"):
         legacy.read_table("train")
-    from trainers.loader import ShardLoader
+    from trainflow.trainers.loader import ShardLoader
 
     with pytest.raises(ShardVerificationError, match="num_rows"):
         for _ in ShardLoader(legacy, "train", batch_size=64, shuffle=False):
@@ -104,4 +104,4 @@ def test_shard_checksum_mismatch_prints_both_whole_digests(tf_env):
     assert f"the manifest says {shard.xxh3_128}" in message
     actual = message.split("xxh3_128 of the bytes is ", 1)[1].split(",", 1)[0]
     assert len(actual) == 32 and actual != shard.xxh3_128
-    assert "python -m tasks.cli shard" in message  # how to recover
+    assert "python -m trainflow.tasks.cli shard" in message  # how to recover

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks import metrics as M
+from trainflow.tasks import metrics as M
 
 
 def test_ranks_are_pessimistic_on_ties_and_ignore_masked_negatives():

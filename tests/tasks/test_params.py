@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.params import ParamError, param_specs, validate_params
+from trainflow.tasks.params import ParamError, param_specs, validate_params
 
 
 @pytest.mark.parametrize("kind", ["recommendation", "driving"])
@@ -76,7 +76,7 @@ def test_unknown_kind():
 
 
 def test_family_args_presets_sizes_and_options():
-    from tasks.pipeline import family_args
+    from trainflow.tasks.pipeline import family_args
 
     values = validate_params({"model": "neumf", "model_size": 32}, "recommendation", cpu_count=2)
     args = family_args("recommendation", values)

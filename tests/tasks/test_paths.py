@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.launch import run_dir_url
-from tasks.settings import get_settings
-from tasks.sharding import shard_dataset
-from tasks.storage import Storage, safe_name
+from trainflow.tasks.launch import run_dir_url
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.sharding import shard_dataset
+from trainflow.tasks.storage import Storage, safe_name
 
 ESCAPES = ["..", "../x", "a/../../b", "/etc", "/tmp/x", "a/b", "a\\b", "%2e%2e", "%2e%2e%2fetc", "..%2fetc",
            "%2Fetc", "x\x00y", "~root", ".", ".hidden", "", "s3://other/bucket", "file:///etc"]
@@ -36,7 +36,7 @@ def test_run_ids_and_dag_ids_that_escape_are_rejected(tf_env, bad):
 
 
 def test_dataset_name_param_pattern_rejects_escapes():
-    from tasks.params import ParamError, validate_params
+    from trainflow.tasks.params import ParamError, validate_params
 
     for bad in ESCAPES:
         if bad == "":
@@ -62,8 +62,8 @@ def test_any_name_is_rejected_or_stays_one_component_under_the_root(value):
 
 
 def test_the_store_layout_is_the_one_stores_already_have():
-    """tasks.layout is the one place of the store's paths; they are the paths existing stores use."""
-    from tasks import layout
+    """trainflow.tasks.layout is the one place of the store's paths; they are the paths existing stores use."""
+    from trainflow.tasks import layout
 
     assert layout.manifest_path("ncf-ml-100k", "48ae74924b31ed64") == "datasets/ncf-ml-100k/48ae74924b31ed64/_manifest.json"
     assert layout.run_dir("recommendation_training", "manual__1") == "runs/recommendation_training/manual__1"

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from tasks.pipelines import (
+from trainflow.tasks.pipelines import (
     Metric,
     PipelineSpec,
     UnknownPipelineError,
@@ -20,7 +20,7 @@ from tasks.pipelines import (
     register_pipeline,
     unregister_pipeline,
 )
-from tasks.settings import PROJECT_DIR
+from trainflow.tasks.settings import PROJECT_DIR
 
 # Everything but the example pipelines' own packages, dags/, tests/, benchmarks/ and docs.
 SHARED = ("tasks", "trainers", "plugins")
@@ -52,7 +52,7 @@ def test_shared_code_names_no_example_pipeline():
 def test_the_guard_catches_a_name(tmp_path):
     """The pattern the guard uses does find a branch on an example's name."""
     assert EXAMPLE_NAMES.search('if kind == "recommendation":')
-    assert EXAMPLE_NAMES.search("from tasks.datasets import argoverse")
+    assert EXAMPLE_NAMES.search("from trainflow.tasks.datasets import argoverse")
     assert not EXAMPLE_NAMES.search("items recommended to anyone")
 
 
@@ -69,13 +69,13 @@ def test_examples_are_registered_through_entry_points():
 
 
 def test_unknown_pipeline_is_an_error_naming_the_registered_ones():
-    from tasks.params import param_specs
+    from trainflow.tasks.params import param_specs
 
     with pytest.raises(UnknownPipelineError, match=r"unknown pipeline 'recomendation' \(registered: .*driving.*recommendation"):
         get_pipeline("recomendation")
     with pytest.raises(UnknownPipelineError, match="registered:"):
         param_specs("nope")
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.sharding import shard_dataset
 
     with pytest.raises(UnknownPipelineError):
         shard_dataset("synthetic://driving?num_sequences=10", "drivin")
@@ -108,7 +108,7 @@ def _toy_spec(name: str = "toy_lower", **kw) -> PipelineSpec:
 
 def test_a_new_lower_is_better_metric_is_promoted_the_right_way(tf_env):
     """A metric name the engine never heard of: the gate takes its direction from the spec."""
-    from tasks.registry import GateConfig, decide
+    from trainflow.tasks.registry import GateConfig, decide
 
     spec = _toy_spec()
     gate = GateConfig("rmse", 0.0, higher_is_better=spec.higher_is_better("rmse"))
@@ -117,7 +117,7 @@ def test_a_new_lower_is_better_metric_is_promoted_the_right_way(tf_env):
 
 
 def test_params_come_from_the_spec():
-    from tasks.params import param_specs
+    from trainflow.tasks.params import param_specs
 
     spec = _toy_spec("toy_params")
     register_pipeline(spec)
@@ -154,7 +154,7 @@ def test_a_broken_entry_point_is_named_when_asked_for(tmp_path):
         f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from tasks.pipelines import get_pipeline, pipeline_names
+        from trainflow.tasks.pipelines import get_pipeline, pipeline_names
         assert "recommendation" in pipeline_names()
         try:
             get_pipeline("broken")

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tasks.datasets.textio import SourceFormatError
-from trainers.driving import argoverse
-from trainers.recommendation import movielens
+from trainflow.tasks.datasets.textio import SourceFormatError
+from trainflow.trainers.driving import argoverse
+from trainflow.trainers.recommendation import movielens
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

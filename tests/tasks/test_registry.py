@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.pipelines import get_pipeline
-from tasks.registry import TAG, GateConfig, Lineage, register_step
-from tasks.settings import get_settings
+from trainflow.tasks.pipelines import get_pipeline
+from trainflow.tasks.registry import TAG, GateConfig, Lineage, register_step
+from trainflow.tasks.settings import get_settings
 
 NAME = "trainflow-test-model"
 
@@ -178,7 +178,7 @@ def test_a_run_without_reviewer_never_replaces_a_champion_trained_on_another_dat
 
 
 def test_with_a_reviewer_a_different_dataset_waits_and_the_request_says_the_datasets_differ(mlflow_env):
-    from tasks.registry import approval_request
+    from trainflow.tasks.registry import approval_request
 
     uri1, lin1 = _train("run-1", 0.3, dataset_name="a")
     _register(uri1, lin1, 0.30)
@@ -213,7 +213,7 @@ def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypa
     import threading
     import time
 
-    import tasks.registry as registry
+    import trainflow.tasks.registry as registry
 
     (uri_a, lin_a), (uri_b, lin_b) = _train("run-fast-better", 0.5), _train("run-slow-worse", 0.4)
     real_decide = registry.decide
@@ -257,6 +257,6 @@ def test_racing_registrations_leave_one_consistent_champion(mlflow_env, monkeypa
     assert b.tags[TAG + "superseded_by"] == str(a.version)
     assert results["a"]["aliases"] == ["challenger", "champion"] and b.aliases == []
     # The lease is released.
-    from tasks.storage import Storage
+    from trainflow.tasks.storage import Storage
 
     assert Storage.from_settings(mlflow_env).list("locks/registry") == []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.rendezvous import (
+from trainflow.tasks.rendezvous import (
     NodeChannel,
     NodeFailed,
     RendezvousTimeout,
@@ -61,7 +61,7 @@ def test_rendezvous_id_is_stable_per_run_and_try_and_valid_for_torchrun():
     a = rendezvous_id("recommendation_training", "manual__2026-01-01T00:00:00+00:00", 1)
     assert a == rendezvous_id("recommendation_training", "manual__2026-01-01T00:00:00+00:00", 1)
     assert a != rendezvous_id("recommendation_training", "manual__2026-01-01T00:00:00+00:00", 2)
-    from tasks.launch import LaunchConfig
+    from trainflow.tasks.launch import LaunchConfig
 
     LaunchConfig(nnodes=2, rdzv_endpoint="h:1", rdzv_id=a)  # accepted by torchrun's id check
 
@@ -95,7 +95,7 @@ def test_waiting_node_gives_up_after_the_timeout_naming_node_0():
 
 
 def test_a_retried_node_after_the_training_finished_joins_nothing(tf_env):
-    from tasks.pipeline import train_node_step
+    from trainflow.tasks.pipeline import train_node_step
 
     mem = MemoryChannel(2)
     mem.plan = {**_plan(), "state": "finished"}
@@ -127,7 +127,7 @@ def test_missing_nodes_are_named_with_their_task_states():
 @pytest.mark.slow
 def test_two_nodes_train_one_model_through_the_task_functions(tf_env, caplog):
     """node 0 = train_step, node 1 = train_node_step, on two threads like two Airflow tasks."""
-    from tasks.pipeline import shard_step, train_node_step, train_step
+    from trainflow.tasks.pipeline import shard_step, train_node_step, train_step
 
     caplog.set_level(logging.INFO)
     params = {**SMALL_REC, "nnodes": 2, "rdzv_join_timeout_s": 120}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks.retraining import (
+from trainflow.tasks.retraining import (
     ORIGIN_ASSET_EVENT,
     ORIGIN_FORM,
     ORIGIN_PRODUCTION,

@@ -7,8 +7,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from tasks.params import ParamError, approval_required
-from tasks.registry import (
+from tests.tasks.test_registry import NAME, _register, _train
+from trainflow.tasks.params import ParamError, approval_required
+from trainflow.tasks.registry import (
     PENDING,
     TAG,
     ReviewResponse,
@@ -16,8 +17,7 @@ from tasks.registry import (
     record_review,
     review_outcome,
 )
-from tasks.settings import get_settings
-from tests.tasks.test_registry import NAME, _register, _train
+from trainflow.tasks.settings import get_settings
 
 WHEN = "2026-12-01T14:00:00+00:00"
 

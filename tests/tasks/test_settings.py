@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.settings import Settings, redact_text, redact_url, url_has_credentials, url_secrets
+from trainflow.tasks.settings import Settings, redact_text, redact_url, url_has_credentials, url_secrets
 
 
 def test_defaults_run_locally(tmp_path):
@@ -85,13 +85,13 @@ def test_mlflow_artifacts_stay_beside_a_local_store(tmp_path):
 
 
 def test_trainflow_variables_are_read_only_in_the_settings_module():
-    """Settings come from ``tasks.settings`` (its ``Settings`` fields, ``pipeline_setting``,
+    """Settings come from ``trainflow.tasks.settings`` (its ``Settings`` fields, ``pipeline_setting``,
     ``extra_setting``); no other shared module reads a ``TRAINFLOW_*`` variable itself (the
     trainer's inert test hooks aside)."""
     import re
     import subprocess
 
-    from tasks.settings import PROJECT_DIR
+    from trainflow.tasks.settings import PROJECT_DIR
 
     files = subprocess.run(["git", "-C", str(PROJECT_DIR), "ls-files", "tasks", "trainers", "plugins"],
                            capture_output=True, text=True, check=True).stdout.split()
@@ -107,7 +107,7 @@ def test_trainflow_variables_are_read_only_in_the_settings_module():
 
 
 def test_the_settings_that_moved_here_keep_their_variables(monkeypatch):
-    from tasks.settings import Settings, extra_setting
+    from trainflow.tasks.settings import Settings, extra_setting
 
     env = {"TRAINFLOW_NODE_ADDRESS": " 10.0.0.7 ", "TRAINFLOW_LOG_LEVEL": "DEBUG", "TRAINFLOW_MLFLOW_UI_URL": "http://ui:5000/",
            "TRAINFLOW_AWS_CONN_ID": "s3conn", "TRAINFLOW_KUBERNETES_CONN_ID": "k8s", "TRAINFLOW_MOVIELENS_BASE_URL": "http://m/"}
@@ -153,7 +153,7 @@ def test_redact_text_masks_urls_and_the_secrets_of_a_url():
 
 @pytest.mark.parametrize("url", ["s3://AKIDEXAMPLE:abc/def@bucket/prefix", "s3://AKIDEXAMPLE%3Aabc%2Fdef%40bucket/p"])
 def test_credentials_in_a_storage_url_are_refused_without_echoing_them(url):
-    from tasks.storage import CredentialsInUrlError, Storage
+    from trainflow.tasks.storage import CredentialsInUrlError, Storage
 
     with pytest.raises(CredentialsInUrlError) as caught:
         Storage(url, Settings.from_env({}))

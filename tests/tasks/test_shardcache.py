@@ -9,10 +9,10 @@ import time
 import pyarrow as pa
 import pytest
 
-from tasks.manifest import ShardVerificationError, load_manifest
-from tasks.shardcache import ShardFileCache
-from tasks.sharding import ShardingConfig, shard_dataset
-from tasks.storage import Storage
+from trainflow.tasks.manifest import ShardVerificationError, load_manifest
+from trainflow.tasks.shardcache import ShardFileCache
+from trainflow.tasks.sharding import ShardingConfig, shard_dataset
+from trainflow.tasks.storage import Storage
 
 SYN = "synthetic://recommendation?num_interactions=3000&num_users=40&num_items=200&seed=5"
 SMALL = ShardingConfig(target_shard_bytes=8_000, row_group_rows=300)
@@ -61,7 +61,7 @@ def test_a_damaged_cache_file_is_dropped_and_fetched_again(s3_env, tmp_path, mon
     damaged[len(damaged) // 2] ^= 0xFF
     cached.write_bytes(bytes(damaged))
     calls = _counting_reads(monkeypatch)
-    with caplog.at_level("WARNING", logger="tasks.shardcache"):
+    with caplog.at_level("WARNING", logger="trainflow.tasks.shardcache"):
         assert manifest.read_shard_bytes(shard) == expected
     assert calls == [shard.path]  # fetched again from S3
     assert "is damaged" in caplog.text and "xxh3_128" in caplog.text

@@ -8,11 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardVerificationError, load_manifest
-from tasks.settings import get_settings
-from tasks.sharding import ShardingConfig, ShardWriter, shard_dataset, split_of
-from tasks.storage import Storage
 from tests.conftest import shared_dataset
+from trainflow.tasks.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    ShardVerificationError,
+    load_manifest,
+)
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.sharding import ShardingConfig, ShardWriter, shard_dataset, split_of
+from trainflow.tasks.storage import Storage
 
 SYN_REC = "synthetic://recommendation?num_interactions=6000&num_users=60&num_items=400&seed=3"
 SYN_DRV = "synthetic://driving?num_sequences=60&seed=1"
@@ -33,7 +39,10 @@ def test_recommendation_ncf_protocol(tf_env):
     assert len(train) + len(test) == stats["num_interactions"]
     assert len(manifest.shards("train")) > 1  # sized by bytes: several shards
     # Source data, regenerated: each user's held-out item is the latest by (timestamp, item id).
-    from trainers.recommendation.synthetic import SyntheticRecommendation, SyntheticRecommendationConfig
+    from trainflow.trainers.recommendation.synthetic import (
+        SyntheticRecommendation,
+        SyntheticRecommendationConfig,
+    )
 
     gen = SyntheticRecommendation(SyntheticRecommendationConfig(6000, 60, 400, seed=3))
     import pyarrow as pa
@@ -288,7 +297,7 @@ def test_exact_duplicate_interactions_are_dropped_and_counted(tf_env, tmp_path, 
     path.write_text("".join("\t".join(map(str, r)) + "\n" for r in lines))
     n_planted = len(planted) + 1  # plus user 7's second copy in `rows`
 
-    with caplog.at_level("WARNING", logger="tasks.sharding"):
+    with caplog.at_level("WARNING", logger="trainflow.tasks.sharding"):
         config = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500, num_negatives=1)
         summary = shard_dataset(str(path), "recommendation", config=config)
     manifest = load_manifest(summary["manifest_uri"])
@@ -318,7 +327,7 @@ def _flip_byte(storage, path):
 
 
 def _train_rows(manifest):
-    from trainers.loader import ShardLoader
+    from trainflow.trainers.loader import ShardLoader
 
     rows = set()
     for batch in ShardLoader(manifest, "train", batch_size=64, shuffle=False, remainder="pad", columns=["user_idx"],
@@ -380,14 +389,14 @@ def test_edited_manifest_is_repaired_by_rerunning_shard(tf_env):
 def test_training_time_verification_error_gives_the_command_that_repairs(tf_env, capsys):
     import shlex
 
-    from tasks.cli import main
+    from trainflow.tasks.cli import main
 
     first = shard_dataset(SYN_REC, "recommendation")  # the default config, as the CLI shards
     manifest = load_manifest(first["manifest_uri"])
     _flip_byte(manifest.storage, manifest.shards("train")[0].path)
     with pytest.raises(ShardVerificationError) as caught:
         _train_rows(manifest)
-    command = str(caught.value).split("`python -m tasks.cli ", 1)[1].split("`", 1)[0]
+    command = str(caught.value).split("`python -m trainflow.tasks.cli ", 1)[1].split("`", 1)[0]
     assert command == f"shard '{SYN_REC}' --kind recommendation --name synthetic-recommendation"
     assert main(shlex.split(command)) == 0
     assert json.loads(capsys.readouterr().out)["repaired"]

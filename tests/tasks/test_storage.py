@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from tasks.settings import get_settings
-from tasks.storage import Storage, StorageUnavailableError, safe_name
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.storage import Storage, StorageUnavailableError, safe_name
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_create_exclusive_creates_once(store):
 def test_lease_is_exclusive_and_released(store):
     import time
 
-    from tasks.storage import LeaseTimeoutError, lease
+    from trainflow.tasks.storage import LeaseTimeoutError, lease
 
     inside: list[str] = []
     overlaps: list[int] = []
@@ -168,7 +168,7 @@ def test_lease_is_exclusive_and_released(store):
 
 
 def test_abandoned_lease_is_taken_over(store):
-    from tasks.storage import lease
+    from trainflow.tasks.storage import lease
 
     # A holder that died: its lease expired (another host) or its process is gone (this host).
     store.write_bytes("locks/a.lease", json.dumps({"owner": "dead", "host": "elsewhere", "pid": 1,

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from tasks.settings import Settings
-from tasks.tracking import TrackingServerUnreachableError, require_tracking_server
 from tests.conftest import free_port
+from trainflow.tasks.settings import Settings
+from trainflow.tasks.tracking import TrackingServerUnreachableError, require_tracking_server
 
 
 @pytest.fixture
@@ -21,8 +21,8 @@ def default_mlflow_retries(monkeypatch):
 
 
 def test_refused_connection_fails_the_train_and_register_steps_in_seconds(tf_env, default_mlflow_retries):
-    from tasks.pipeline import ensure_mlflow_run
-    from tasks.registry import RegistryUnavailableError, _client
+    from trainflow.tasks.pipeline import ensure_mlflow_run
+    from trainflow.tasks.registry import RegistryUnavailableError, _client
 
     port = free_port()  # nothing listens there
     settings = Settings.from_env({"TRAINFLOW_DATA_DIR": str(tf_env), "MLFLOW_TRACKING_URI": f"http://ops:pw-123@127.0.0.1:{port}"})

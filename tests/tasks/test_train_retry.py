@@ -13,9 +13,9 @@ import logging
 import pytest
 from mlflow import MlflowClient
 
-from tasks.launch import read_result, run_dir_url
-from tasks.pipeline import shard_step, train_step
-from tasks.settings import get_settings
+from trainflow.tasks.launch import read_result, run_dir_url
+from trainflow.tasks.pipeline import shard_step, train_step
+from trainflow.tasks.settings import get_settings
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.manifest import load_manifest
-from tasks.settings import Settings
-from tasks.sharding import ShardingConfig, shard_dataset
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import Settings
+from trainflow.tasks.sharding import ShardingConfig, shard_dataset
 
 TOY_SOURCE = "synthetic://recommendation?num_interactions=2000&num_users=100&num_items=300&seed=0"
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainers.parallel import RowShardedEmbedding, clip_grad_norm, shard_embeddings
+from trainflow.trainers.parallel import RowShardedEmbedding, clip_grad_norm, shard_embeddings
 
 
 def main(out_dir: str) -> None:

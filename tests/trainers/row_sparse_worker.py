@@ -27,7 +27,7 @@ class Tiny(torch.nn.Module):
 
 
 def main(out: str) -> None:
-    from trainers.parallel import RowSparseAdamW, mark_row_sparse
+    from trainflow.trainers.parallel import RowSparseAdamW, mark_row_sparse
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

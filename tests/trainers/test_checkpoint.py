@@ -1,4 +1,4 @@
-"""trainers.checkpoint: DCP round trip on local and S3 storage, commit markers, keep-K."""
+"""trainflow.trainers.checkpoint: DCP round trip on local and S3 storage, commit markers, keep-K."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from tasks.settings import get_settings
-from tasks.storage import Storage
-from trainers.checkpoint import COMMIT_MARKER, Checkpointer, run_dir_url
-from trainers.distributed import World
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.checkpoint import COMMIT_MARKER, Checkpointer, run_dir_url
+from trainflow.trainers.distributed import World
 
 
 def _trained(seed: int):

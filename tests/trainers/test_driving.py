@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.manifest import load_manifest
-from tasks.settings import Settings
-from tasks.sharding import shard_dataset
 from tests.conftest import shared_dataset
-from trainers.distributed import World
-from trainers.driving import (
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import Settings
+from trainflow.tasks.sharding import shard_dataset
+from trainflow.trainers.distributed import World
+from trainflow.trainers.driving import (
     DrivingConfig,
     DrivingFamily,
     ForecastModel,
@@ -24,9 +24,9 @@ from trainers.driving import (
     displacement_metrics,
     forecast,
 )
-from trainers.driving.data import scenario_samples
-from trainers.driving.family import epoch_batches
-from trainers.driving.geometry import agent_frame, from_agent_frame, to_agent_frame
+from trainflow.trainers.driving.data import scenario_samples
+from trainflow.trainers.driving.family import epoch_batches
+from trainflow.trainers.driving.geometry import agent_frame, from_agent_frame, to_agent_frame
 
 SMALL = dict(hidden_dim=32, num_layers=2, context_dim=16, max_neighbours=4)
 
@@ -236,8 +236,8 @@ def test_train_batches_are_deterministic_and_resume(synthetic_manifest):
 
 # --- training --------------------------------------------------------------------------------
 def test_short_training_reduces_the_loss_and_beats_constant_velocity(synthetic_manifest, tmp_path):
-    from trainers.config import TrainConfig
-    from trainers.loop import load_exported_model, run_training
+    from trainflow.trainers.config import TrainConfig
+    from trainflow.trainers.loop import load_exported_model, run_training
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: more threads only contend
@@ -312,7 +312,7 @@ def test_mirror_averaged_model_is_reflection_equivariant():
 
 
 def test_entry_point_arguments():
-    from trainers.driving.__main__ import DEFAULT_TRAIN, driving_argv
+    from trainflow.trainers.driving.__main__ import DEFAULT_TRAIN, driving_argv
 
     argv = driving_argv(["--manifest-uri", "file:///m/_manifest.json", "--train.epochs=2"])
     assert argv[-2:] == ["--train.manifest_uri=file:///m/_manifest.json", "--train.epochs=2"]
@@ -322,7 +322,7 @@ def test_entry_point_arguments():
 
 
 def test_entry_point_trains_and_exports_a_servable_model(synthetic_manifest, tmp_path, monkeypatch):
-    from trainers.driving.__main__ import main
+    from trainflow.trainers.driving.__main__ import main
 
     monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -344,7 +344,7 @@ def test_entry_point_trains_and_exports_a_servable_model(synthetic_manifest, tmp
 def test_fsdp_matches_ddp(synthetic_manifest, tmp_path):
     """The driving model sharded with FSDP2 trains like the replicated DDP run (real torchrun
     processes, gloo): the same loss curve and eval metrics within float32 reordering noise."""
-    from tasks.launch import LaunchConfig, run_torchrun
+    from trainflow.tasks.launch import LaunchConfig, run_torchrun
 
     results = {}
     for parallelism in ("ddp", "fsdp"):
@@ -357,7 +357,7 @@ def test_fsdp_matches_ddp(synthetic_manifest, tmp_path):
         }
         path = tmp_path / f"{parallelism}.json"
         path.write_text(json.dumps(config))
-        run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.driving", args=["--config", str(path)],
+        run_torchrun(LaunchConfig(nproc_per_node=2), module="trainflow.trainers.driving", args=["--config", str(path)],
                      env={"OMP_NUM_THREADS": "1"}, on_line=lambda line: None)
         results[parallelism] = json.loads((run_dir / "result.json").read_text())
     ddp, fsdp = results["ddp"], results["fsdp"]

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.launch import LaunchConfig, run_torchrun
-from trainers.config import TrainConfig
-from trainers.loop import load_exported_model, run_training
-from trainers.recommendation import RecommendationConfig, RecommendationFamily
+from trainflow.tasks.launch import LaunchConfig, run_torchrun
+from trainflow.trainers.config import TrainConfig
+from trainflow.trainers.loop import load_exported_model, run_training
+from trainflow.trainers.recommendation import RecommendationConfig, RecommendationFamily
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_family import ToyConfig, ToyFamily  # noqa: E402
@@ -127,7 +127,7 @@ def test_nccl_ddp_and_sharded_embeddings_on_two_gpus(toy_manifest, tmp_path):
                          "precision": "fp32", "pin_memory": True, "parallelism": parallelism}, "family": FAMILY}
         path = tmp_path / f"{parallelism}.json"
         path.write_text(json.dumps(cfg))
-        run_torchrun(LaunchConfig(nproc_per_node=2), module="trainers.recommendation", args=["--config", str(path)],
+        run_torchrun(LaunchConfig(nproc_per_node=2), module="trainflow.trainers.recommendation", args=["--config", str(path)],
                      on_line=lines.append)
         results[parallelism] = json.loads((run_dir / "result.json").read_text())
     assert any("joined (nccl on cuda:1)" in line for line in lines)
@@ -139,7 +139,7 @@ def test_nccl_ddp_and_sharded_embeddings_on_two_gpus(toy_manifest, tmp_path):
 
 def test_pinned_batches_keep_order_stop_early_and_raise(monkeypatch):
     """The pin-memory thread (CPU torch cannot pin: pin_memory is replaced by a marked copy)."""
-    from trainers.loop import _pinned
+    from trainflow.trainers.loop import _pinned
 
     pinned = []
 

@@ -1,4 +1,4 @@
-"""trainers.loader: exactly-once coverage, world-size invariance, shuffling, resume, verification."""
+"""trainflow.trainers.loader: exactly-once coverage, world-size invariance, shuffling, resume, verification."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.manifest import ShardVerificationError, load_manifest
-from trainers.distributed import World
-from trainers.loader import ShardLoader
+from trainflow.tasks.manifest import ShardVerificationError, load_manifest
+from trainflow.trainers.distributed import World
+from trainflow.trainers.loader import ShardLoader
 
 COLUMNS = ["user_idx", "item_idx", "rating"]
 
@@ -150,8 +150,8 @@ def test_corrupt_shard_fails_with_its_name(toy_manifest, toy_settings, tmp_path)
 def test_fixed_size_binary_columns_become_uint8_rows(tmp_path):
     import pyarrow as pa
 
-    from tasks.sharding import ShardingConfig, shard_batches
-    from tasks.storage import Storage
+    from trainflow.tasks.sharding import ShardingConfig, shard_batches
+    from trainflow.tasks.storage import Storage
 
     schema = pa.schema([("id", pa.int64()), ("image", pa.binary(12))])
     images = np.arange(40 * 12, dtype=np.uint8).reshape(40, 12)
@@ -182,8 +182,8 @@ def test_batches_gather_every_column_type_from_multi_row_group_windows(tmp_path,
     value must be the one of its row, whatever row group of the window it came from."""
     import pyarrow as pa
 
-    from tasks.sharding import ShardingConfig, shard_batches
-    from tasks.storage import Storage
+    from trainflow.tasks.sharding import ShardingConfig, shard_batches
+    from trainflow.tasks.storage import Storage
 
     n = 300
     ids = np.arange(n)
@@ -221,8 +221,8 @@ def test_batches_gather_every_column_type_from_multi_row_group_windows(tmp_path,
 def test_window_bytes_caps_windows_of_wide_rows(tmp_path):
     import pyarrow as pa
 
-    from tasks.sharding import ShardingConfig, shard_batches
-    from tasks.storage import Storage
+    from trainflow.tasks.sharding import ShardingConfig, shard_batches
+    from trainflow.tasks.storage import Storage
 
     n, width = 200, 4000
     schema = pa.schema([("id", pa.int64()), ("image", pa.binary(width))])
@@ -253,8 +253,8 @@ def test_window_bytes_caps_windows_of_wide_rows(tmp_path):
 def test_workers_read_shards_from_s3(s3_env):
     """DataLoader workers are forked: the parent's s3fs filesystem (and its event loop) cannot be
     used there, so each worker must open its own and read the same rows as in-process loading."""
-    from tasks.settings import get_settings
-    from tasks.sharding import ShardingConfig, shard_dataset
+    from trainflow.tasks.settings import get_settings
+    from trainflow.tasks.sharding import ShardingConfig, shard_dataset
 
     settings = get_settings()
     config = ShardingConfig(row_group_rows=128, target_shard_bytes=4096, num_negatives=5)

@@ -1,4 +1,4 @@
-"""trainers.loop: one process, torchrun DDP/FSDP, grad accumulation, resume, restarts, MLflow."""
+"""trainflow.trainers.loop: one process, torchrun DDP/FSDP, grad accumulation, resume, restarts, MLflow."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.launch import LaunchConfig, run_torchrun
-from tasks.storage import Storage
-from trainers.config import TrainConfig
-from trainers.loop import load_exported_model, parse_args, run_training
+from trainflow.tasks.launch import LaunchConfig, run_torchrun
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.config import TrainConfig
+from trainflow.trainers.loop import load_exported_model, parse_args, run_training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_family import ToyConfig, ToyFamily, ToyModel  # noqa: E402

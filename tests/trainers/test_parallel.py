@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.launch import LaunchConfig, run_torchrun
-from trainers.config import TrainConfig
-from trainers.distributed import World
-from trainers.loop import load_exported_model, run_training
-from trainers.parallel import shard_rows
-from trainers.recommendation import RecommendationConfig, RecommendationFamily
-from trainers.serving import served_module
+from trainflow.tasks.launch import LaunchConfig, run_torchrun
+from trainflow.trainers.config import TrainConfig
+from trainflow.trainers.distributed import World
+from trainflow.trainers.loop import load_exported_model, run_training
+from trainflow.trainers.parallel import shard_rows
+from trainflow.trainers.recommendation import RecommendationConfig, RecommendationFamily
+from trainflow.trainers.serving import served_module
 
 WORKER = str(Path(__file__).with_name("parallel_worker.py"))
 # NeuMF: four tables (GMF and MLP user/item) plus an MLP tower and an output layer.
@@ -40,7 +40,7 @@ def _launch(manifest, run_dir: Path, nproc: int, lines: list[str] | None = None,
     path = run_dir.parent / f"{run_dir.name}.json"
     path.write_text(json.dumps(cfg))
     sink = lines if lines is not None else []
-    run_torchrun(LaunchConfig(nproc_per_node=nproc), module="trainers.recommendation",
+    run_torchrun(LaunchConfig(nproc_per_node=nproc), module="trainflow.trainers.recommendation",
                  args=["--config", str(path)], env={"OMP_NUM_THREADS": "1"}, on_line=sink.append)
     return json.loads((run_dir / "result.json").read_text())
 
@@ -166,8 +166,8 @@ def test_four_ranks_hold_a_quarter_of_the_sasrec_item_table(toy_manifest, tmp_pa
 
 def test_a_family_without_tables_is_refused_by_name(tmp_path):
     """Driving has no embedding tables: sharded_embeddings fails naming the parallelism."""
-    from trainers.driving.family import DrivingFamily
-    from trainers.loop import Trainer
+    from trainflow.trainers.driving.family import DrivingFamily
+    from trainflow.trainers.loop import Trainer
 
     world = World(rank=0, world_size=2)
     trainer = Trainer.__new__(Trainer)

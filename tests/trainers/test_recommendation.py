@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.metrics import hit_ratio, ndcg, rank_of_positive, ranking_metrics
 from tests.conftest import shared_dataset
-from trainers.distributed import World
-from trainers.recommendation import RecommendationConfig, RecommendationFamily
-from trainers.recommendation.data import PositiveFilter, UserHistories, history_windows, sample_negatives
+from trainflow.tasks.metrics import hit_ratio, ndcg, rank_of_positive, ranking_metrics
+from trainflow.trainers.distributed import World
+from trainflow.trainers.recommendation import RecommendationConfig, RecommendationFamily
+from trainflow.trainers.recommendation.data import (
+    PositiveFilter,
+    UserHistories,
+    history_windows,
+    sample_negatives,
+)
 
 NUM_USERS, NUM_ITEMS = 30, 150
 TOY_SOURCE = f"synthetic://recommendation?num_interactions=500&num_users={NUM_USERS}&num_items={NUM_ITEMS}"
@@ -31,8 +36,8 @@ def one_thread():
 def toy_manifest(tmp_path_factory):
     """A committed recommendation dataset of 30 users, 150 items, ~500 interactions, sharded
     into small row groups so the loader has several windows to stream."""
-    from tasks.manifest import load_manifest
-    from tasks.sharding import ShardingConfig, shard_dataset
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.tasks.sharding import ShardingConfig, shard_dataset
 
     data_dir = tmp_path_factory.mktemp("rec") / "tfdata"
     with pytest.MonkeyPatch.context() as mp:
@@ -310,8 +315,8 @@ def test_short_training_reduces_loss_and_evaluates(toy_manifest, model):
 
 # --- through a manifest -------------------------------------------------------------------
 def test_family_on_a_synthetic_manifest(tf_env):
-    from tasks.manifest import load_manifest
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.tasks.sharding import shard_dataset
 
     uri = shard_dataset("synthetic://recommendation?num_interactions=5000&num_items=400", "recommendation")["manifest_uri"]
     manifest = load_manifest(uri)
@@ -323,8 +328,8 @@ def test_family_on_a_synthetic_manifest(tf_env):
 
 
 def test_real_ml100k_split_histories(tf_env):
-    from tasks.manifest import load_manifest
-    from tasks.sharding import shard_dataset
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.tasks.sharding import shard_dataset
 
     source = shared_dataset("ncf_movielens_100k")
     manifest = load_manifest(shard_dataset(str(source), "recommendation")["manifest_uri"])
@@ -339,7 +344,7 @@ def test_real_ml100k_split_histories(tf_env):
 
 # --- entry point --------------------------------------------------------------------------
 def test_entry_point_shortcuts():
-    from trainers.recommendation.__main__ import expand_shortcuts
+    from trainflow.trainers.recommendation.__main__ import expand_shortcuts
 
     argv = ["--manifest-uri", "file:///m", "--model=neumf", "--epochs", "3", "--family.num_negatives=2"]
     assert expand_shortcuts(argv) == [
@@ -351,9 +356,9 @@ def test_entry_point_shortcuts():
 
 
 def test_generic_loop_trains_and_exports(tf_env, tmp_path):
-    from tasks.sharding import shard_dataset
-    from trainers.config import TrainConfig
-    from trainers.loop import load_exported_model, run_training
+    from trainflow.tasks.sharding import shard_dataset
+    from trainflow.trainers.config import TrainConfig
+    from trainflow.trainers.loop import load_exported_model, run_training
 
     uri = shard_dataset("synthetic://recommendation?num_interactions=5000&num_items=400", "recommendation")["manifest_uri"]
     run_dir = (tmp_path / "run").as_uri()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.launch import LaunchConfig, run_torchrun
-from trainers.parallel import RowSparseAdamW, is_row_sparse, mark_row_sparse
+from trainflow.tasks.launch import LaunchConfig, run_torchrun
+from trainflow.trainers.parallel import RowSparseAdamW, is_row_sparse, mark_row_sparse
 
 WORKER = str(Path(__file__).with_name("row_sparse_worker.py"))
 
@@ -79,7 +79,7 @@ def _launch(manifest, run_dir: Path, nproc: int, family: dict, **train) -> dict:
     cfg = {"train": {"manifest_uri": manifest.uri, "run_dir": run_dir.as_uri(), **TRAIN, **train}, "family": family}
     path = run_dir.parent / f"{run_dir.name}.json"
     path.write_text(json.dumps(cfg))
-    run_torchrun(LaunchConfig(nproc_per_node=nproc), module="trainers.recommendation",
+    run_torchrun(LaunchConfig(nproc_per_node=nproc), module="trainflow.trainers.recommendation",
                  args=["--config", str(path)], env={"OMP_NUM_THREADS": "1"}, on_line=lambda line: None)
     return json.loads((run_dir / "result.json").read_text())
 

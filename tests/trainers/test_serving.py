@@ -13,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.manifest import load_manifest
-from tasks.settings import get_settings
-from tasks.sharding import shard_dataset
-from trainers.loop import load_exported_model
-from trainers.serving import log_serving_model, served_module
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import get_settings
+from trainflow.tasks.sharding import shard_dataset
+from trainflow.trainers.loop import load_exported_model
+from trainflow.trainers.serving import log_serving_model, served_module
 
 FRESH = textwrap.dedent(
     """
     import importlib.abc, json, sys
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("tasks", "trainers", "trainflow_airflow"):
+            if name.split(".")[0] in ("tasks", "trainers", "trainflow.airflow"):
                 raise ImportError(f"trainflow code must not be needed to serve: {name}")
             return None
     sys.meta_path.insert(0, Block())
@@ -51,7 +51,7 @@ def _train(kind: str, source: str, extra: list[str]) -> tuple[str, str, str]:
         pass
     run_dir = (settings.data_dir / "store" / "runs" / "t" / kind).as_uri()
     cmd = [
-        sys.executable, "-m", f"trainers.{kind}", f"--train.manifest_uri={manifest_uri}", "--train.epochs=1",
+        sys.executable, "-m", f"trainflow.trainers.{kind}", f"--train.manifest_uri={manifest_uri}", "--train.epochs=1",
         f"--train.run_dir={run_dir}", f"--train.mlflow_run_id={run.info.run_id}", "--train.parallelism=none",
         "--train.batch_size=64", *extra,
     ]
@@ -97,8 +97,8 @@ def test_recommender_serves_without_trainflow(tf_env):
 def test_forecaster_serves_without_trainflow(tf_env):
     manifest_uri, run_dir, run_id = _train("driving", "synthetic://driving?num_sequences=80", [])
     logged = log_serving_model(run_dir, run_id)
-    from trainers.driving.evaluation import focal_tracks
-    from trainers.driving.model import build_forecaster, forecast
+    from trainflow.trainers.driving.evaluation import focal_tracks
+    from trainflow.trainers.driving.model import build_forecaster, forecast
 
     _, tracks = focal_tracks(load_manifest(manifest_uri), "eval")
     history = tracks[:4, :20]

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
-from trainers.family import ModelFamily
-from trainers.loader import ShardLoader
-from trainers.loop import main
+from trainflow.trainers.family import ModelFamily
+from trainflow.trainers.loader import ShardLoader
+from trainflow.trainers.loop import main
 
 COLUMNS = ["user_idx", "item_idx", "rating"]
 

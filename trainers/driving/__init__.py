@@ -1,6 +1,6 @@
 """The driving pipeline: focal-vehicle motion forecasting (Argoverse-style, 2 s → 3 s at 10 Hz).
 
-Its spec is :data:`trainers.driving.pipeline.PIPELINE`. The family classes are imported lazily
+Its spec is :data:`trainflow.trainers.driving.pipeline.PIPELINE`. The family classes are imported lazily
 (they import torch), so reading the spec stays light.
 """
 
@@ -10,13 +10,13 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "DrivingConfig": "trainers.driving.config",
-    "DrivingFamily": "trainers.driving.family",
-    "ForecastModel": "trainers.driving.model",
-    "build_forecaster": "trainers.driving.model",
-    "forecast": "trainers.driving.model",
-    "constant_velocity_forecast": "tasks.metrics",
-    "displacement_metrics": "tasks.metrics",
+    "DrivingConfig": "trainflow.trainers.driving.config",
+    "DrivingFamily": "trainflow.trainers.driving.family",
+    "ForecastModel": "trainflow.trainers.driving.model",
+    "build_forecaster": "trainflow.trainers.driving.model",
+    "forecast": "trainflow.trainers.driving.model",
+    "constant_velocity_forecast": "trainflow.tasks.metrics",
+    "displacement_metrics": "trainflow.tasks.metrics",
 }
 
 __all__ = sorted(_LAZY)

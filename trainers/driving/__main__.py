@@ -1,9 +1,9 @@
 """Train the driving family, alone or under torchrun (the same code path)::
 
-    python -m trainers.driving --manifest-uri file:///.../_manifest.json
-    torchrun --standalone --nproc-per-node 2 -m trainers.driving --manifest-uri file:///.../_manifest.json
+    python -m trainflow.trainers.driving --manifest-uri file:///.../_manifest.json
+    torchrun --standalone --nproc-per-node 2 -m trainflow.trainers.driving --manifest-uri file:///.../_manifest.json
 
-Any field of the loop's ``TrainConfig`` or of :class:`~trainers.driving.DrivingConfig` can be
+Any field of the loop's ``TrainConfig`` or of :class:`~trainflow.trainers.driving.DrivingConfig` can be
 set with ``--train.FIELD=VALUE`` / ``--family.FIELD=VALUE``, or from ``--config FILE.json``
 (``{"train": {...}, "family": {...}}``). Without ``--config``, the training settings tuned on
 the Argoverse subset's ``valid`` split (:data:`DEFAULT_TRAIN`) come first and any override
@@ -49,8 +49,8 @@ def driving_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from trainers.driving import DrivingConfig, DrivingFamily
-    from trainers.loop import main as loop_main
+    from trainflow.trainers.driving import DrivingConfig, DrivingFamily
+    from trainflow.trainers.loop import main as loop_main
 
     return loop_main(DrivingFamily, DrivingConfig, driving_argv(sys.argv[1:] if argv is None else argv))
 

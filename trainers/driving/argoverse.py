@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.datasets.textio import SourceFormatError
+from trainflow.tasks.datasets.textio import SourceFormatError
 
 log = logging.getLogger(__name__)
 

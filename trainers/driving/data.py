@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainers.driving.geometry import FUTURE_FRAMES, HISTORY_FRAMES
+from trainflow.trainers.driving.geometry import FUTURE_FRAMES, HISTORY_FRAMES
 
 if TYPE_CHECKING:
-    from tasks.manifest import Manifest
+    from trainflow.tasks.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighb
     Raises:
         ValueError: the split holds no usable sample.
     """
-    from trainers.driving.argoverse import batch_tracks
+    from trainflow.trainers.driving.argoverse import batch_tracks
 
     parts: list[dict[str, np.ndarray]] = []
     scenario = 0

@@ -9,16 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from tasks import metrics as M
-from tasks.evaluation import Predictor, bar_plot, figure, save_figure
-from tasks.manifest import Manifest
+from trainflow.tasks import metrics as M
+from trainflow.tasks.evaluation import Predictor, bar_plot, figure, save_figure
+from trainflow.tasks.manifest import Manifest
 
 HISTORY_FRAMES, FUTURE_FRAMES = 20, 30
 
 
 def focal_tracks(manifest: Manifest, split: str = "eval") -> tuple[list[str], np.ndarray]:
     """Scenario ids and the focal agents' (n, 50, 2) tracks of ``split``."""
-    from trainers.driving.argoverse import batch_tracks
+    from trainflow.trainers.driving.argoverse import batch_tracks
 
     ids: list[str] = []
     tracks = []

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tasks.metrics import constant_velocity_forecast, displacement_metrics
-from trainers.driving.config import DrivingConfig
-from trainers.driving.data import ForecastSamples, load_samples
-from trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
-from trainers.driving.model import build_forecaster
-from trainers.family import ModelFamily
+from trainflow.tasks.metrics import constant_velocity_forecast, displacement_metrics
+from trainflow.trainers.driving.config import DrivingConfig
+from trainflow.trainers.driving.data import ForecastSamples, load_samples
+from trainflow.trainers.driving.geometry import FRAME_RATE_HZ, FUTURE_FRAMES, HISTORY_FRAMES
+from trainflow.trainers.driving.model import build_forecaster
+from trainflow.trainers.family import ModelFamily
 
 if TYPE_CHECKING:
-    from tasks.manifest import Manifest
-    from trainers.distributed import World
+    from trainflow.tasks.manifest import Manifest
+    from trainflow.trainers.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -219,5 +219,5 @@ class DrivingFamily(ModelFamily):
             "frame_rate_hz": FRAME_RATE_HZ,
             "input": {"name": "history", "dtype": "float32", "shape": [-1, HISTORY_FRAMES, 2]},
             "output": {"name": "forecast", "dtype": "float32", "shape": [-1, FUTURE_FRAMES, 2]},
-            "predict": "trainers.driving.model:forecast",
+            "predict": "trainflow.trainers.driving.model:forecast",
         }

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.driving.geometry import (
+from trainflow.trainers.driving.geometry import (
     FUTURE_FRAMES,
     HISTORY_FRAMES,
     agent_frame,

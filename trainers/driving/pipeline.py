@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.pipelines import Metric, PipelineSpec
-from trainers.recommendation.pipeline import MODEL_OPTIONS_HELP, MODEL_SIZE_HELP
+from trainflow.tasks.pipelines import Metric, PipelineSpec
+from trainflow.trainers.recommendation.pipeline import MODEL_OPTIONS_HELP, MODEL_SIZE_HELP
 
 MODELS = ("mlp", "context")
 
@@ -38,31 +38,31 @@ def family_settings(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(url: str, settings) -> Any:
-    from trainers.driving.sources import resolve_driving_source
+    from trainflow.trainers.driving.sources import resolve_driving_source
 
     return resolve_driving_source(url, settings)
 
 
 def _split(source, store, config, tmp_dir) -> dict[str, Any]:
-    from trainers.driving.split import shard_driving
+    from trainflow.trainers.driving.split import shard_driving
 
     return shard_driving(source, store, config, tmp_dir)
 
 
 def _describe_split(config: dict[str, Any]) -> str:
-    from trainers.driving.split import describe_split
+    from trainflow.trainers.driving.split import describe_split
 
     return describe_split(config)
 
 
 def _evaluate(manifest, predict, split: str = "eval") -> dict[str, Any]:
-    from trainers.driving.evaluation import evaluate_driving
+    from trainflow.trainers.driving.evaluation import evaluate_driving
 
     return evaluate_driving(manifest, predict, split=split)
 
 
 def _plot(report, out_dir: str) -> list[str]:
-    from trainers.driving.evaluation import plot_driving
+    from trainflow.trainers.driving.evaluation import plot_driving
 
     return plot_driving(report, out_dir)
 
@@ -73,11 +73,11 @@ PIPELINE = PipelineSpec(
     resolve_source=_resolve,
     split=_split,
     split_protocol=_describe_split,
-    family="trainers.driving.family:DrivingFamily",
-    family_config="trainers.driving.config:DrivingConfig",
+    family="trainflow.trainers.driving.family:DrivingFamily",
+    family_config="trainflow.trainers.driving.config:DrivingConfig",
     family_settings=family_settings,
     train_defaults=TRAIN_DEFAULTS,
-    serving="trainers.driving.serving:served_forecaster",
+    serving="trainflow.trainers.driving.serving:served_forecaster",
     evaluate=_evaluate,
     plot=_plot,
     baseline_name="constant velocity",

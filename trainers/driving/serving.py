@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.serving import ServedModel
+from trainflow.trainers.serving import ServedModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,7 +29,7 @@ class ServedForecaster(torch.nn.Module):
 
 def _driving_example(manifest) -> tuple[tuple[torch.Tensor, ...], Any, np.ndarray]:
     """Model inputs (re-centred, as the pyfunc feeds them), the raw example, the origins."""
-    from trainers.driving.evaluation import focal_tracks
+    from trainflow.trainers.driving.evaluation import focal_tracks
 
     _, tracks = focal_tracks(manifest, "eval")
     history = np.ascontiguousarray(tracks[:8, :20]).astype(np.float32)
@@ -39,8 +39,8 @@ def _driving_example(manifest) -> tuple[tuple[torch.Tensor, ...], Any, np.ndarra
 
 
 def served_forecaster(state: dict[str, torch.Tensor], config: dict[str, Any], manifest, tmp_dir: str) -> ServedModel:
-    """The served model of an exported driving run (see :class:`trainers.serving.ServedModel`)."""
-    from trainers.driving.model import build_forecaster
+    """The served model of an exported driving run (see :class:`trainflow.trainers.serving.ServedModel`)."""
+    from trainflow.trainers.driving.model import build_forecaster
 
     model = build_forecaster(config["export_config"])
     model.load_state_dict(state)

@@ -1,6 +1,6 @@
 """The driving split protocol: one row per scenario; ``eval``, ``valid`` and ``train`` are
-assigned by a hash of the scenario id (:func:`tasks.sharding.hash_split`), so the split is
-deterministic and the eval set is never trained on. Moved unchanged from ``tasks.sharding``
+assigned by a hash of the scenario id (:func:`trainflow.tasks.sharding.hash_split`), so the split is
+deterministic and the eval set is never trained on. Moved unchanged from ``trainflow.tasks.sharding``
 (sharder version 3): the same inputs give the same dataset version.
 """
 
@@ -11,11 +11,11 @@ import logging
 import time
 from typing import Any
 
-from tasks.settings import redact_url
-from tasks.sharding import ShardingConfig, ShardWriter, hash_split
-from tasks.storage import Storage
-from trainers.driving import argoverse
-from trainers.driving.sources import DrivingSource
+from trainflow.tasks.settings import redact_url
+from trainflow.tasks.sharding import ShardingConfig, ShardWriter, hash_split
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.driving import argoverse
+from trainflow.trainers.driving.sources import DrivingSource
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ class SyntheticDriving:
         self.config = config
 
     def record(self, index: int) -> dict[str, Any]:
-        """Scenario ``index`` as a sequence record (see :mod:`trainers.driving.argoverse`)."""
+        """Scenario ``index`` as a sequence record (see :mod:`trainflow.trainers.driving.argoverse`)."""
         c = self.config
         rng = np.random.default_rng([c.seed, 2, index])
         origin = rng.uniform(-2000, 2000, 2)

@@ -1,6 +1,6 @@
 """The recommendation pipeline: NCF (GMF, MLP, NeuMF) and SASRec on MovieLens-style interactions.
 
-Its spec is :data:`trainers.recommendation.pipeline.PIPELINE`. The family classes are imported
+Its spec is :data:`trainflow.trainers.recommendation.pipeline.PIPELINE`. The family classes are imported
 lazily (they import torch), so reading the spec stays light.
 """
 
@@ -10,8 +10,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "RecommendationConfig": "trainers.recommendation.config",
-    "RecommendationFamily": "trainers.recommendation.family",
+    "RecommendationConfig": "trainflow.trainers.recommendation.config",
+    "RecommendationFamily": "trainflow.trainers.recommendation.family",
 }
 
 __all__ = sorted(_LAZY)

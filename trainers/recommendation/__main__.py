@@ -1,8 +1,8 @@
 """Train a recommender with the generic loop, alone or under torchrun (same code path).
 
-    python -m trainers.recommendation --manifest-uri file:///.../_manifest.json --model sasrec \\
+    python -m trainflow.trainers.recommendation --manifest-uri file:///.../_manifest.json --model sasrec \\
         --epochs 40 --batch-size 256 --learning-rate 0.002
-    torchrun --standalone --nproc-per-node 2 -m trainers.recommendation --manifest-uri ... --model neumf
+    torchrun --standalone --nproc-per-node 2 -m trainflow.trainers.recommendation --manifest-uri ... --model neumf
 
 Shortcuts (``--manifest-uri``, ``--model``, ``--epochs``, ``--batch-size``, ``--learning-rate``,
 ``--parallelism``, ``--device``, ``--run-dir``) become the loop's ``--train.FIELD=VALUE`` /
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import sys
 
-from trainers.loop import main
-from trainers.recommendation.config import RecommendationConfig
-from trainers.recommendation.family import RecommendationFamily
+from trainflow.trainers.loop import main
+from trainflow.trainers.recommendation.config import RecommendationConfig
+from trainflow.trainers.recommendation.family import RecommendationFamily
 
 SHORTCUTS = {
     "--manifest-uri": "train.manifest_uri",

@@ -68,7 +68,7 @@ class RecommendationConfig:
     """NeuMF with pre-training: weight of the GMF head in the combined output layer."""
 
     row_sparse_updates: bool = False
-    """Embedding tables get sparse gradients and :class:`~trainers.parallel.RowSparseAdamW`:
+    """Embedding tables get sparse gradients and :class:`~trainflow.trainers.parallel.RowSparseAdamW`:
     each step exchanges (between ranks) and updates only the rows it looked up, so its cost
     follows the batch, not the table ("lazy" Adam: untouched rows keep their moments). Under
     DDP the tables are left out of DDP's all-reduce. Not with ``fsdp`` / ``sharded_embeddings``."""

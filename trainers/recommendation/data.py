@@ -1,7 +1,7 @@
 """What the recommendation family keeps besides the streamed batches, in memory bounded by the
 number of users (never by the number of interactions).
 
-The train split is streamed by :class:`trainers.loader.ShardLoader`; no rank ever holds it. Two
+The train split is streamed by :class:`trainflow.trainers.loader.ShardLoader`; no rank ever holds it. Two
 things the models need beyond a batch are built by one streaming pass over the split when the
 family starts (:func:`scan_train`), each of a size that does not grow with the interactions:
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from tasks.manifest import Manifest
+    from trainflow.tasks.manifest import Manifest
 
 _HASH_MULTIPLIERS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)
 
@@ -209,7 +209,7 @@ def scan_train(
         chunk_rows: Rows decoded at a time.
         max_filter_bytes: Cap on the positive filter.
     """
-    from trainers.loader import ShardLoader
+    from trainflow.trainers.loader import ShardLoader
 
     num_users, num_items = table_sizes(manifest)
     columns = ["user_idx", "item_idx", "is_valid"] + (["timestamp"] if history_keep else [])

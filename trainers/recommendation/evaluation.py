@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks import metrics as M
-from tasks.evaluation import Predictor, bar_plot, figure, save_figure
-from tasks.manifest import Manifest
+from trainflow.tasks import metrics as M
+from trainflow.tasks.evaluation import Predictor, bar_plot, figure, save_figure
+from trainflow.tasks.manifest import Manifest
 
 DEFAULT_KS = (1, 5, 10, 20, 50)
 

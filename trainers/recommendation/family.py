@@ -2,10 +2,10 @@
 
 Training (what :class:`RecommendationFamily` gives the generic loop). No rank holds the train
 split: what the models need beyond a batch is kept in memory bounded by the number of users
-(:mod:`trainers.recommendation.data`, built by one streaming pass when the family starts).
+(:mod:`trainflow.trainers.recommendation.data`, built by one streaming pass when the family starts).
 
 * NCF: a sample is one training interaction (user, item), streamed by
-  :class:`~trainers.loader.ShardLoader` (its dealing rule, its shuffle by (seed, epoch), its
+  :class:`~trainflow.trainers.loader.ShardLoader` (its dealing rule, its shuffle by (seed, epoch), its
   resumable position); the loader's transform drops the padding and, unless
   ``train_on_valid``, the ``is_valid`` rows, and adds ``num_negatives`` items sampled among
   those the user has no positive with (a fixed-size Bloom filter of the training pairs):
@@ -17,7 +17,7 @@ split: what the models need beyond a batch is kept in memory bounded by the numb
   histories are not trained on. At each position the next item is the positive, with
   ``num_negatives`` sampled items, BCE over the real (non-padding) positions. The windows are
   shuffled by (seed, epoch) and dealt by the loader's rule
-  (:func:`~trainers.loader.rank_rows`, the tail padded: smaller last batches).
+  (:func:`~trainflow.trainers.loader.rank_rows`, the tail padded: smaller last batches).
 
 Every positive is covered exactly once per epoch across the world and every rank yields the
 same number of batches. Negatives are drawn per batch from a generator seeded by (seed, epoch,
@@ -26,7 +26,7 @@ replaying it.
 
 Evaluation follows the NCF protocol: each user's held-out item is ranked among its 99
 sampled negatives (the split's ``neg_item_idx``); ties count against the positive
-(see :func:`~trainers.recommendation.metrics.rank_of_positive`). SASRec reads the user's
+(see :func:`~trainflow.trainers.recommendation.metrics.rank_of_positive`). SASRec reads the user's
 history up to the target: for ``valid`` the train rows without the ``is_valid`` one, for
 ``eval`` all train rows (the valid interaction is earlier than the eval one).
 
@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.metrics import rank_of_positive, ranking_metrics
-from trainers.family import ModelFamily
-from trainers.recommendation.config import RecommendationConfig
-from trainers.recommendation.data import (
+from trainflow.tasks.metrics import rank_of_positive, ranking_metrics
+from trainflow.trainers.family import ModelFamily
+from trainflow.trainers.recommendation.config import RecommendationConfig
+from trainflow.trainers.recommendation.data import (
     UserHistories,
     history_windows,
     sample_negatives,
@@ -59,8 +59,8 @@ from trainers.recommendation.data import (
 if TYPE_CHECKING:
     import torch
 
-    from tasks.manifest import Manifest
-    from trainers.distributed import World
+    from trainflow.tasks.manifest import Manifest
+    from trainflow.trainers.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class RecommendationFamily(ModelFamily):
     def build_model(self) -> torch.nn.Module:
         import torch
 
-        from trainers.recommendation.models import build_model
+        from trainflow.trainers.recommendation.models import build_model
 
         c = self.config
         torch.manual_seed(c.seed)
@@ -125,7 +125,7 @@ class RecommendationFamily(ModelFamily):
         if c.model == "neumf" and c.pretrained_gmf and c.pretrained_mlp:
             model.load_pretrained(_load_state(c.pretrained_gmf), _load_state(c.pretrained_mlp), c.pretrain_alpha)
         if c.row_sparse_updates:
-            from trainers.parallel import mark_row_sparse
+            from trainflow.trainers.parallel import mark_row_sparse
 
             mark_row_sparse(model.embedding_modules())
         if c.model != "sasrec":
@@ -144,10 +144,10 @@ class RecommendationFamily(ModelFamily):
         return list(unwrap(model).embedding_modules())
 
     def ddp_ignored(self, model: torch.nn.Module) -> list[str]:
-        """The row-sparse tables (their rows are exchanged by :class:`~trainers.parallel.RowSparseAdamW`)
+        """The row-sparse tables (their rows are exchanged by :class:`~trainflow.trainers.parallel.RowSparseAdamW`)
         and SASRec's ``histories`` buffer (the same on every rank: DDP would broadcast all
         ``num_users x max_seq_len`` of it before every training step)."""
-        from trainers.parallel import is_row_sparse
+        from trainflow.trainers.parallel import is_row_sparse
 
         names = [name for name, p in unwrap(model).named_parameters() if is_row_sparse(p)]
         return names + [name for name, _ in unwrap(model).named_buffers() if name.endswith("histories")]
@@ -161,11 +161,11 @@ class RecommendationFamily(ModelFamily):
         return self.manifest.num_rows("train") - valid_rows
 
     def train_loader(self, batch_size: int):
-        """NCF: the :class:`~trainers.loader.ShardLoader` of this rank's training batches (the
+        """NCF: the :class:`~trainflow.trainers.loader.ShardLoader` of this rank's training batches (the
         train split streamed, ``remainder='pad'`` so every interaction is covered exactly once;
         padding and, unless ``train_on_valid``, the ``is_valid`` rows are dropped from the batch
         in the transform, which also samples the negatives)."""
-        from trainers.loader import ShardLoader
+        from trainflow.trainers.loader import ShardLoader
 
         return ShardLoader(self.manifest, "train", batch_size, world=self.world,
                            columns=["user_idx", "item_idx", "is_valid"], seed=self.config.seed,
@@ -185,7 +185,7 @@ class RecommendationFamily(ModelFamily):
             loader.load_state_dict({"epoch": epoch, "position": skip_batches})
             yield from loader
             return
-        from trainers.loader import batches_per_rank, rank_rows
+        from trainflow.trainers.loader import batches_per_rank, rank_rows
 
         num = len(self._windows)
         order = np.random.default_rng([self.config.seed, epoch]).permutation(num)

@@ -206,7 +206,7 @@ def build_model(config: Any, num_users: int, num_items: int) -> nn.Module:
     """The one builder of a recommendation model, for training and for serving.
 
     Args:
-        config: A :class:`~trainers.recommendation.config.RecommendationConfig` or the same
+        config: A :class:`~trainflow.trainers.recommendation.config.RecommendationConfig` or the same
             fields as a dict (an exported ``config.json``'s ``family_config``).
         num_users: Rows of the user table.
         num_items: Rows of the item table.

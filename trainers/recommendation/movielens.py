@@ -26,7 +26,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tasks.datasets.textio import SourceFormatError, parse_delimited
+from trainflow.tasks.datasets.textio import SourceFormatError, parse_delimited
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def download_release(name: str, download_dir: Path, base_url: str | None = None)
     if name not in RELEASES:
         raise KeyError(f"unknown MovieLens release {name!r}; known: {', '.join(sorted(RELEASES))}")
     release = RELEASES[name]
-    from tasks.settings import extra_setting
+    from trainflow.tasks.settings import extra_setting
 
     base = (base_url or extra_setting("MOVIELENS_BASE_URL") or GROUPLENS_BASE_URL).rstrip("/") + "/"
     target_dir = Path(download_dir) / name

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.pipelines import Metric, PipelineSpec
+from trainflow.tasks.pipelines import Metric, PipelineSpec
 
 MODELS = ("neumf", "gmf", "mlp", "sasrec")
 # Row-sharded embedding tables: the recommendation models have tables to shard.
@@ -48,25 +48,25 @@ def family_settings(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(url: str, settings) -> Any:
-    from trainers.recommendation.sources import resolve_recommendation_source
+    from trainflow.trainers.recommendation.sources import resolve_recommendation_source
 
     return resolve_recommendation_source(url, settings)
 
 
 def _split(source, store, config, tmp_dir) -> dict[str, Any]:
-    from trainers.recommendation.split import shard_recommendation
+    from trainflow.trainers.recommendation.split import shard_recommendation
 
     return shard_recommendation(source, store, config, tmp_dir)
 
 
 def _evaluate(manifest, predict, split: str = "eval") -> dict[str, Any]:
-    from trainers.recommendation.evaluation import evaluate_recommendation
+    from trainflow.trainers.recommendation.evaluation import evaluate_recommendation
 
     return evaluate_recommendation(manifest, predict, split=split)
 
 
 def _plot(report, out_dir: str) -> list[str]:
-    from trainers.recommendation.evaluation import plot_recommendation
+    from trainflow.trainers.recommendation.evaluation import plot_recommendation
 
     return plot_recommendation(report, out_dir)
 
@@ -76,10 +76,10 @@ PIPELINE = PipelineSpec(
     description="Recommenders (NCF family, SASRec) on MovieLens-style interactions, NCF protocol.",
     resolve_source=_resolve,
     split=_split,
-    family="trainers.recommendation.family:RecommendationFamily",
-    family_config="trainers.recommendation.config:RecommendationConfig",
+    family="trainflow.trainers.recommendation.family:RecommendationFamily",
+    family_config="trainflow.trainers.recommendation.config:RecommendationConfig",
     family_settings=family_settings,
-    serving="trainers.recommendation.serving:served_recommender",
+    serving="trainflow.trainers.recommendation.serving:served_recommender",
     evaluate=_evaluate,
     plot=_plot,
     baseline_name="ItemPop",

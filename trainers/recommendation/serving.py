@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.serving import ServedModel
+from trainflow.trainers.serving import ServedModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,8 +32,8 @@ class ServedRecommender(torch.nn.Module):
 
 def build_recommender(config: dict[str, Any]) -> torch.nn.Module:
     """The recommendation model described by an exported ``config.json`` (the one builder:
-    training and serving both call :func:`trainers.recommendation.models.build_model`)."""
-    from trainers.recommendation.models import build_model
+    training and serving both call :func:`trainflow.trainers.recommendation.models.build_model`)."""
+    from trainflow.trainers.recommendation.models import build_model
 
     fc, ec = config["family_config"], config["export_config"]
     return build_model(fc, int(ec["num_users"]), int(ec["num_items"]))
@@ -52,7 +52,7 @@ def _recommendation_example(manifest) -> tuple[tuple[torch.Tensor, ...], Any]:
 
 
 def served_recommender(state: dict[str, torch.Tensor], config: dict[str, Any], manifest, tmp_dir: str) -> ServedModel:
-    """The served model of an exported recommendation run (see :class:`trainers.serving.ServedModel`)."""
+    """The served model of an exported recommendation run (see :class:`trainflow.trainers.serving.ServedModel`)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 

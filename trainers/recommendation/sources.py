@@ -11,12 +11,18 @@ import dataclasses
 import posixpath
 from collections.abc import Callable, Iterator
 
-from tasks.datasets.sources import SourceNotFoundError, file_fingerprint, hash_parts, is_dir, url_stem
-from tasks.datasets.synthetic import READER_VERSION as SYNTHETIC_READER_VERSION
-from tasks.datasets.synthetic import check_generator, parse_synthetic_url, synthetic_generator
-from tasks.settings import Settings, redact_url
-from tasks.storage import filesystem
-from trainers.recommendation import movielens, synthetic
+from trainflow.tasks.datasets.sources import (
+    SourceNotFoundError,
+    file_fingerprint,
+    hash_parts,
+    is_dir,
+    url_stem,
+)
+from trainflow.tasks.datasets.synthetic import READER_VERSION as SYNTHETIC_READER_VERSION
+from trainflow.tasks.datasets.synthetic import check_generator, parse_synthetic_url, synthetic_generator
+from trainflow.tasks.settings import Settings, redact_url
+from trainflow.tasks.storage import filesystem
+from trainflow.trainers.recommendation import movielens, synthetic
 
 
 @dataclasses.dataclass

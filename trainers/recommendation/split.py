@@ -8,7 +8,7 @@ When the source is already an NCF split its test rows and negatives are used as 
 
 Memory is bounded by the number of users (a few arrays of per-user state) and one block of
 rows, never by the number of interactions: the raw data is streamed twice. Moved unchanged
-from ``tasks.sharding`` (sharder version 3): the same inputs give the same dataset version.
+from ``trainflow.tasks.sharding`` (sharder version 3): the same inputs give the same dataset version.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.settings import redact_url
-from tasks.sharding import ShardingConfig, ShardWriter, write_side_file
-from tasks.storage import Storage
-from trainers.recommendation.sources import RecommendationSource
+from trainflow.tasks.settings import redact_url
+from trainflow.tasks.sharding import ShardingConfig, ShardWriter, write_side_file
+from trainflow.tasks.storage import Storage
+from trainflow.trainers.recommendation.sources import RecommendationSource
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tasks.datasets.synthetic import ROWS_PER_BLOCK as _ROWS_PER_BLOCK
+from trainflow.tasks.datasets.synthetic import ROWS_PER_BLOCK as _ROWS_PER_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ class SyntheticRecommendation:
         """RecordBatches of (user_id, item_id, rating, timestamp), ids 1-based, by user block."""
         import pyarrow as pa
 
-        from trainers.recommendation.movielens import interaction_schema
+        from trainflow.trainers.recommendation.movielens import interaction_schema
 
         c = self.config
         block_of_user = np.cumsum(self.user_counts) // _ROWS_PER_BLOCK

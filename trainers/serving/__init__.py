@@ -1,6 +1,6 @@
 """Turn a finished training run into an MLflow pyfunc model a reviewer can load anywhere.
 
-The pipeline's serving function (:attr:`tasks.pipelines.PipelineSpec.serving`) rebuilds the
+The pipeline's serving function (:attr:`trainflow.tasks.pipelines.PipelineSpec.serving`) rebuilds the
 exported weights (``{run_dir}/model/``) into the served computation and says how it is
 called (:class:`ServedModel`). This driver traces it with ``torch.export`` (architecture and
 weights in one ``.pt2`` program, no Python class needed to load it) and logs it with the
@@ -8,7 +8,7 @@ pipeline's models-from-code pyfunc file, which needs only torch, numpy, pandas a
 Before returning, the logged model is loaded back and must reproduce the trained model's
 outputs on the input example.
 
-    python -m trainers.serving --run-dir file:///.../runs/dag/run --mlflow-run-id ID
+    python -m trainflow.trainers.serving --run-dir file:///.../runs/dag/run --mlflow-run-id ID
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.manifest import load_manifest
-from tasks.settings import Settings, get_settings
+from trainflow.tasks.manifest import load_manifest
+from trainflow.tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def table_served_model(module: torch.nn.Module, manifest, feature_columns: list[
 
 def pipeline_of(config: dict[str, Any]):
     """The pipeline spec an exported ``config.json`` belongs to."""
-    from tasks.pipelines import get_pipeline
+    from trainflow.tasks.pipelines import get_pipeline
 
     return get_pipeline(config.get("pipeline") or config["family"])
 
@@ -117,7 +117,7 @@ def log_serving_model(run_dir: str, mlflow_run_id: str, settings: Settings | Non
     import mlflow
     from mlflow.models import infer_signature
 
-    from trainers.loop import load_exported_model
+    from trainflow.trainers.loop import load_exported_model
 
     settings = settings or get_settings()
     state, config = load_exported_model(run_dir, settings)

@@ -1,5 +1,5 @@
 import sys
 
-from trainers.serving import main
+from trainflow.trainers.serving import main
 
 sys.exit(main())
