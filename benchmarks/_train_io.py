@@ -10,7 +10,7 @@ VARIANT (NeuMF on a committed recommendation dataset, one epoch, 1 torch thread 
 - ``trainer_memory``: :class:`trainflow.trainers.loop.Trainer` over the same pre-built batches (a family
   whose ``train_batches`` replays them): the loop's own overhead.
 - ``trainer_family``: the Trainer with the family's real data path (``train_batches``: the
-  in-memory split, sampling negatives per batch).
+  train split streamed by ShardLoader, negatives sampled in its transform).
 - ``hand_shardloader``: the hand-written loop fed by :class:`trainflow.trainers.loader.ShardLoader`
   (shards read and verified, negatives sampled in the loader's ``transform``), in process.
 - ``hand_shardloader_nw1``: the same with one DataLoader worker process making the batches
@@ -111,12 +111,12 @@ def shardloader_batches(family: RecommendationFamily, manifest, batch: int, work
     from trainflow.trainers.loader import ShardLoader
     from trainflow.trainers.recommendation.data import sample_negatives
 
-    keys, num_items, k = family._keys, family.num_items, family.config.num_negatives
+    positives, num_items, k = family.positives, family.num_items, family.config.num_negatives
 
     def transform(b, info):
         users = b["user_idx"].numpy().astype(np.int64)
         rng = np.random.default_rng(int(info.generator.initial_seed()))
-        negatives = sample_negatives(rng, users, k, keys, num_items)
+        negatives = sample_negatives(rng, users, k, positives, num_items)
         items = np.concatenate([b["item_idx"].numpy().astype(np.int64)[:, None], negatives], axis=1)
         return {"users": torch.from_numpy(users), "items": torch.from_numpy(items)}
 

@@ -50,6 +50,11 @@ class ModelFamily(abc.ABC):
         across ranks (the rest is replicated); default none (that parallelism is then refused)."""
         return []
 
+    def ddp_ignored(self, model: torch.nn.Module) -> list[str]:
+        """Names of parameters and buffers DDP must not synchronise (e.g. tables whose rows an
+        optimizer exchanges itself, constant buffers identical on every rank); default none."""
+        return []
+
     @abc.abstractmethod
     def num_train_samples(self, epoch: int) -> int:
         """Training samples in ``epoch`` across the whole world (for progress and ETA)."""

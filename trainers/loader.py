@@ -100,6 +100,24 @@ class _Unit:
     num_bytes: int = 0  # estimated from the shard's bytes per row
 
 
+def rank_rows(batch_index: int, batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The dealing rule (module docstring, step 2): rank ``rank``'s rows ``[lo, hi)`` of global
+    batch ``batch_index`` in the epoch's sequence. The one rule every batch path uses (the
+    loader and families that deal in-memory samples, e.g. SASRec's history windows)."""
+    lo = batch_index * batch_size * world_size + rank * batch_size
+    return lo, lo + batch_size
+
+
+def batches_per_rank(num_rows: int, batch_size: int, world_size: int, remainder: str = "drop") -> int:
+    """Batches each rank yields for ``num_rows`` rows (module docstring, step 3)."""
+    if remainder not in _REMAINDERS:
+        raise ValueError(f"remainder must be one of {_REMAINDERS}, got {remainder!r}")
+    g = batch_size * world_size
+    if remainder == "drop":
+        return num_rows // g
+    return -(-num_rows // g) if num_rows else 0
+
+
 class ShardLoader(IterableDataset):
     """Batches of ``split`` for one rank; see the module docstring for the layout.
 
@@ -210,10 +228,7 @@ class ShardLoader(IterableDataset):
 
     def num_batches(self) -> int:
         """Batches each rank yields per epoch."""
-        g = self.global_batch_rows
-        if self.remainder == "drop":
-            return self.num_rows // g
-        return -(-self.num_rows // g) if self.num_rows else 0
+        return batches_per_rank(self.num_rows, self.batch_size, self.world_size, self.remainder)
 
     def __len__(self) -> int:
         return self.num_batches()
@@ -306,12 +321,11 @@ class ShardLoader(IterableDataset):
         units = self._epoch_units(epoch)
         windows = self._windows(units)
         window_starts = np.cumsum([0] + [sum(u.num_rows for u in w) for w in windows])
-        g, b_rows = self.global_batch_rows, self.batch_size
         # Each batch is one or more (window, lo, hi, valid) pieces of the epoch's sequence.
         plans = []
         for b in indices:
-            lo = b * g + self.rank * b_rows
-            plans.append((b, self._pieces(lo, lo + b_rows, window_starts)))
+            lo, hi = rank_rows(b, self.batch_size, self.world_size, self.rank)
+            plans.append((b, self._pieces(lo, hi, window_starts)))
         needed: list[int] = []  # windows in the order they are used (a padded tail wraps to 0)
         for _, pieces in plans:
             for w, _, _, _ in pieces:
@@ -427,9 +441,10 @@ class _Window:
         self._permuted: dict[str, np.ndarray] = {}
 
     def views(self, name: str) -> list[np.ndarray] | None:
-        """Zero-copy NumPy views of column ``name``, one per row group, when it is plain
-        fixed-width data (numbers without nulls, fixed-size binaries as ``(rows, width)``
-        uint8); ``None`` for anything else (lists, strings, nulls, booleans...)."""
+        """NumPy views of column ``name``, one per row group, when it is plain fixed-width data
+        (zero-copy for numbers without nulls and fixed-size binaries as ``(rows, width)``
+        uint8; booleans without nulls unpacked once); ``None`` for anything else (lists,
+        strings, nulls...)."""
         if name not in self._views:
             views = []
             for table in self.tables:
@@ -490,6 +505,10 @@ def _fixed_width_view(column) -> np.ndarray | None:
     if arr is None or arr.null_count:
         return None
     typ = arr.type
+    if pa.types.is_boolean(typ):  # bit-packed: unpacked once per window (Arrow's take path cost
+        # ~130 ms per 4096-row batch from 131k-row windows; this, well under 1 ms)
+        bits = np.frombuffer(arr.buffers()[1], dtype=np.uint8)
+        return np.unpackbits(bits, bitorder="little")[arr.offset : arr.offset + len(arr)].view(np.bool_)
     if pa.types.is_fixed_size_binary(typ):
         width = typ.byte_width
         data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=len(arr) * width, offset=arr.offset * width)

@@ -60,7 +60,9 @@ from trainflow.trainers.distributed import (
 from trainflow.trainers.family import ModelFamily
 from trainflow.trainers.parallel import (
     SHARDED_EMBEDDINGS,
+    RowSparseAdamW,
     clip_grad_norm,
+    is_row_sparse,
     memory_bytes,
     wrap_sharded_embeddings,
 )
@@ -172,6 +174,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
+            ignored = family.ddp_ignored(model)
+            if ignored:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
             return DistributedDataParallel(model, device_ids=ids)
         if parallelism == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -192,6 +197,8 @@ class Trainer:
         # Row-sharded tables (DTensor) and replicated parameters in separate groups: the
         # foreach kernels do not mix DTensor and plain tensors.
         params = list(model.parameters())
+        if any(is_row_sparse(p) for p in params):  # tables whose rows the optimizer exchanges itself
+            return RowSparseAdamW(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         groups = [g for g in ([p for p in params if not _is_dtensor(p)], [p for p in params if _is_dtensor(p)]) if g]
         return cls([{"params": g} for g in groups], lr=self.config.learning_rate,
                    weight_decay=self.config.weight_decay)

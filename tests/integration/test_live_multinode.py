@@ -61,7 +61,7 @@ def test_two_nodes_train_one_model_through_the_scheduler(live_stack):
     assert "node 0 of 2: rendezvous 127.0.0.1:" in log0
     assert re.search(r"node 1 of 2: joining rendezvous 127\.0\.0\.1:\d+", log1)
 
-    # The data: each epoch's samples are dealt to the global ranks by rank_batches (disjoint
+    # The data: each epoch's samples are dealt to the global ranks by the loader's rank_rows (disjoint
     # and complete: tests/trainers/test_recommendation.py), so with the two ranks on two node tasks
     # one epoch is one pass over the split in global batches (both ranks step together): about
     # N / batch_size steps. Had each node read the whole split it would be twice that.

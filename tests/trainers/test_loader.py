@@ -283,3 +283,17 @@ def test_no_decoding_thread_outlives_the_iteration(toy_manifest):
     next(iterator)
     iterator.close()  # the consumer stops after one batch (break, exception, ...)
     assert prefetchers() == []
+
+
+def test_boolean_columns_match_the_shards_in_order(toy_manifest):
+    """Booleans are bit-packed in Arrow: the loader unpacks them once per window."""
+    expected = toy_manifest.read_table("train", columns=["is_valid", "user_idx"])
+    loader = ShardLoader(toy_manifest, "train", 100, columns=["is_valid", "user_idx"], shuffle=False,
+                         remainder="pad")
+    batches = list(loader)
+    mask = torch.cat([b["sample_mask"] for b in batches])
+    flags = torch.cat([b["is_valid"] for b in batches])[mask]
+    assert flags.dtype == torch.bool and flags.any() and not flags.all()
+    assert flags.tolist() == expected.column("is_valid").to_pylist()
+    users = torch.cat([b["user_idx"] for b in batches])[mask]
+    assert users.tolist() == expected.column("user_idx").to_pylist()

@@ -34,6 +34,13 @@ class RecommendationConfig:
     """SASRec: longest history the model attends to; longer histories are cut into windows
     so that every training positive is still seen once per epoch."""
 
+    history_windows: int = 16
+    """SASRec: windows of ``max_seq_len`` targets trained per user and epoch at most: the family
+    keeps each user's latest ``history_windows * max_seq_len + 2`` train items (a table of
+    ``num_users`` rows, whatever the number of interactions); older interactions of longer
+    histories are not training targets. 16 x 50 covers every ML-100K history (at most 736
+    targets) and the median ML-25M one."""
+
     hidden_size: int = 64
     """SASRec: item/position embedding and transformer width."""
 
@@ -60,6 +67,12 @@ class RecommendationConfig:
     pretrain_alpha: float = 0.5
     """NeuMF with pre-training: weight of the GMF head in the combined output layer."""
 
+    row_sparse_updates: bool = False
+    """Embedding tables get sparse gradients and :class:`~trainflow.trainers.parallel.RowSparseAdamW`:
+    each step exchanges (between ranks) and updates only the rows it looked up, so its cost
+    follows the batch, not the table ("lazy" Adam: untouched rows keep their moments). Under
+    DDP the tables are left out of DDP's all-reduce. Not with ``fsdp`` / ``sharded_embeddings``."""
+
     eval_k: int = 10
     """Cut-off K of HR@K and NDCG@K (metric keys ``hr_at_K``, ``ndcg_at_K``)."""
 
@@ -73,7 +86,7 @@ class RecommendationConfig:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         object.__setattr__(self, "mlp_layers", tuple(int(v) for v in self.mlp_layers))
-        for name in ("gmf_factors", "max_seq_len", "hidden_size", "num_blocks", "num_heads", "eval_k", "eval_batch_size"):
+        for name in ("gmf_factors", "max_seq_len", "history_windows", "hidden_size", "num_blocks", "num_heads", "eval_k", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_negatives < 1:

@@ -1,20 +1,28 @@
 """The recommendation model family: NCF (GMF, MLP, NeuMF) and SASRec on implicit feedback.
 
-Training (what :class:`RecommendationFamily` gives the generic loop):
+Training (what :class:`RecommendationFamily` gives the generic loop). No rank holds the train
+split: what the models need beyond a batch is kept in memory bounded by the number of users
+(:mod:`trainflow.trainers.recommendation.data`, built by one streaming pass when the family starts).
 
-* NCF: a sample is one training interaction (user, item); its batch row holds the positive
-  and ``num_negatives`` sampled items (``items[:, 0]`` is the positive), BCE over all.
+* NCF: a sample is one training interaction (user, item), streamed by
+  :class:`~trainflow.trainers.loader.ShardLoader` (its dealing rule, its shuffle by (seed, epoch), its
+  resumable position); the loader's transform drops the padding and, unless
+  ``train_on_valid``, the ``is_valid`` rows, and adds ``num_negatives`` items sampled among
+  those the user has no positive with (a fixed-size Bloom filter of the training pairs):
+  ``items[:, 0]`` is the positive, BCE over all.
 * SASRec: a sample is a window of up to ``max_seq_len`` consecutive interactions of one user
-  in time order (long histories are cut into windows from the end, so each interaction but
-  the user's first, which has no history, is a target exactly once per epoch); at each
-  position the next item is the positive, with
-  ``num_negatives`` sampled items, BCE over the real (non-padding) positions.
+  in time order, cut from the end of the user's latest ``history_windows * max_seq_len + 1``
+  train items (a table of ``num_users`` rows): each of those interactions but the first,
+  which has no history, is a target exactly once per epoch; older ones of very long
+  histories are not trained on. At each position the next item is the positive, with
+  ``num_negatives`` sampled items, BCE over the real (non-padding) positions. The windows are
+  shuffled by (seed, epoch) and dealt by the loader's rule
+  (:func:`~trainflow.trainers.loader.rank_rows`, the tail padded: smaller last batches).
 
-Samples are shuffled by (seed, epoch), identically on every rank, then dealt to ranks by
-:func:`~trainflow.trainers.recommendation.data.rank_batches`: every positive is covered exactly once
-per epoch across the world and every rank yields the same number of batches. Negatives are
-drawn per batch from a generator seeded by (seed, epoch, rank, batch index), so resuming
-with ``skip_batches`` reproduces the rest of the epoch without replaying it.
+Every positive is covered exactly once per epoch across the world and every rank yields the
+same number of batches. Negatives are drawn per batch from a generator seeded by (seed, epoch,
+rank, batch index), so resuming with ``skip_batches`` reproduces the rest of the epoch without
+replaying it.
 
 Evaluation follows the NCF protocol: each user's held-out item is ranked among its 99
 sampled negatives (the split's ``neg_item_idx``); ties count against the positive
@@ -40,7 +48,13 @@ import numpy as np
 from trainflow.tasks.metrics import rank_of_positive, ranking_metrics
 from trainflow.trainers.family import ModelFamily
 from trainflow.trainers.recommendation.config import RecommendationConfig
-from trainflow.trainers.recommendation.data import Interactions, rank_batches, sample_negatives
+from trainflow.trainers.recommendation.data import (
+    UserHistories,
+    history_windows,
+    sample_negatives,
+    scan_train,
+    table_sizes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -67,8 +81,6 @@ class RecommendationFamily(ModelFamily):
         config: The family's config.
         manifest: A committed ``recommendation`` dataset version.
         world: This process's rank information.
-        interactions: The train split already in memory (tests); read from ``manifest`` if
-            omitted.
 
     Raises:
         ValueError: the manifest is not a recommendation dataset.
@@ -76,29 +88,24 @@ class RecommendationFamily(ModelFamily):
 
     name = "recommendation"
 
-    def __init__(
-        self,
-        config: RecommendationConfig,
-        manifest: Manifest | None,
-        world: World,
-        interactions: Interactions | None = None,
-        holdouts: dict[str, dict[str, np.ndarray]] | None = None,
-    ) -> None:
+    def __init__(self, config: RecommendationConfig, manifest: Manifest, world: World) -> None:
         super().__init__(config, manifest, world)
-        if manifest is not None and manifest.kind != "recommendation":
+        if manifest is None:
+            raise ValueError("RecommendationFamily needs a manifest")
+        if manifest.kind != "recommendation":
             raise ValueError(f"manifest {manifest.uri} is a {manifest.kind!r} dataset, expected 'recommendation'")
-        if interactions is None and manifest is None:
-            raise ValueError("RecommendationFamily needs a manifest or interactions")
         self.config: RecommendationConfig = config
-        self.all_interactions = interactions if interactions is not None else Interactions.from_manifest(manifest)
-        self.num_users = self.all_interactions.num_users
-        self.num_items = self.all_interactions.num_items
-        self.train = self.all_interactions.select(config.train_on_valid)
-        self._keys = self.train.positive_keys()
-        self._holdouts: dict[str, dict[str, np.ndarray]] = dict(holdouts or {})
-        self._histories: dict[str, np.ndarray] = {}
+        self.num_users, self.num_items = table_sizes(manifest)
+        keep = config.history_windows * config.max_seq_len + 2 if config.model == "sasrec" else 0
+        scan = scan_train(manifest, include_valid=config.train_on_valid, history_keep=keep)
+        self.positives = scan.positives
+        self.histories: UserHistories | None = scan.histories
+        self.scan_rows = scan.rows_read
+        self._holdouts: dict[str, dict[str, np.ndarray]] = {}
+        self._history_tables: dict[str, np.ndarray] = {}
         if config.model == "sasrec":
-            self._windows = self._make_windows(self.train, config.max_seq_len)
+            self._sequences = self.histories.sequences(config.train_on_valid)
+            self._windows = history_windows((self._sequences > 0).sum(axis=1), config.max_seq_len)
         if config.train_on_valid:
             log.warning("train_on_valid=True: the valid items are training positives, so 'valid' metrics leak")
 
@@ -117,6 +124,10 @@ class RecommendationFamily(ModelFamily):
         model = build_model(c, self.num_users, self.num_items)
         if c.model == "neumf" and c.pretrained_gmf and c.pretrained_mlp:
             model.load_pretrained(_load_state(c.pretrained_gmf), _load_state(c.pretrained_mlp), c.pretrain_alpha)
+        if c.row_sparse_updates:
+            from trainflow.trainers.parallel import mark_row_sparse
+
+            mark_row_sparse(model.embedding_modules())
         if c.model != "sasrec":
             return model
         # What an exported model serves from: every known interaction, the valid one included.
@@ -132,23 +143,33 @@ class RecommendationFamily(ModelFamily):
         ``parallelism='sharded_embeddings'``."""
         return list(unwrap(model).embedding_modules())
 
-    # --- training data -------------------------------------------------------------------
-    @staticmethod
-    def _make_windows(train: Interactions, max_len: int) -> np.ndarray:
-        """``(n, 3)`` (user, start, end): targets are the user's interactions [start, end)."""
-        off = train.user_offsets
-        rows = []
-        for user in range(train.num_users):
-            end = int(off[user + 1] - off[user])
-            while end > 1:
-                start = max(1, end - max_len)
-                rows.append((user, start, end))
-                end = start
-        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    def ddp_ignored(self, model: torch.nn.Module) -> list[str]:
+        """The row-sparse tables (their rows are exchanged by :class:`~trainflow.trainers.parallel.RowSparseAdamW`)
+        and SASRec's ``histories`` buffer (the same on every rank: DDP would broadcast all
+        ``num_users x max_seq_len`` of it before every training step)."""
+        from trainflow.trainers.parallel import is_row_sparse
 
+        names = [name for name, p in unwrap(model).named_parameters() if is_row_sparse(p)]
+        return names + [name for name, _ in unwrap(model).named_buffers() if name.endswith("histories")]
+
+    # --- training data -------------------------------------------------------------------
     def num_train_samples(self, epoch: int) -> int:
         """Training interactions (NCF) or history windows (SASRec) per epoch, world-wide."""
-        return len(self._windows) if self.is_sequential else len(self.train.users)
+        if self.is_sequential:
+            return len(self._windows)
+        valid_rows = 0 if self.config.train_on_valid else self.manifest.num_rows("valid")
+        return self.manifest.num_rows("train") - valid_rows
+
+    def train_loader(self, batch_size: int):
+        """NCF: the :class:`~trainflow.trainers.loader.ShardLoader` of this rank's training batches (the
+        train split streamed, ``remainder='pad'`` so every interaction is covered exactly once;
+        padding and, unless ``train_on_valid``, the ``is_valid`` rows are dropped from the batch
+        in the transform, which also samples the negatives)."""
+        from trainflow.trainers.loader import ShardLoader
+
+        return ShardLoader(self.manifest, "train", batch_size, world=self.world,
+                           columns=["user_idx", "item_idx", "is_valid"], seed=self.config.seed,
+                           remainder="pad", transform=self._pair_transform)
 
     def train_batches(self, epoch: int, batch_size: int, skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of ``epoch`` (see the module docstring for the layout).
@@ -159,32 +180,48 @@ class RecommendationFamily(ModelFamily):
         """
         import torch
 
-        num = self.num_train_samples(epoch)
+        if not self.is_sequential:
+            loader = self.train_loader(batch_size)
+            loader.load_state_dict({"epoch": epoch, "position": skip_batches})
+            yield from loader
+            return
+        from trainflow.trainers.loader import batches_per_rank, rank_rows
+
+        num = len(self._windows)
         order = np.random.default_rng([self.config.seed, epoch]).permutation(num)
-        batches = rank_batches(num, batch_size, self.world.world_size, self.world.rank, order)
-        for index in range(skip_batches, len(batches)):
-            rng = np.random.default_rng([self.config.seed, epoch, self.world.rank, index])
-            arrays = self._sequence_batch(batches[index], rng) if self.is_sequential else self._pair_batch(batches[index], rng)
+        world, rank = self.world.world_size, self.world.rank
+        for index in range(skip_batches, batches_per_rank(num, batch_size, world, "pad")):
+            lo, hi = rank_rows(index, batch_size, world, rank)
+            rng = np.random.default_rng([self.config.seed, epoch, rank, index])
+            arrays = self._sequence_batch(order[lo:min(hi, num)], rng)
             yield {key: torch.from_numpy(value) for key, value in arrays.items()}
 
-    def _pair_batch(self, idx: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        users = self.train.users[idx]
-        negatives = sample_negatives(rng, users, self.config.num_negatives, self._keys, self.num_items)
-        return {"users": users, "items": np.concatenate([self.train.items[idx][:, None], negatives], axis=1)}
+    def _pair_transform(self, batch: dict[str, Any], info) -> dict[str, torch.Tensor]:
+        import torch
+
+        keep = batch["sample_mask"].numpy()
+        if not self.config.train_on_valid:
+            keep = keep & ~batch["is_valid"].numpy()
+        users = batch["user_idx"].numpy()[keep].astype(np.int64)
+        rng = np.random.default_rng(int(info.generator.initial_seed()))
+        negatives = sample_negatives(rng, users, self.config.num_negatives, self.positives, self.num_items)
+        items = np.concatenate([batch["item_idx"].numpy()[keep].astype(np.int64)[:, None], negatives], axis=1)
+        return {"users": torch.from_numpy(users), "items": torch.from_numpy(items)}
 
     def _sequence_batch(self, idx: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         length, k = self.config.max_seq_len, self.config.num_negatives
         windows = self._windows[idx]
-        off = self.train.user_offsets
-        seq = np.zeros((len(idx), length), dtype=np.int64)
-        pos = np.zeros((len(idx), length), dtype=np.int64)
-        for row, (user, start, end) in enumerate(windows):
-            items = self.train.items[off[user] : off[user + 1]]
-            n = end - start
-            seq[row, length - n :] = items[start - 1 : end - 1] + 1
-            pos[row, length - n :] = items[start:end] + 1
-        users = np.repeat(windows[:, 0], length)
-        neg = sample_negatives(rng, users, k, self._keys, self.num_items).reshape(len(idx), length, k) + 1
+        users, start, end = windows[:, 0], windows[:, 1], windows[:, 2]
+        table = self._sequences
+        width = table.shape[1]
+        n = (table[users] > 0).sum(axis=1)
+        cols = np.arange(length)[None, :]
+        real = cols >= (length - (end - start))[:, None]
+        pos_cols = (width - n + end - length)[:, None] + cols  # output column c <- sequence position end-L+c
+        pos = np.where(real, table[users[:, None], np.clip(pos_cols, 0, width - 1)], 0).astype(np.int64)
+        seq = np.where(real, table[users[:, None], np.clip(pos_cols - 1, 0, width - 1)], 0).astype(np.int64)
+        flat_users = np.repeat(users, length)
+        neg = sample_negatives(rng, flat_users, k, self.positives, self.num_items).reshape(len(idx), length, k) + 1
         neg[pos == 0] = 0
         return {"seq": seq, "pos": pos, "neg": neg}
 
@@ -227,10 +264,11 @@ class RecommendationFamily(ModelFamily):
         return self._holdouts[split]
 
     def _history_table(self, split: str) -> np.ndarray:
-        if split not in self._histories:
-            known = self.all_interactions.select(include_valid=split == "eval")
-            self._histories[split] = known.histories(self.config.max_seq_len)
-        return self._histories[split]
+        """``(num_users, max_seq_len)`` int32 histories as of ``split``'s time (``eval``: the
+        valid item included)."""
+        if split not in self._history_tables:
+            self._history_tables[split] = self.histories.latest(self.config.max_seq_len, include_valid=split == "eval")
+        return self._history_tables[split]
 
     def score(self, model: torch.nn.Module, split: str, users: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """Scores (n, C) of ``candidates`` (item_idx) for ``users`` as of ``split``'s time."""
@@ -259,19 +297,38 @@ class RecommendationFamily(ModelFamily):
     def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
         """``hr_at_K``, ``ndcg_at_K``, ``mrr`` and ``loss`` (BCE over the candidates) on ``split``.
 
-        Every rank scores every user (the splits hold one row per user), so the numbers are
-        identical on all ranks and the forward passes stay in step under DDP/FSDP.
+        The users are split across the ranks (contiguous slices of ``ceil(n / world)`` rows,
+        the last padded by repeating its last user so every rank runs the same forward passes,
+        which FSDP's gathers need); each rank scores its slice and the per-user rank of the
+        positive and BCE are all-gathered, so the numbers are identical on all ranks.
         """
         data = self.holdout(split)
-        scores = self.score(model, split, data["users"], data["candidates"])
-        ranks = rank_of_positive(scores[:, 0], scores[:, 1:])
-        metrics = ranking_metrics(ranks, self.config.eval_k)
-        labels = np.zeros_like(scores, dtype=np.float64)
-        labels[:, 0] = 1.0
+        n = len(data["users"])
+        world, rank = self.world.world_size, self.world.rank
+        split_ranks = world > 1 and _process_group_ready() and n > 0
+        if split_ranks:
+            per = -(-n // world)
+            rows = np.minimum(np.arange(rank * per, (rank + 1) * per), n - 1)
+        else:
+            rows = np.arange(n)
+        scores = self.score(model, split, data["users"][rows], data["candidates"][rows])
+        ranks = rank_of_positive(scores[:, 0], scores[:, 1:]).astype(np.float64)
         x = scores.astype(np.float64)
-        bce = np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))
-        metrics["loss"] = float(bce.mean())
-        metrics["num_users"] = float(len(ranks))
+        labels = np.zeros_like(x)
+        labels[:, 0] = 1.0
+        bce = (np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))).mean(axis=1) if x.size else x[:, 0]
+        if split_ranks:
+            import torch
+            import torch.distributed as dist
+
+            mine = torch.from_numpy(np.stack([ranks, bce], axis=1))
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine)
+            both = torch.cat(parts).numpy()[:n]
+            ranks, bce = both[:, 0], both[:, 1]
+        metrics = ranking_metrics(ranks.astype(np.int64), self.config.eval_k)
+        metrics["loss"] = float(bce.mean()) if n else float("nan")
+        metrics["num_users"] = float(n)
         return metrics
 
     def selection_metric(self) -> tuple[str, str]:
@@ -293,6 +350,12 @@ class RecommendationFamily(ModelFamily):
             "manifest_uri": self.manifest.uri if self.manifest is not None else None,
             "config": self.config.to_dict(),
         }
+
+
+def _process_group_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
