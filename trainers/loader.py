@@ -103,7 +103,7 @@ class _Unit:
 def rank_rows(batch_index: int, batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
     """The dealing rule (module docstring, step 2): rank ``rank``'s rows ``[lo, hi)`` of global
     batch ``batch_index`` in the epoch's sequence. The one rule every batch path uses (the
-    loader and families that deal in-memory samples, e.g. SASRec's history windows)."""
+    loader and families that deal in-memory samples, e.g. a sequence model's history windows)."""
     lo = batch_index * batch_size * world_size + rank * batch_size
     return lo, lo + batch_size
 
