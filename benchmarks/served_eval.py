@@ -1,0 +1,61 @@
+"""Time the DAG's ``register``-side export and its ``evaluate`` task's scoring of the *served*
+recommender (the logged pyfunc, as ``trainflow.tasks.evaluation.evaluate_step`` loads it) on a
+dataset's ``eval`` split.
+
+    TRAINFLOW_DATA_DIR=/tmp/x .venv/bin/python -m benchmarks.served_eval --run-dir file:///.../run
+
+Prints one JSON line: export seconds, evaluate seconds, rows scored, the headline metrics and the
+process's peak RSS. MLflow is the settings' tracking URI (default: a SQLite file under
+``TRAINFLOW_DATA_DIR``); a fresh MLflow run holds the logged model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True, help="an exported training run (its model/ folder)")
+    parser.add_argument("--split", default="eval")
+    args = parser.parse_args(argv)
+
+    import mlflow
+
+    from trainflow.tasks.evaluation import load_predictor
+    from trainflow.tasks.manifest import load_manifest
+    from trainflow.tasks.settings import get_settings
+    from trainflow.trainers.loop import load_exported_model
+    from trainflow.trainers.serving import log_serving_model, pipeline_of
+
+    settings = get_settings()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_experiment("served-eval-benchmark")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    started = time.perf_counter()
+    logged = log_serving_model(args.run_dir, run_id, settings)
+    export_s = time.perf_counter() - started
+    _, config = load_exported_model(args.run_dir, settings)
+    spec = pipeline_of(config)
+    manifest = load_manifest(config["train_config"]["manifest_uri"], settings)
+    predict = load_predictor(logged["model_uri"], settings.mlflow_tracking_uri)
+    started = time.perf_counter()
+    report = spec.evaluate(manifest, predict, split=args.split)
+    evaluate_s = time.perf_counter() - started
+    metrics = report["metrics"]
+    rows = manifest.read_table(args.split).num_rows
+    print(json.dumps({
+        "run_dir": args.run_dir, "split": args.split, "users": report["num_users"],
+        "export_s": round(export_s, 1), "evaluate_s": round(evaluate_s, 1),
+        "hr_at_10": metrics.get("hr_at_10"), "ndcg_at_10": metrics.get("ndcg_at_10"),
+        "rows": rows, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
