@@ -1,10 +1,10 @@
-"""Time the DAG's ``register``-side export and its ``evaluate`` task's scoring of the *served*
+"""(A helper, not a benchmark case: it needs a trained run.) Time the DAG's export and its
 recommender (the logged pyfunc, as ``trainflow.tasks.evaluation.evaluate_step`` loads it) on a
 dataset's ``eval`` split.
 
-    TRAINFLOW_DATA_DIR=/tmp/x .venv/bin/python -m benchmarks.served_eval --run-dir file:///.../run
+    TRAINFLOW_DATA_DIR=/tmp/x .venv/bin/python -m benchmarks._served_eval --run-dir file:///.../run
     # only the scoring of the first N users' eval candidates, by an already logged model:
-    .venv/bin/python -m benchmarks.served_eval --run-dir file:///.../run --model-uri PATH --users 1000
+    .venv/bin/python -m benchmarks._served_eval --run-dir file:///.../run --model-uri PATH --users 1000
 
 Prints one JSON line: export seconds, evaluate seconds, rows scored, the headline metrics and the
 process's peak RSS. MLflow is the settings' tracking URI (default: a SQLite file under
