@@ -1,5 +1,5 @@
-"""Time the DAG's export and its ``evaluate`` task's scoring of the *served* recommender (the logged pyfunc, as ``trainflow.tasks.evaluation.evaluate_step`` loads it) on a
-dataset's ``eval`` split. A helper, not a benchmark case (it needs a trained run).
+"""Time the DAG's export and its ``evaluate`` task's scoring of the *served* recommender (the
+logged pyfunc, as ``trainflow.tasks.evaluation.evaluate_step`` loads it) on a dataset's ``eval`` split. A helper, not a benchmark case (it needs a trained run).
 
     TRAINFLOW_DATA_DIR=/tmp/x .venv/bin/python -m benchmarks._served_eval --run-dir file:///.../run
     # only the scoring of the first N users' eval candidates, by an already logged model:
