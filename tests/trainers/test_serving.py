@@ -15,6 +15,7 @@ import urllib.request
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -320,3 +321,87 @@ def test_the_scoring_server_answers_unknown_users_explicitly_and_validates_top_k
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, 9)
+
+
+class _CountingProgram:
+    """Wraps an exported program; counts the user rows (encodings) it was asked for."""
+
+    def __init__(self, program) -> None:
+        self.program, self.encodings, self.calls = program, 0, 0
+
+    def __call__(self, users, items):
+        assert items.dim() == 2 and len(users) == len(items)
+        self.encodings += len(users)
+        self.calls += 1
+        return self.program(users, items)
+
+
+@pytest.mark.parametrize("model", ["sasrec", "neumf"])
+def test_served_recommender_encodes_each_user_once_per_request(model, monkeypatch):
+    """The pyfunc groups a request's rows by user: the exported ``(users, candidates)`` program
+    encodes each user once (not once per row), and the scores equal the module's per-pair
+    scores in the input's order, with unknown users/items answered as before."""
+    import importlib.util
+
+    from trainflow.trainers.recommendation.models import build_model
+    from trainflow.trainers.recommendation.serving import ServedRecommender
+
+    torch.manual_seed(0)
+    fields = {"model": model, "max_seq_len": 6, "hidden_size": 8, "num_blocks": 1, "num_heads": 1, "dropout": 0.0,
+              "gmf_factors": 4, "mlp_layers": [8, 4]}
+    num_users, num_items = 7, 30
+    net = build_model(fields, num_users, num_items)
+    if model == "sasrec":
+        net.histories.copy_(torch.randint(0, num_items + 1, (num_users, 6), dtype=torch.int32))
+    module = ServedRecommender(net, model == "sasrec").eval()
+    batch, candidates = torch.export.Dim("batch", min=1), torch.export.Dim("candidates", min=1)
+    example = (torch.arange(4), torch.arange(12).reshape(4, 3))
+    program = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch, 1: candidates})).module()
+
+    spec = importlib.util.spec_from_file_location("served_pyfunc", os.path.join(
+        os.path.dirname(__file__), "..", "..", "trainers", "recommendation", "pyfunc.py"))
+    pyfunc = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(mlflow.models, "set_model", lambda model: None)
+    spec.loader.exec_module(pyfunc)
+    served = pyfunc.TrainflowRecommender()
+    served.program = _CountingProgram(program)
+    served.user_ids = np.arange(100, 100 + num_users)  # ids are not indices
+    served.item_ids = np.arange(500, 500 + num_items)
+    served.popularity = np.linspace(0.1, 0.9, num_items) / 15
+    served.batch = 40
+
+    rng = np.random.default_rng(0)
+    counts = [101, 101, 3, 1, 57, 101, 20]  # uneven, as a mixed request
+    users = np.concatenate([np.full(c, u) for u, c in enumerate(counts)])
+    items = rng.integers(0, num_items, len(users))
+    shuffle = rng.permutation(len(users))  # rows of a user are interleaved with others'
+    users, items = users[shuffle], items[shuffle]
+    user_ids, item_ids = served.user_ids[users], served.item_ids[items]
+    user_ids[:3] = 999  # unknown users: the popularity fallback
+    item_ids[3] = 10_000  # an unknown item: the lowest score
+
+    got = served.predict(None, pd.DataFrame({"user_id": user_ids, "item_id": item_ids}))
+    with torch.no_grad():
+        expected = module(torch.from_numpy(users), torch.from_numpy(items)).numpy().astype(np.float64)
+    known = np.arange(len(users)) >= 4
+    np.testing.assert_allclose(got[known], expected[known], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:3], served.popularity[items[:3]])
+    assert got[3] == pyfunc.LOWEST
+    # One encoding per user and chunk of candidates, not one per row (383 rows here).
+    known_counts = np.bincount(users[known], minlength=num_users)
+    width = pyfunc._chunk_width(known_counts[known_counts > 0])
+    assert served.program.encodings == sum(-(-c // width) for c in known_counts) < len(users) / 10
+    assert served.program.calls > 1  # batched: at most served.batch cells a call
+
+
+def test_chunk_width_avoids_padding_for_even_requests(monkeypatch):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("served_pyfunc_width", os.path.join(
+        os.path.dirname(__file__), "..", "..", "trainers", "recommendation", "pyfunc.py"))
+    pyfunc = module_from_spec(spec)
+    monkeypatch.setattr(mlflow.models, "set_model", lambda model: None)
+    spec.loader.exec_module(pyfunc)
+    assert pyfunc._chunk_width(np.full(50, 101)) == 101  # an evaluation request: no padding
+    assert pyfunc._chunk_width(np.full(50, 1)) == 1
+    assert pyfunc._chunk_width(np.asarray([24_000])) == 4096  # a top-K request: at most 4096 wide

@@ -2,6 +2,8 @@
 with the model and needs only torch, numpy, pandas and mlflow to load; no trainflow).
 
 Input: a DataFrame with integer columns ``user_id`` and ``item_id`` (the source data's ids).
+Rows are scored grouped by user: each user is encoded once per request (SASRec: one pass over
+its history) and all its rows are scored from that encoding; the answer keeps the input order.
 
 * Scoring (``user_id`` and ``item_id``): one float score per row, higher is better. A user the
   model never saw (cold start) is scored by the fallback below (the item's share of the
@@ -43,19 +45,42 @@ class TrainflowRecommender(mlflow.pyfunc.PythonModel):
         return pos.astype(np.int64), known
 
     def _score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        import torch
-
         out = np.full(len(users), LOWEST, dtype=np.float64)
         u_idx, u_known = self._index(self.user_ids, users)
         i_idx, i_known = self._index(self.item_ids, items)
         rows = np.flatnonzero(u_known & i_known)
         cold = np.flatnonzero(~u_known & i_known)  # an unknown user: the popularity fallback
         out[cold] = self.popularity[i_idx[cold]]
+        if len(rows):
+            out[rows] = self._score_grouped(u_idx[rows], i_idx[rows])
+        return out
+
+    def _score_grouped(self, u_idx: np.ndarray, i_idx: np.ndarray) -> np.ndarray:
+        """Scores of known (user, item) index pairs. The program takes ``(users (B,),
+        candidates (B, C))`` and encodes each user once (SASRec: one pass over its history),
+        so the rows are grouped by user into chunks of ``width`` candidates (padding ignored)."""
+        import torch
+
+        order = np.argsort(u_idx, kind="stable")
+        sorted_users = u_idx[order]
+        starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+        counts = np.diff(np.r_[starts, len(order)])
+        width = _chunk_width(counts)
+        chunks_per_user = -(-counts // width)
+        position = np.arange(len(order)) - np.repeat(starts, counts)  # the row's place in its user's run
+        chunk = np.repeat(np.cumsum(chunks_per_user) - chunks_per_user, counts) + position // width
+        column = position % width
+        chunk_users = np.repeat(sorted_users[starts], chunks_per_user)
+        grid = np.zeros((len(chunk_users), width), dtype=np.int64)
+        grid[chunk, column] = i_idx[order]
+        scores = np.empty(grid.shape, dtype=np.float32)
+        step = max(1, self.batch // width)
         with torch.no_grad():
-            for lo in range(0, len(rows), self.batch):
-                sel = rows[lo : lo + self.batch]
-                scores = self.program(torch.from_numpy(u_idx[sel]), torch.from_numpy(i_idx[sel]))
-                out[sel] = scores.float().numpy()
+            for lo in range(0, len(grid), step):
+                got = self.program(torch.from_numpy(chunk_users[lo : lo + step]), torch.from_numpy(grid[lo : lo + step]))
+                scores[lo : lo + step] = got.float().numpy()
+        out = np.empty(len(order), dtype=np.float64)
+        out[order] = scores[chunk, column]
         return out
 
     def predict(self, context, model_input, params=None):
@@ -78,6 +103,18 @@ class TrainflowRecommender(mlflow.pyfunc.PythonModel):
                 )
             )
         return pd.concat(rows, ignore_index=True)
+
+
+def _chunk_width(counts: np.ndarray, widest: int = 4096, encoding_cost: int = 32) -> int:
+    """Candidates per program row for users with ``counts`` rows each: the width that minimises
+    ``encoding_cost`` per user chunk (one encoding) plus one per scored cell (padding included),
+    among the widest count (no padding when every user has as many rows, e.g. an evaluation's
+    1 + 100 candidates) and the powers of two, at most ``widest``."""
+    options = {int(min(counts.max(), widest))} | {1 << p for p in range(13) if 1 << p <= widest}
+    def cost(width: int) -> int:
+        chunks = int((-(-counts // width)).sum())
+        return chunks * encoding_cost + chunks * width
+    return min(sorted(options), key=cost)
 
 
 mlflow.models.set_model(TrainflowRecommender())
