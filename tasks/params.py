@@ -20,6 +20,7 @@ APPROVAL_MODES = ("auto", "always", "never")
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 LAUNCHERS = ("local", "kubernetes")
+SCHEDULES = ("constant", "cosine", "linear")  # trainflow.trainers.config.SCHEDULES (tests/tasks/test_params.py)
 KUBERNETES_JOB_KINDS = ("trainjob", "pytorchjob")
 ENDPOINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9.\-]*:[0-9]{1,5}$"
 REGISTERED_MODEL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\- ()]*$"
@@ -55,6 +56,9 @@ def param_specs(pipeline: Any) -> dict[str, dict[str, Any]]:
     specs = _common_specs()
     specs["registered_model_name"]["default"] = spec.registered_model_name
     specs["promotion_metric"]["default"] = spec.promotion_metric
+    for key in ("lr_schedule", "warmup_steps"):  # the pipeline's tuned training settings
+        if key in spec.train_defaults:
+            specs[key]["default"] = spec.train_defaults[key]
     specs["promotion_metric"]["schema"] = {"type": "string", "enum": list(spec.promotion_metrics)}
     for key, override in spec.params.items():
         unknown = set(override) - {"default", "schema", "description", "title"}
@@ -113,6 +117,19 @@ def _common_specs() -> dict[str, dict[str, Any]]:
         ),
         "learning_rate": _spec(
             0.001, {"type": "number", "exclusiveMinimum": 0, "maximum": 10}, "Adam learning rate.", "Learning rate"
+        ),
+        "lr_schedule": _spec(
+            "constant",
+            {"type": "string", "enum": list(SCHEDULES)},
+            "Learning-rate schedule after the warmup: constant, cosine (down to 10 % of the peak at the last "
+            "step) or linear (down to 0). The default is the pipeline's own.",
+            "Learning-rate schedule",
+        ),
+        "warmup_steps": _spec(
+            0,
+            {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+            "Optimizer steps of linear warmup from 0 to the learning rate. The default is the pipeline's own.",
+            "Warmup steps",
         ),
         "nnodes": _spec(
             1,

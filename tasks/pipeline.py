@@ -310,6 +310,8 @@ def run_config(
         "epochs": values["epochs"],
         "batch_size": values["batch_size"],
         "learning_rate": values["learning_rate"],
+        "lr_schedule": values["lr_schedule"],
+        "warmup_steps": values["warmup_steps"],
         "parallelism": values["parallelism"],
         "device": values["device"],
         "precision": values["precision"],

@@ -163,3 +163,35 @@ def test_checkpoint_every_minutes_reaches_the_trainer_config():
         with pytest.raises(ParamError, match=match) as err:
             validate_params({"checkpoint_every_minutes": bad}, "driving", cpu_count=2)
         assert err.value.field == "checkpoint_every_minutes"
+
+
+def test_the_learning_rate_schedule_is_a_param_whose_default_is_the_pipelines_own():
+    """lr_schedule / warmup_steps reach the trainer's config; the default is what the pipeline
+    tuned (driving: cosine after 50 warmup steps; recommendation: constant), so a conf written
+    before means what it meant."""
+    from trainflow.tasks.params import SCHEDULES
+    from trainflow.tasks.pipeline import run_config
+    from trainflow.trainers import config as trainer_config
+    from trainflow.trainers.config import TrainConfig
+
+    assert SCHEDULES == trainer_config.SCHEDULES
+    dataset = {"manifest_uri": "file:///data/_manifest.json", "version": "v"}
+
+    def train(conf, pipeline):
+        values = validate_params(conf, pipeline, cpu_count=2)
+        config = run_config(pipeline, values, dataset, run_dir="file:///runs/x", dag_id="d", run_id="r",
+                            settings=None, mlflow_run_id="m")
+        cfg = TrainConfig.from_dict(config["train"])
+        return cfg.lr_schedule, cfg.warmup_steps
+
+    assert param_specs("driving")["lr_schedule"]["default"] == "cosine"
+    assert param_specs("recommendation")["lr_schedule"]["default"] == "constant"
+    assert train({}, "driving") == ("cosine", 50)
+    assert train({}, "recommendation") == ("constant", 0)
+    assert train({"lr_schedule": "cosine", "warmup_steps": 100}, "recommendation") == ("cosine", 100)
+    assert train({"lr_schedule": "linear", "warmup_steps": 0}, "driving") == ("linear", 0)
+    for bad, field in [({"lr_schedule": "step"}, "lr_schedule"), ({"warmup_steps": -1}, "warmup_steps"),
+                       ({"warmup_steps": 1.5}, "warmup_steps")]:
+        with pytest.raises(ParamError) as err:
+            validate_params(bad, "recommendation", cpu_count=2)
+        assert err.value.field == field
