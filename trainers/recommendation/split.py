@@ -194,14 +194,21 @@ def _sample_negatives(
         return out
     width = int((k + 8) * 1.6) + 16
     draws = rng.integers(0, num_items, size=(n, width))
-    keys = uidx[:, None].astype(np.int64) * num_items + draws
-    flat = keys.ravel()
-    first = np.zeros(flat.size, bool)
-    first[np.unique(flat, return_index=True)[1]] = True  # the first draw of each (user, item)
-    pos = np.minimum(np.searchsorted(seen_keys, flat), max(seen_keys.size - 1, 0))
-    seen = seen_keys[pos] == flat if seen_keys.size else np.zeros(flat.size, bool)
-    ok = (first & ~seen).reshape(n, width)
-    rank = np.cumsum(ok, axis=1)
+    # Each row sorted (stably: a repeated item's first draw comes first), so that a repeat is
+    # next to its first draw, and the keys user * num_items + item of all rows are in one
+    # increasing order (rows are in user order), which makes the look-up in seen_keys a
+    # sequential walk rather than random probes.
+    order = np.argsort(draws, axis=1, kind="stable")
+    items = np.take_along_axis(draws, order, axis=1)
+    bad = np.zeros((n, width), bool)
+    bad[:, 1:] = items[:, 1:] == items[:, :-1]  # a repeat of the draw before it
+    if seen_keys.size:
+        keys = (uidx[:, None].astype(np.int64) * num_items + items).ravel()
+        pos = np.minimum(np.searchsorted(seen_keys, keys), seen_keys.size - 1)
+        bad |= (seen_keys[pos] == keys).reshape(n, width)
+    ok = np.empty((n, width), bool)
+    np.put_along_axis(ok, order, ~bad, axis=1)  # back to draw order
+    rank = np.cumsum(ok, axis=1, dtype=np.int32)
     short = rank[:, -1] < k
     take = ok & (rank <= k) & ~short[:, None]
     out[~short] = draws[take].reshape(-1, k)
