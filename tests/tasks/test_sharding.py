@@ -406,13 +406,22 @@ def test_training_time_verification_error_gives_the_command_that_repairs(tf_env,
 
 def test_negatives_are_sampled_per_block_of_users(tf_env, tmp_path, monkeypatch):
     """Split version 2: negatives come one block of users at a time (the sharder's memory is one
-    block, not the number of users). With blocks of 8 users and files of 3 blocks, 60 users
-    make 8 blocks over 3 files: the protocol holds across block and file edges, the held-out
-    rows are in user order, and the same inputs give the same shards."""
+    block, not the number of users). With blocks of at most 8 users and 3 files of seen pairs
+    (about 2,000 pairs each), 60 users make at least 9 blocks: the protocol holds across block
+    and file edges, the held-out rows are in user order, and the same inputs give the same shards."""
     from trainflow.trainers.recommendation import split
 
     monkeypatch.setattr(split, "NEGATIVE_BLOCK_USERS", 8)
     monkeypatch.setattr(split, "SEEN_FILES_MAX", 3)
+    monkeypatch.setattr(split, "SEEN_ROWS_PER_FILE", 1000)
+    made = []
+    original = split._SeenPairs.__init__
+
+    def spy(self, tmp_dir, counts):
+        original(self, tmp_dir, counts)
+        made.append(self.files)
+
+    monkeypatch.setattr(split._SeenPairs, "__init__", spy)
     digests = []
     for n in range(2):
         monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(tmp_path / f"d{n}"))
@@ -420,6 +429,7 @@ def test_negatives_are_sampled_per_block_of_users(tf_env, tmp_path, monkeypatch)
         manifest = load_manifest(summary["manifest_uri"])
         digests.append([s.sha256 for s in manifest.shards("valid") + manifest.shards("eval")])
     assert digests[0] == digests[1]
+    assert made == [3, 3]
     assert manifest.data["split_version"] == "2"
     train, valid, test = (_all_rows(manifest, s) for s in ("train", "valid", "eval"))
     interacted = (

@@ -137,32 +137,39 @@ class _UserPartitions:
 
 
 NEGATIVE_BLOCK_USERS = 8192
-"""Users whose negatives are sampled together: the unit of the sharder's per-user memory."""
-SEEN_FILES_MAX = 256
-"""At most this many temporary files of seen pairs (each a whole number of blocks of users)."""
+"""Users whose negatives are sampled together (at most): the unit of the sharder's per-user memory."""
+SEEN_ROWS_PER_FILE = 2_000_000
+"""About this many (user, item) pairs a temporary file of seen pairs (whole users per file)."""
+SEEN_FILES_MAX = 512
+"""At most this many temporary files of seen pairs (past SEEN_FILES_MAX x SEEN_ROWS_PER_FILE
+pairs the files grow instead)."""
 
 
 class _SeenPairs:
     """Every ``(user index, item index)`` pair a user may not get as a negative, on disk,
-    partitioned into files of contiguous user-index ranges (pass 2); read back one range at a
-    time, so that sampling the negatives of a block of users holds only that block's pairs."""
+    partitioned into files of contiguous user-index ranges holding about
+    :data:`SEEN_ROWS_PER_FILE` pairs each (by the users' interaction counts) (pass 2); read back
+    one file at a time, so that sampling the negatives of a block of users holds only one
+    file's pairs: bounded in rows, whatever the number of users or of interactions."""
 
     _dtype = np.dtype([("u", np.int32), ("i", np.int32)])
 
-    def __init__(self, tmp_dir: str, num_users: int) -> None:
-        blocks = max(1, -(-num_users // NEGATIVE_BLOCK_USERS))
-        self.files = min(SEEN_FILES_MAX, blocks)
-        # Users per file: a whole number of sampling blocks, so that a block is never split.
-        self.users_per_file = -(-blocks // self.files) * NEGATIVE_BLOCK_USERS
+    def __init__(self, tmp_dir: str, counts: np.ndarray) -> None:
+        ends = np.cumsum(counts)
+        total = int(ends[-1]) if ends.size else 0
+        files = max(1, min(SEEN_FILES_MAX, -(-total // SEEN_ROWS_PER_FILE)))
+        cuts = np.searchsorted(ends, np.arange(1, files) * (total / files), side="right")
+        self.starts = np.unique(np.r_[0, cuts, counts.size]).astype(np.int64)  # file f: users [starts[f], starts[f+1])
+        self.files = self.starts.size - 1
         self.paths = [os.path.join(tmp_dir, f"seen-{f:03d}.bin") for f in range(self.files)]
-        self.handles = [open(path, "wb") for path in self.paths]  # noqa: SIM115 (closed in read)
+        self.handles = [open(path, "wb") for path in self.paths]  # noqa: SIM115 (closed in close)
 
     def add(self, uidx: np.ndarray, iidx: np.ndarray) -> None:
         if uidx.size == 0:
             return
         records = np.empty(uidx.size, self._dtype)
         records["u"], records["i"] = uidx, iidx
-        part = uidx // self.users_per_file
+        part = np.searchsorted(self.starts, uidx, side="right") - 1
         order = np.argsort(part, kind="stable")
         bounds = np.searchsorted(part[order], np.arange(self.files + 1))
         for f in range(self.files):
@@ -358,7 +365,7 @@ def shard_recommendation(
     valid_i_by_user = np.full(num_users, -1, np.int64)
     valid_ts_by_user[valid_uidx] = valid_ts
     valid_i_by_user[valid_uidx] = valid_i
-    seen_pairs = _SeenPairs(tmp_dir, num_users)
+    seen_pairs = _SeenPairs(tmp_dir, user_counts + 1)  # + 1: a given test item
     train_writer = ShardWriter(store, "train", _train_schema(), config, tmp_dir)
     try:
         train_item_counts = np.zeros(num_items, np.int64)
@@ -447,12 +454,13 @@ def shard_recommendation(
     if not given:
         writers["eval"] = ShardWriter(store, "eval", _holdout_schema(), config, tmp_dir)
     try:
+        block = -1
         for f in range(seen_pairs.files):
             keys = seen_pairs.read(f, num_items)
-            first_user = f * seen_pairs.users_per_file
-            for lo in range(first_user, min(first_user + seen_pairs.users_per_file, num_users), NEGATIVE_BLOCK_USERS):
-                hi = lo + NEGATIVE_BLOCK_USERS
-                block = lo // NEGATIVE_BLOCK_USERS
+            first_user, end_user = int(seen_pairs.starts[f]), int(seen_pairs.starts[f + 1])
+            for lo in range(first_user, end_user, NEGATIVE_BLOCK_USERS):
+                hi = min(lo + NEGATIVE_BLOCK_USERS, end_user)
+                block += 1
                 a, b = np.searchsorted(keys, [lo * num_items, hi * num_items])
                 block_keys = keys[a:b]
                 v = in_block(valid_uidx, lo, hi)
