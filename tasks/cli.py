@@ -25,7 +25,7 @@ def _manifest_uri(source_url: str, kind: str, name: str | None) -> str:
     settings = get_settings()
     source = resolve_source(source_url, kind, settings)
     dataset = safe_name(name or source.default_name, "dataset name")
-    version = dataset_version(source, ShardingConfig())
+    version = dataset_version(source, ShardingConfig(), get_pipeline(kind).split_version)
     return Storage.from_settings(settings).url(manifest_path(dataset, version))
 
 

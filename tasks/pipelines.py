@@ -89,6 +89,10 @@ class PipelineSpec:
         split_protocol: ``(sharding config) -> str``: how a dataset written *before* the split
             recorded ``stats["split_protocol"]`` was split (the gate compares the dataset's name
             and split protocol); optional: a split that records it needs none.
+        split_version: Bumped when ``split`` writes different rows for the same source and
+            config (a new sampling of negatives...); part of the dataset version when set, so
+            a version written by the old split is never reused as the new one. Default ``""``:
+            not part of the version (the ids stay those computed before the field existed).
         family: ``"module:Class"`` of the :class:`trainflow.trainers.family.ModelFamily`.
         family_config: ``"module:Class"`` of the family's config dataclass.
         family_settings: ``(params) -> dict``: the family config's fields from the run's
@@ -128,6 +132,7 @@ class PipelineSpec:
     plot: Callable[..., list[str]] | None = None
     baseline_name: str = "baseline"
     split_protocol: Callable[[dict[str, Any]], str] | None = None
+    split_version: str = ""
     promotion_metric: str | None = None
     registered_model_name: str | None = None
     dag_id: str | None = None

@@ -338,8 +338,9 @@ def shard_batches(
 
 
 # --- entry point -------------------------------------------------------------------------
-def dataset_version(source: Any, config: ShardingConfig) -> str:
-    """The content-addressed version id of sharding ``source`` with ``config``."""
+def dataset_version(source: Any, config: ShardingConfig, split_version: str = "") -> str:
+    """The content-addressed version id of sharding ``source`` with ``config`` by a split of
+    ``split_version`` (the pipeline's ``PipelineSpec.split_version``; ``""``: not part of it)."""
     parts = {
         "kind": source.kind,
         "source_fingerprint": source.fingerprint,
@@ -348,6 +349,8 @@ def dataset_version(source: Any, config: ShardingConfig) -> str:
         "sharder_version": SHARDER_VERSION,
         "config": dataclasses.asdict(config),
     }
+    if split_version:
+        parts["split_version"] = split_version
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -390,7 +393,7 @@ def shard_dataset(
     spec = get_pipeline(pipeline)
     source = resolve_source(source_url, spec, settings)
     name = safe_name(name or source.default_name, "dataset name")
-    version = dataset_version(source, config)
+    version = dataset_version(source, config, spec.split_version)
     root = Storage.from_settings(settings)
     version_dir = dataset_dir(name, version)
     store = root.child(version_dir)
@@ -451,6 +454,7 @@ def shard_dataset(
             "reader_version": source.reader_version,
         },
         "sharder_version": SHARDER_VERSION,
+        **({"split_version": spec.split_version} if spec.split_version else {}),
         "config": dataclasses.asdict(config),
         **body,
     }

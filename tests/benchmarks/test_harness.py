@@ -52,7 +52,7 @@ def _run(cases: list[str], tmp_path) -> dict:
 def test_discover_finds_the_case_modules_only():
     cases = discover()
     assert {"loading", "sharding_write", "sharding_memory", "training_overhead", "scaling", "end_to_end",
-            "sasrec_race"} <= set(cases)
+            "sasrec_race", "ml25m"} <= set(cases)
     assert not {"common", "__main__", "_data", "_project_io", "_train_io"} & set(cases)
 
 
@@ -64,7 +64,7 @@ def test_unknown_case_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_quick_mode_of_every_case_prints_well_formed_lines(tmp_path):
-    cases = [c for c in discover() if c != "end_to_end"]  # the DAG run is its own (e2e) test
+    cases = [c for c in discover() if c not in ("end_to_end", "ml25m")]  # DAG runs: their own (e2e) tests
     results = _run(cases, tmp_path)
     lines = results["results"]
     for line in lines:
@@ -92,3 +92,22 @@ def test_quick_end_to_end_splits_orchestration_and_compute(tmp_path):
     total = lines["end_to_end_total"]["value"]
     parts = lines["end_to_end_orchestration"]["value"] + lines["end_to_end_compute"]["value"]
     assert total > 0 and parts == pytest.approx(total, abs=0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_quick_ml25m_runs_the_dag_and_reports_each_phase(tmp_path):
+    """The ML-25M case at 20k interactions: shard, 2 ranks, evaluate, register, all measured."""
+    lines = {x["name"]: x for x in _run(["ml25m"], tmp_path)["results"]}
+    for line in lines.values():
+        _check_line(line)
+        assert line["value"] is not None, line
+    tasks = lines["ml25m_dag_wall"]["params"]["task_seconds"]
+    assert {"shard", "train", "evaluate", "register"} <= set(tasks)
+    assert 0 < lines["ml25m_shard"]["value"] == tasks["shard"] < lines["ml25m_dag_wall"]["value"]
+    assert lines["ml25m_train_samples_per_s"]["params"]["world_size"] == 2
+    assert len(lines["ml25m_peak_rss_largest_rank"]["params"]["peak_rss_mb_per_rank"]) == 2
+    assert lines["ml25m_peak_rss_largest_rank"]["params"]["sharder_peak_rss_mb"] > 0
+    assert lines["ml25m_disk"]["params"]["by_folder_mib"]["store"] > 0
+    assert 0 < lines["ml25m_eval_hr_at_10"]["value"] <= 1
+    assert lines["ml25m_eval_hr_at_10"]["params"]["register"]["version"] == 1

@@ -39,14 +39,23 @@ def _source_url(entry: dict, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("entry", VERSIONS, ids=[f"{e['kind']}:{e['reader']}:{e['version']}" for e in VERSIONS])
 def test_dataset_versions_are_unchanged(entry, tf_env, tmp_path):
-    """Same inputs → the same version id as before, so a store sharded before is a cache hit."""
+    """Same inputs → the same version id as before, so a store sharded before is a cache hit.
+
+    Except where the split itself changed on purpose: ``current_version`` is the id with the
+    pipeline's ``split_version`` (recommendation, split version 2: negatives sampled per block
+    of users), which must differ from the old one so that the old shards are not reused."""
     from trainflow.tasks.datasets.sources import resolve_source
+    from trainflow.tasks.pipelines import get_pipeline
     from trainflow.tasks.sharding import ShardingConfig, dataset_version
 
     source = resolve_source(_source_url(entry, tmp_path), entry["kind"])
     assert source.reader == entry["reader"]
     assert source.default_name == entry["name"] or entry["source_url"].startswith("{out}")
-    assert dataset_version(source, ShardingConfig(seed=0)) == entry["version"]
+    assert dataset_version(source, ShardingConfig(seed=0)) == entry["version"]  # the id rule itself
+    split_version = get_pipeline(entry["kind"]).split_version
+    current = dataset_version(source, ShardingConfig(seed=0), split_version)
+    assert current == entry.get("current_version", entry["version"])
+    assert (current != entry["version"]) == bool(split_version)
 
 
 def test_dataset_sharded_before_is_a_cache_hit(tf_env, tmp_path, caplog):

@@ -16,9 +16,11 @@ from trainflow.tasks.sharding import ShardingConfig, shard_dataset
 
 SYN_REC = "synthetic://recommendation?num_interactions=6000&num_users=60&num_items=400&seed=3"
 SMALL = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500)
-# The version id of SYN_REC with SMALL, as the code before the manifest checksum computed it:
-# adding the checksum must not change it (existing stores stay cache hits).
-SYN_REC_SMALL_VERSION = "de01a82d61b8dcbf"
+# The version id of SYN_REC with SMALL, as the code before the manifest checksum computed it
+# ("de01a82d61b8dcbf"): adding the checksum must not change it (existing stores stay cache
+# hits). The recommendation split version 2 (negatives per block of users) changed it on
+# purpose to "bf6e863eeac35c53" (the same id rule with the split version in it).
+SYN_REC_SMALL_VERSION = "bf6e863eeac35c53"
 
 
 def _edit(manifest, change) -> None:

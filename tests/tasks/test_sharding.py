@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tests.conftest import shared_dataset
@@ -401,3 +402,81 @@ def test_training_time_verification_error_gives_the_command_that_repairs(tf_env,
     assert main(shlex.split(command)) == 0
     assert json.loads(capsys.readouterr().out)["repaired"]
     assert _train_rows(load_manifest(first["manifest_uri"])) == first["splits"]["train"]
+
+
+def test_negatives_are_sampled_per_block_of_users(tf_env, tmp_path, monkeypatch):
+    """Split version 2: negatives come one block of users at a time (the sharder's memory is one
+    block, not the number of users). With blocks of at most 8 users and 3 files of seen pairs
+    (about 2,000 pairs each), 60 users make at least 9 blocks: the protocol holds across block
+    and file edges, the held-out rows are in user order, and the same inputs give the same shards."""
+    from trainflow.trainers.recommendation import split
+
+    monkeypatch.setattr(split, "NEGATIVE_BLOCK_USERS", 8)
+    monkeypatch.setattr(split, "SEEN_FILES_MAX", 3)
+    monkeypatch.setattr(split, "SEEN_ROWS_PER_FILE", 1000)
+    made = []
+    original = split._SeenPairs.__init__
+
+    def spy(self, tmp_dir, counts):
+        original(self, tmp_dir, counts)
+        made.append(self.files)
+
+    monkeypatch.setattr(split._SeenPairs, "__init__", spy)
+    digests = []
+    for n in range(2):
+        monkeypatch.setenv("TRAINFLOW_DATA_DIR", str(tmp_path / f"d{n}"))
+        summary = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+        manifest = load_manifest(summary["manifest_uri"])
+        digests.append([s.sha256 for s in manifest.shards("valid") + manifest.shards("eval")])
+    assert digests[0] == digests[1]
+    assert made == [3, 3]
+    assert manifest.data["split_version"] == "2"
+    train, valid, test = (_all_rows(manifest, s) for s in ("train", "valid", "eval"))
+    interacted = (
+        pd.concat([train[["user_idx", "item_idx"]], test[["user_idx", "item_idx"]]])
+        .groupby("user_idx").item_idx.agg(set).to_dict()
+    )
+    for frame in (valid, test):
+        assert (np.diff(frame.user_idx.values) > 0).all()  # one row a user, in user order
+        for user, negs in zip(frame.user_idx, frame.neg_item_idx):
+            assert len(negs) == 99 == len(set(negs))
+            assert not set(negs) & interacted[user]
+            assert all(0 <= x < manifest.stats["num_items"] for x in negs)
+    assert len(test) == 60 and manifest.stats["eval_positive_among_negatives"] == 0
+    # The blocks are independent draws: no two users' negatives are the same list.
+    assert len({tuple(n) for n in test.neg_item_idx}) == 60
+
+
+def test_a_user_who_saw_most_items_gets_exact_negatives_or_a_clear_error(tf_env, tmp_path):
+    """The block's matrix of draws leaves a heavy user short of unseen items: it is drawn again
+    from the exact list of the items it has not seen; with too few left the error names it."""
+    items = range(1, 151)
+    rows = [(1, i, 4, 10 * i) for i in items if i % 3]  # user 1: 100 of 150 items, 50 left
+    rows += [(u, i, 3, 5000 + i) for u in range(2, 5) for i in items if i % 3 == u - 2]  # 50 items each
+    path = tmp_path / "ok" / "u.data"
+    path.parent.mkdir()
+    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+    config = ShardingConfig(target_shard_bytes=20_000, row_group_rows=500, num_negatives=45)
+    manifest = load_manifest(shard_dataset(str(path), "recommendation", config=config)["manifest_uri"])
+    test = _all_rows(manifest, "eval")
+    negs = set(test[test.user_id == 1].neg_item_id.iloc[0])
+    assert len(negs) == 45 and not negs & {i for i in items if i % 3}
+    bad = tmp_path / "bad" / "u.data"
+    bad.parent.mkdir()
+    bad.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows + [(1, i, 4, 10 * i) for i in items if not i % 3 and i > 20]))
+    with pytest.raises(ValueError, match="user 1 interacted with 144 of 150 items"):
+        shard_dataset(str(bad), "recommendation", config=config)
+
+
+def test_the_split_version_is_part_of_the_dataset_version(tf_env):
+    from trainflow.tasks.datasets.sources import resolve_source
+    from trainflow.tasks.pipelines import get_pipeline
+    from trainflow.tasks.sharding import dataset_version
+
+    spec = get_pipeline("recommendation")
+    source = resolve_source(SYN_REC, spec)
+    assert spec.split_version == "2"
+    ids = {dataset_version(source, SMALL, v) for v in ("", "2", "3")}
+    assert len(ids) == 3
+    summary = shard_dataset(SYN_REC, "recommendation", config=SMALL)
+    assert summary["version"] == dataset_version(source, SMALL, "2")

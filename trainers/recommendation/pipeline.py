@@ -76,6 +76,9 @@ PIPELINE = PipelineSpec(
     description="Recommenders (NCF family, SASRec) on MovieLens-style interactions, NCF protocol.",
     resolve_source=_resolve,
     split=_split,
+    # 2: negatives sampled exactly per block of 8,192 users (bounded memory), not from per-user
+    # candidate lists thinned while the log streamed: other negatives for the same seed.
+    split_version="2",
     family="trainflow.trainers.recommendation.family:RecommendationFamily",
     family_config="trainflow.trainers.recommendation.config:RecommendationConfig",
     family_settings=family_settings,
