@@ -68,7 +68,7 @@ class DrivingConfig:
     eval_batch_size: int = 2048
     num_modes: int = 6
     mode_weight: float = 1.0
-    context_pooling: str = "max"
+    context_pooling: str = "attention"
     min_future_frames: int = 30
     max_time_shift: int = 0
     samples_per_scenario: float = 9.0
