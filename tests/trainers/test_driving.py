@@ -234,6 +234,9 @@ def test_time_shift_moves_the_scene_clock_and_leaves_the_future_tail_unobserved(
         DrivingConfig(min_future_frames=0)
     with pytest.raises(ValueError, match="context_pooling"):
         DrivingConfig(context_pooling="mean")
+    with pytest.raises(ValueError, match="context_dim"):
+        DrivingConfig(context_dim=10)
+    assert DrivingConfig(context_dim=10, context_pooling="max").context_dim == 10
 
 
 @pytest.mark.parametrize("context_dim", [0, 16])

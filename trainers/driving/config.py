@@ -94,6 +94,9 @@ class DrivingConfig:
             raise ValueError(f"mode_weight must be >= 0, got {self.mode_weight}")
         if self.context_pooling not in ("max", "attention"):
             raise ValueError(f"context_pooling must be 'max' or 'attention', got {self.context_pooling!r}")
+        if self.context_pooling == "attention" and self.context_dim % 4:
+            raise ValueError(f"context_dim must be a multiple of 4 (attention heads) with context_pooling='attention', "
+                             f"got {self.context_dim}")
         if not 1 <= self.min_future_frames <= 30:
             raise ValueError(f"min_future_frames must be in [1, 30], got {self.min_future_frames}")
         if not 0 <= self.max_time_shift <= 30 - self.min_future_frames:
