@@ -24,6 +24,28 @@ import tempfile
 import time
 
 
+def gather_peak_rss() -> list[float] | None:
+    """Every rank's peak RSS (MB, ``ru_maxrss``) on rank 0, ``None`` on the others. Call after
+    ``run_training``: the loop has left the process group by then, so the ranks meet in a folder."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    folder = os.path.join(tempfile.gettempdir(), f"trainflow-bench-rss-{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank-{rank}.tmp"), "w") as handle:
+        handle.write(str(rss))
+    os.replace(os.path.join(folder, f"rank-{rank}.tmp"), os.path.join(folder, f"rank-{rank}"))
+    if rank != 0:
+        return None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len([f for f in os.listdir(folder) if "tmp" not in f]) < world:
+        time.sleep(0.2)
+    per_rank = [float(open(os.path.join(folder, f"rank-{r}")).read()) for r in range(world)]
+    for r in range(world):
+        os.remove(os.path.join(folder, f"rank-{r}"))
+    os.rmdir(folder)
+    return per_rank
+
+
 def main() -> None:
     from benchmarks.common import pin_threads
 
@@ -50,23 +72,9 @@ def main() -> None:
                             log_every_steps=50, keep_best=False, parallelism="ddp")
         result = run_training(RecommendationFamily, family, train)
         wall = time.monotonic() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # (the loop has left the process group by now: the ranks meet in a folder instead)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    folder = os.path.join(tempfile.gettempdir(), f"trainflow-bench-rss-{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank-{rank}.tmp"), "w") as handle:
-        handle.write(str(rss))
-    os.replace(os.path.join(folder, f"rank-{rank}.tmp"), os.path.join(folder, f"rank-{rank}"))
-    if rank != 0:
+    per_rank = gather_peak_rss()
+    if per_rank is None:
         return
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len([f for f in os.listdir(folder) if "tmp" not in f]) < world:
-        time.sleep(0.2)
-    per_rank = [float(open(os.path.join(folder, f"rank-{r}")).read()) for r in range(world)]
-    for r in range(world):
-        os.remove(os.path.join(folder, f"rank-{r}"))
-    os.rmdir(folder)
     epoch_seconds = sum(h["seconds"] for h in result["history"])
     out = {"samples_per_s": result["samples_per_s"], "samples": result["samples"],
            "epoch_seconds": round(epoch_seconds, 2), "train_seconds": result["train_seconds"],

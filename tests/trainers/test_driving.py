@@ -145,6 +145,100 @@ def test_scenario_samples_take_complete_tracks_and_only_the_context_history():
     assert {tuple(np.round(agent["neighbours"][0, k, -1], 3)) for k in (0, 1)} == expected
 
 
+def test_scenario_samples_take_tracks_with_a_partial_future_when_asked():
+    rng = np.random.default_rng(1)
+    tracks = rng.normal(0, 20, (4, 50, 2)).astype(np.float32)
+    tracks[1, 35:] = np.nan  # leaves the scene after 15 future frames
+    tracks[2, 25:] = np.nan  # 5 future frames only
+    tracks[3, 5] = np.nan  # a gap in the history: never a target
+    types = np.array([0, 2, 2, 2])
+    complete = scenario_samples(tracks, types, focal_only=False, max_neighbours=3)
+    assert complete["history"].shape[0] == 1  # the default: complete tracks only
+    partial = scenario_samples(tracks, types, focal_only=False, max_neighbours=3, min_future_frames=10)
+    assert partial["history"].shape == (2, 20, 2) and partial["is_agent"].tolist() == [True, False]
+    assert np.isfinite(partial["future"][1, :15]).all() and np.isnan(partial["future"][1, 15:]).all()
+    np.testing.assert_allclose(partial["future"][1, :15], tracks[1, 20:35] - tracks[1, 19], atol=1e-4)
+    assert len(scenario_samples(tracks, types, focal_only=False, max_neighbours=3, min_future_frames=5)["history"]) == 3
+
+
+def test_attention_pooling_uses_the_neighbours_and_ignores_absent_slots():
+    torch.manual_seed(0)
+    model = ForecastModel(hidden_dim=32, num_layers=2, context_dim=16, num_modes=3, context_pooling="attention").eval()
+    history = torch.from_numpy(moving_histories(6, seed=5) - moving_histories(6, seed=5)[:, -1:]).float()
+    neighbours = history[:, None] + torch.randn(6, 3, 1, 2) * 10
+    padded = torch.cat([neighbours, torch.full((6, 2, 20, 2), float("nan"))], dim=1)
+    angle = 0.4
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    with torch.no_grad():
+        single, modes, _ = model(history, neighbours, with_modes=True)
+        single_padded, modes_padded, _ = model(history, padded, with_modes=True)
+        moved = torch.cat([neighbours[:, :1] + 5.0, neighbours[:, 1:]], dim=1)
+        rotated = model(history @ rotation.T, neighbours @ rotation.T)
+        empty = model(history, torch.full((6, 4, 20, 2), float("nan")))
+        alone = model(history)
+    torch.testing.assert_close(single_padded, single, atol=1e-5, rtol=0)  # absent slots change nothing
+    torch.testing.assert_close(modes_padded, modes, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotated, single @ rotation.T, atol=2e-3, rtol=0)
+    assert not torch.allclose(model(history, moved), single, atol=1e-4)  # a neighbour's motion matters
+    assert torch.isfinite(empty).all()
+    torch.testing.assert_close(empty, alone, atol=1e-5, rtol=0)  # no neighbour = the history-only call
+    with pytest.raises(ValueError, match="pooling"):
+        ForecastModel(context_dim=16, context_pooling="mean")
+
+
+def test_loss_learns_only_from_the_observed_future_frames(synthetic_manifest):
+    config = DrivingConfig(**SMALL, num_members=2, num_modes=3, context_pooling="attention", min_future_frames=10)
+    family = DrivingFamily(config, synthetic_manifest, World())
+    torch.manual_seed(0)
+    model = family.build_model().eval()  # no dropout: the loss is a function of the batch
+    batch = next(iter(family.train_batches(epoch=0, batch_size=16)))
+    future = batch["future"].clone()
+    future[0, 12:] = float("nan")  # the first sample's track leaves after 12 frames
+    weight = torch.zeros_like(batch["weight"])
+    weight[0] = 3.0  # only that sample counts
+    partial = {**batch, "future": future, "weight": weight}
+    loss = family.loss(model, partial)
+    with torch.no_grad():
+        single, modes, logits = model(batch["history"][:1], batch["neighbours"][:1], per_member=True, with_modes=True)
+    truth = future[0, :12]
+    # Mean error over the 12 observed frames, no final term (3 s is not observed), per member.
+    members = torch.linalg.vector_norm(single[:, 0, :12] - truth, dim=-1).mean(dim=-1).mean()
+    per_mode = torch.linalg.vector_norm(modes[0, :, :12] - truth, dim=-1).mean(dim=-1)
+    best = int(per_mode.argmin())
+    nll = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([best]))
+    expected = members + config.mode_weight * (per_mode[best] + nll)
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-5)
+    model.train()
+    family.loss(model, partial).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_time_shift_moves_the_scene_clock_and_leaves_the_future_tail_unobserved(synthetic_manifest):
+    base = DrivingConfig(**SMALL)
+    shifted_config = DrivingConfig(**SMALL, min_future_frames=10, max_time_shift=10)
+    plain = list(DrivingFamily(base, synthetic_manifest, World()).train_batches(epoch=0, batch_size=64))
+    family = DrivingFamily(shifted_config, synthetic_manifest, World())
+    shifted = list(family.train_batches(epoch=0, batch_size=64))
+    again = list(family.train_batches(epoch=0, batch_size=64))
+    np.testing.assert_array_equal(_rows(shifted, "future"), _rows(again, "future"))  # deterministic
+    future = _rows(shifted, "future").reshape(-1, 30, 2)
+    observed = np.isfinite(future).all(axis=-1).sum(axis=1)
+    assert observed.min() >= 10 and (observed < 30).any() and (observed == 30).any()
+    # Each sample's future is a contiguous prefix: the shifted frames are cut from its end.
+    assert all(np.isfinite(f[:n]).all() and np.isnan(f[n:]).all() for f, n in zip(future, observed, strict=True))
+    assert not np.array_equal(_rows(plain, "history"), _rows(shifted, "history"))
+    with pytest.raises(ValueError, match="max_time_shift"):
+        DrivingConfig(min_future_frames=25, max_time_shift=10)
+    with pytest.raises(ValueError, match="min_future_frames"):
+        DrivingConfig(min_future_frames=0)
+    with pytest.raises(ValueError, match="context_pooling"):
+        DrivingConfig(context_pooling="mean")
+    with pytest.raises(ValueError, match="context_dim"):
+        DrivingConfig(context_dim=10)
+    assert DrivingConfig(context_dim=10, context_pooling="max").context_dim == 10
+
+
 @pytest.mark.parametrize("context_dim", [0, 16])
 def test_model_forecasts_in_the_input_frame(context_dim):
     torch.manual_seed(0)

@@ -35,6 +35,16 @@ class DrivingConfig:
             many with their probabilities); 0 trains no such head.
         mode_weight: Weight of the multimodal head's loss (winner-takes-all displacement of
             the best of the K forecasts + the cross-entropy of its probability).
+        context_pooling: How the surrounding tracks' encodings are pooled: ``"max"`` or
+            ``"attention"`` (the max and a learned attention from the focal agent's history
+            over the neighbours).
+        min_future_frames: Training tracks need all 20 history frames and at least this many
+            of the 30 future frames (the loss is masked to the observed ones); 30 trains on
+            complete tracks only.
+        max_time_shift: Augmentation: each training scenario's clock is moved forward by a
+            random 0..max_time_shift frames (per scenario and epoch) before its samples are
+            cut, so the history window starts later and the last frames of the future are
+            unobserved (needs ``min_future_frames`` <= 30 - max_time_shift to keep the tracks).
         samples_per_scenario: Training samples a training scenario gives on average (11,998 /
             1,329 = 9.0 on the Argoverse subset). The loader streams scenarios, so the loop's
             batch size (in samples) becomes ``round(batch_size / samples_per_scenario)``
@@ -58,6 +68,9 @@ class DrivingConfig:
     eval_batch_size: int = 2048
     num_modes: int = 6
     mode_weight: float = 1.0
+    context_pooling: str = "attention"
+    min_future_frames: int = 30
+    max_time_shift: int = 0
     samples_per_scenario: float = 9.0
 
     def __post_init__(self) -> None:
@@ -79,6 +92,18 @@ class DrivingConfig:
             raise ValueError(f"min_other_displacement must be >= 0, got {self.min_other_displacement}")
         if self.mode_weight < 0:
             raise ValueError(f"mode_weight must be >= 0, got {self.mode_weight}")
+        if self.context_pooling not in ("max", "attention"):
+            raise ValueError(f"context_pooling must be 'max' or 'attention', got {self.context_pooling!r}")
+        if self.context_pooling == "attention" and self.context_dim % 4:
+            raise ValueError(f"context_dim must be a multiple of 4 (attention heads) with context_pooling='attention', "
+                             f"got {self.context_dim}")
+        if not 1 <= self.min_future_frames <= 30:
+            raise ValueError(f"min_future_frames must be in [1, 30], got {self.min_future_frames}")
+        if not 0 <= self.max_time_shift <= 30 - self.min_future_frames:
+            raise ValueError(
+                f"max_time_shift must be in [0, 30 - min_future_frames = {30 - self.min_future_frames}], "
+                f"got {self.max_time_shift}"
+            )
         if self.samples_per_scenario <= 0:
             raise ValueError(f"samples_per_scenario must be positive, got {self.samples_per_scenario}")
         if self.fde_weight < 0:

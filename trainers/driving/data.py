@@ -33,7 +33,8 @@ class ForecastSamples:
 
     Attributes:
         history: (n, 20, 2) float32 observed positions.
-        future: (n, 30, 2) float32 true future positions.
+        future: (n, 30, 2) float32 true future positions (NaN where not observed: training
+            tracks with a partial future, see ``min_future_frames``).
         neighbours: (n, K, 20, 2) float32 histories of the K nearest other tracks (NaN where not
             observed, all-NaN rows where the scenario has fewer than K).
         is_agent: (n,) bool, the sample is the scenario's focal AGENT.
@@ -59,6 +60,7 @@ def scenario_samples(
     *,
     focal_only: bool,
     max_neighbours: int,
+    min_future_frames: int = FUTURE_FRAMES,
 ) -> dict[str, np.ndarray]:
     """The samples of one scenario.
 
@@ -68,6 +70,9 @@ def scenario_samples(
         focal_only: Only the AGENT (evaluation); otherwise every track observed at all 50
             frames (training).
         max_neighbours: Context tracks per sample (the nearest observed at the last history frame).
+        min_future_frames: Training targets are the tracks observed at all 20 history frames
+            and at least this many of the 30 future frames (their ``future`` is NaN where not
+            observed; the loss masks it); 30 keeps complete tracks only.
 
     Returns:
         Arrays ``history``, ``future``, ``neighbours``, ``is_agent`` (see :class:`ForecastSamples`).
@@ -79,7 +84,9 @@ def scenario_samples(
     if focal_only:
         targets = np.array([0])
     else:
-        targets = np.flatnonzero(np.isfinite(tracks).all(axis=(1, 2)))
+        observed = np.isfinite(tracks).all(axis=2)  # (num_tracks, 50)
+        complete_history = observed[:, :HISTORY_FRAMES].all(axis=1)
+        targets = np.flatnonzero(complete_history & (observed[:, HISTORY_FRAMES:].sum(axis=1) >= min_future_frames))
     last = HISTORY_FRAMES - 1
     origin = tracks[targets, last]  # (m, 2)
     shifted = tracks[targets] - origin[:, None, :]
@@ -145,15 +152,20 @@ def loader_batch_samples(
     focal_only: bool,
     max_neighbours: int,
     min_other_displacement: float = 0.0,
+    min_future_frames: int = FUTURE_FRAMES,
+    time_shifts: np.ndarray | None = None,
 ) -> tuple[ForecastSamples, np.ndarray]:
     """The samples of a :class:`trainflow.trainers.loader.ShardLoader` batch of scenario rows.
 
     Args:
         batch: Columns ``num_tracks``, ``tracks_xy`` + ``tracks_xy_offsets``, ``track_types`` +
             ``track_types_offsets``, ``row_index`` and optionally ``sample_mask``.
-        focal_only, max_neighbours: As :func:`scenario_samples`.
+        focal_only, max_neighbours, min_future_frames: As :func:`scenario_samples`.
         min_other_displacement: Leave out tracks other than the AGENT that move less than this
             (m, first to last frame).
+        time_shifts: Per scenario row, frames to move the scene's clock forward before
+            cutting it (augmentation: the 20 history frames start that much later and the
+            future's last frames are unobserved; pairs with ``min_future_frames`` < 30).
 
     Returns:
         The samples (``scenario`` is the scenario's row index in the split) and a bool array,
@@ -168,11 +180,18 @@ def loader_batch_samples(
     parts: list[dict[str, np.ndarray]] = []
     for i in range(len(counts)):
         tracks = values[offsets[i] : offsets[i + 1]].reshape(int(counts[i]), frames, 2)
+        if time_shifts is not None and time_shifts[i] > 0:
+            shift = int(time_shifts[i])
+            tracks = np.concatenate([tracks[:, shift:], np.full((len(tracks), shift, 2), np.nan, tracks.dtype)], axis=1)
         part = scenario_samples(tracks, types[type_offsets[i] : type_offsets[i + 1]], focal_only=focal_only,
-                                max_neighbours=max_neighbours)
+                                max_neighbours=max_neighbours, min_future_frames=min_future_frames)
         if min_other_displacement > 0:
-            # Parked cars teach little about forecasting the (moving) focal vehicles.
-            travelled = np.linalg.norm(part["future"][:, -1] - part["history"][:, 0], axis=-1)
+            # Parked cars teach little about forecasting the (moving) focal vehicles; a track
+            # with a partial future is measured to its last observed position.
+            seen = np.isfinite(part["future"]).all(axis=-1)
+            last_seen = np.where(seen.any(axis=1), seen.shape[1] - 1 - np.argmax(seen[:, ::-1], axis=1), 0)
+            end = part["future"][np.arange(len(seen)), last_seen]
+            travelled = np.nan_to_num(np.linalg.norm(end - part["history"][:, 0], axis=-1))
             keep = part["is_agent"] | (travelled >= min_other_displacement)
             part = {k: v[keep] for k, v in part.items()}
         part["scenario"] = np.full(len(part["history"]), rows[i], dtype=np.int64)

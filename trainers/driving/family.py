@@ -111,11 +111,19 @@ class DrivingFamily(ModelFamily):
         weight 0, so each scenario counts once per epoch.
         """
         c = self.config
+        shifts = None
+        if c.max_time_shift > 0:
+            shifts = np.array([
+                np.random.default_rng([c.seed, epoch, 2, int(row)]).integers(0, c.max_time_shift + 1)
+                for row in np.asarray(batch["row_index"])
+            ])
         samples, valid = loader_batch_samples(
             batch,
             focal_only=not c.train_on_all_tracks,
             max_neighbours=c.max_neighbours,
             min_other_displacement=c.min_other_displacement,
+            min_future_frames=c.min_future_frames,
+            time_shifts=shifts,
         )
         mirror = np.zeros(len(samples), dtype=bool)
         drop_context = np.zeros(len(samples), dtype=bool)
@@ -150,15 +158,25 @@ class DrivingFamily(ModelFamily):
             single, modes, logits = model(history, neighbours, per_member=True, with_modes=True)
         else:
             single, modes, logits = model(history, neighbours, per_member=True), None, None
+        # Tracks with a partial future learn from their observed frames only; the final term
+        # counts where the 3 s position is observed.
+        seen = torch.isfinite(future).all(dim=-1)  # (n, 30)
+        seen_f = seen.to(future.dtype)
+        future = torch.where(seen[..., None], future, torch.zeros_like(future))
+        num_seen = seen_f.sum(dim=-1).clamp_min(1.0)
+
+        def displacement(error: torch.Tensor, fde_weight: float) -> torch.Tensor:
+            return (error * seen_f).sum(dim=-1) / num_seen + fde_weight * error[..., -1] * seen_f[:, -1]
+
         # Each ensemble member learns from its own loss: (members, n, 30) errors.
         error = torch.linalg.vector_norm(single - future, dim=-1)
-        per_sample = error.mean(dim=-1) + c.fde_weight * error[..., -1]
+        per_sample = displacement(error, c.fde_weight)
         loss = (per_sample * weight).sum(dim=-1).mean() / total
         if modes is not None:
             # Winner-takes-all: only the forecast closest to the truth (ADE + FDE) learns to be
             # closer; the probabilities learn which one that is (cross-entropy).
             mode_error = torch.linalg.vector_norm(modes - future[:, None], dim=-1)  # (n, K, 30)
-            per_mode = mode_error.mean(dim=-1) + mode_error[..., -1]
+            per_mode = (mode_error * seen_f[:, None]).sum(dim=-1) / num_seen[:, None] + mode_error[..., -1] * seen_f[:, -1:]
             best = per_mode.detach().argmin(dim=1)
             wta = per_mode.gather(1, best[:, None]).squeeze(1)
             nll = torch.nn.functional.cross_entropy(logits.float(), best, reduction="none")
@@ -241,6 +259,7 @@ class DrivingFamily(ModelFamily):
                 "num_members": c.num_members,
                 "mirror_average": c.mirror_average,
                 "num_modes": c.num_modes,
+                "context_pooling": c.context_pooling,
             },
             "max_neighbours": c.max_neighbours,
             "frame_rate_hz": FRAME_RATE_HZ,

@@ -64,15 +64,36 @@ def history_features(local: torch.Tensor, frame_rate_hz: float = 10.0) -> torch.
 
 
 class ContextEncoder(nn.Module):
-    """Surrounding tracks' histories (agent frame) → one vector, by a shared MLP and max-pooling."""
+    """Surrounding tracks' histories (agent frame) → one vector.
 
-    def __init__(self, history_frames: int, context_dim: int, dropout: float) -> None:
+    Each track is encoded by a shared MLP; the encodings are pooled by an element-wise max
+    (``pooling="max"``) or, with ``pooling="attention"``, by the max *and* a learned
+    interaction: the focal agent's history features ask ``num_heads`` queries and each head
+    takes the softmax-weighted sum of the neighbours' encodings (absent neighbours masked),
+    so that which neighbour matters is learned from the focal's own motion.
+    """
+
+    def __init__(self, history_frames: int, context_dim: int, dropout: float, pooling: str = "max",
+                 query_dim: int = 0, num_heads: int = 4) -> None:
         super().__init__()
+        if pooling not in ("max", "attention"):
+            raise ValueError(f"pooling must be 'max' or 'attention', got {pooling!r}")
         in_dim = history_frames * 2 + history_frames + (history_frames - 1) * 2
         self.mlp = _mlp([in_dim, context_dim, context_dim], dropout)
         self.context_dim = context_dim
+        self.pooling = pooling
+        self.out_dim = context_dim
+        if pooling == "attention":
+            if query_dim < 1 or context_dim % num_heads:
+                raise ValueError(f"attention pooling needs query_dim >= 1 and context_dim divisible by {num_heads}")
+            self.num_heads = num_heads
+            self.query = nn.Linear(query_dim, context_dim)
+            self.key = nn.Linear(context_dim, context_dim)
+            self.value = nn.Linear(context_dim, context_dim)
+            self.out_dim = 2 * context_dim
 
-    def forward(self, local: torch.Tensor, frame_rate_hz: float = 10.0) -> torch.Tensor:
+    def forward(self, local: torch.Tensor, query_features: torch.Tensor | None = None,
+                frame_rate_hz: float = 10.0) -> torch.Tensor:
         # local: (n, K, T, 2) with NaN where unobserved.
         observed = torch.isfinite(local).all(dim=-1)  # (n, K, T)
         positions = torch.where(observed[..., None], local, torch.zeros_like(local))
@@ -89,26 +110,50 @@ class ContextEncoder(nn.Module):
         )
         encoded = self.mlp(features)  # (n, K, D)
         present = observed[..., -1]  # neighbours are chosen among tracks seen at the last frame
-        encoded = encoded.masked_fill(~present[..., None], float("-inf"))
-        pooled = encoded.max(dim=1).values
-        return torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
+        masked = encoded.masked_fill(~present[..., None], float("-inf"))
+        pooled = masked.max(dim=1).values
+        pooled = torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))
+        if self.pooling == "max":
+            return pooled
+        if query_features is None:
+            raise ValueError("attention pooling needs the focal agent's features")
+        h, d = self.num_heads, self.context_dim // self.num_heads
+        query = self.query(query_features).reshape(n, 1, h, d)
+        keys = self.key(encoded).reshape(n, k, h, d)
+        values = self.value(encoded).reshape(n, k, h, d)
+        scores = (query * keys).sum(dim=-1) / d**0.5  # (n, K, h)
+        # A large negative rather than -inf: a scene without neighbours gives uniform weights
+        # over zeros instead of NaN, and the result is zeroed below.
+        scores = scores.masked_fill(~present[..., None], -1e9)
+        weights = torch.softmax(scores, dim=1)
+        attended = (weights[..., None] * values).sum(dim=1).reshape(n, self.context_dim)
+        attended = attended * present.any(dim=1, keepdim=True).to(attended.dtype)
+        return torch.cat([pooled, attended], dim=1)
+
+
+def _context_encoder(history_frames: int, context_dim: int, dropout: float, pooling: str) -> ContextEncoder | None:
+    feature_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2
+    if context_dim <= 0:
+        return None
+    return ContextEncoder(history_frames, context_dim, dropout, pooling, query_dim=feature_dim)
 
 
 class _Member(nn.Module):
     """One forecaster of the ensemble: optional context encoder + decoder MLP."""
 
     def __init__(self, history_frames: int, future_frames: int, hidden_dim: int, num_layers: int,
-                 context_dim: int, dropout: float) -> None:
+                 context_dim: int, dropout: float, context_pooling: str = "max") -> None:
         super().__init__()
-        self.context = ContextEncoder(history_frames, context_dim, dropout) if context_dim > 0 else None
-        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + max(context_dim, 0)
+        self.context = _context_encoder(history_frames, context_dim, dropout, context_pooling)
+        context_out = self.context.out_dim if self.context is not None else 0
+        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + context_out
         self.decoder = _mlp([in_dim] + [hidden_dim] * num_layers + [future_frames * 2], dropout)
 
     def forward(self, features: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         parts = [features]
         if self.context is not None:
-            parts.append(self.context(context) if context is not None
-                         else features.new_zeros(features.shape[0], self.context.context_dim))
+            parts.append(self.context(context, features) if context is not None
+                         else features.new_zeros(features.shape[0], self.context.out_dim))
         return self.decoder(torch.cat(parts, dim=1))
 
 
@@ -117,19 +162,20 @@ class _ModeHead(nn.Module):
     the constant-velocity extrapolation and one logit per mode (trained winner-takes-all)."""
 
     def __init__(self, history_frames: int, future_frames: int, hidden_dim: int, num_layers: int,
-                 context_dim: int, dropout: float, num_modes: int) -> None:
+                 context_dim: int, dropout: float, num_modes: int, context_pooling: str = "max") -> None:
         super().__init__()
         self.num_modes = num_modes
         self.future_frames = future_frames
-        self.context = ContextEncoder(history_frames, context_dim, dropout) if context_dim > 0 else None
-        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + max(context_dim, 0)
+        self.context = _context_encoder(history_frames, context_dim, dropout, context_pooling)
+        context_out = self.context.out_dim if self.context is not None else 0
+        in_dim = history_frames * 2 + (history_frames - 1) * 2 + (history_frames - 2) * 2 + context_out
         self.decoder = _mlp([in_dim] + [hidden_dim] * num_layers + [num_modes * (future_frames * 2 + 1)], dropout)
 
     def forward(self, features: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [features]
         if self.context is not None:
-            parts.append(self.context(context) if context is not None
-                         else features.new_zeros(features.shape[0], self.context.context_dim))
+            parts.append(self.context(context, features) if context is not None
+                         else features.new_zeros(features.shape[0], self.context.out_dim))
         out = self.decoder(torch.cat(parts, dim=1))
         k, f = self.num_modes, self.future_frames
         return out[:, : k * f * 2].reshape(-1, k, f, 2), out[:, k * f * 2 :]
@@ -151,6 +197,8 @@ class ForecastModel(nn.Module):
             in the agent frame) and average it, mirrored back, with the direct forecast
             (the model is trained on mirrored scenes, so both are forecasts of the same future).
         num_modes: Forecasts of the multimodal head (0: none); see :meth:`modes`.
+        context_pooling: How the context encoder pools the surrounding tracks: ``"max"`` or
+            ``"attention"`` (max + attention from the focal agent; see :class:`ContextEncoder`).
     """
 
     def __init__(
@@ -164,6 +212,7 @@ class ForecastModel(nn.Module):
         num_members: int = 1,
         mirror_average: bool = False,
         num_modes: int = 0,
+        context_pooling: str = "max",
     ) -> None:
         super().__init__()
         self.num_modes = num_modes
@@ -172,11 +221,12 @@ class ForecastModel(nn.Module):
         self.future_frames = future_frames
         self.context_dim = context_dim
         self.members = nn.ModuleList(
-            _Member(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout)
+            _Member(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout, context_pooling)
             for _ in range(num_members)
         )
         self.mode_head = (
-            _ModeHead(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout, num_modes)
+            _ModeHead(history_frames, future_frames, hidden_dim, num_layers, context_dim, dropout, num_modes,
+                      context_pooling)
             if num_modes > 0 else None
         )
         steps = torch.arange(1, future_frames + 1, dtype=torch.float32)
