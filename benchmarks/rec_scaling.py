@@ -9,8 +9,8 @@ across ranks, epoch-end checkpoint, final eval evaluation, export), for the vari
   updated (:class:`trainflow.trainers.parallel.RowSparseAdamW`), every replica updating the union;
 - ``a2a``: ``parallelism="sharded_embeddings_a2a"``: the tables row-sharded, lookups and row
   gradients through all-to-alls, each rank updating only its own touched rows
-  (:class:`trainflow.trainers.parallel.AllToAllEmbedding`; on 1 process it trains unwrapped,
-  like ``dense``).
+  (:class:`trainflow.trainers.parallel.AllToAllEmbedding`; on 1 process the unsharded model
+  with the same lazy Adam on the touched rows, as ``row_sparse``).
 
 1 and 2 processes are interleaved round by round (the machine is shared: ratios within a
 round are what compare); each line carries the 1-minute load average of its runs.

@@ -64,6 +64,7 @@ from trainflow.trainers.parallel import (
     RowSparseAdamW,
     clip_grad_norm,
     is_row_sparse,
+    mark_row_sparse,
     memory_bytes,
     row_sharded_table,
     wrap_all_to_all_embeddings,
@@ -241,6 +242,10 @@ class Trainer:
         table_params = {f"{name}.{p}" for name, module in raw.named_modules()
                         if any(module is t for t in family.embedding_tables(raw))
                         for p, _ in module.named_parameters(recurse=False)}
+        if parallelism == "none" and cfg.parallelism == SHARDED_EMBEDDINGS_A2A:
+            # One rank owns every row: the same lazy Adam on the rows a step touched, without
+            # the all-to-alls (sparse gradients, RowSparseAdamW), so 1 and N ranks train alike.
+            mark_row_sparse(family.embedding_tables(raw))
         state_model = self._wrap(raw, family, parallelism)
         self._table_params = table_params
         model = torch.compile(state_model) if cfg.compile else state_model
