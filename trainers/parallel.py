@@ -19,6 +19,11 @@ and wraps the rest of the model in DDP (the tables are excluded from DDP's gradi
 
 On one rank there is nothing to shard: the loop trains the plain model (``parallelism`` is
 reported as ``none``), like ``fsdp``.
+
+``parallelism="sharded_embeddings_a2a"`` (:class:`AllToAllEmbedding`) keeps the same row split
+and ``DTensor`` weights but looks rows up TorchRec-style: ids all-to-all to their owners, rows
+back, row gradients all-to-all to the owners, which update only the rows a step touched
+(:class:`RowSparseAdamW`): bytes and optimizer work follow the batch, not the table.
 """
 
 from __future__ import annotations
@@ -288,7 +293,8 @@ class AllToAllEmbedding(nn.Module):
 
     @torch.compiler.disable  # collectives inside: runs eager under torch.compile (a graph break)
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
+        # a leaf that requires grad, so the backward runs (the weight's grad is never formed)
+        anchor = torch.empty(0, device=indices.device, requires_grad=torch.is_grad_enabled())
         return _AllToAllLookup.apply(anchor, self, indices)
 
     def extra_repr(self) -> str:
@@ -341,10 +347,12 @@ def memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
                  table_params: set[str] | None = None) -> dict[str, int]:
     """Bytes this rank stores for parameters and optimizer state, measured on the local
     tensors (the shard of a sharded parameter), in total and for ``table_params`` (parameter
-    names of the embedding tables; default: every ``nn.Embedding``/:class:`RowShardedEmbedding`)."""
+    names of the embedding tables; default: every ``nn.Embedding``, :class:`RowShardedEmbedding` and
+    :class:`AllToAllEmbedding`)."""
     if table_params is None:
         table_params = {f"{name}.{p}" for name, m in model.named_modules()
-                        if isinstance(m, nn.Embedding | RowShardedEmbedding) for p, _ in m.named_parameters(recurse=False)}
+                        if isinstance(m, nn.Embedding | RowShardedEmbedding | AllToAllEmbedding)
+                        for p, _ in m.named_parameters(recurse=False)}
     tables = {id(p) for name, p in model.named_parameters() if name in table_params}
     out = {"param_bytes": 0, "embedding_param_bytes": 0, "optimizer_bytes": 0, "embedding_optimizer_bytes": 0}
     for param in model.parameters():
