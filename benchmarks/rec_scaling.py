@@ -15,8 +15,8 @@ across ranks, epoch-end checkpoint, final eval evaluation, export), for the vari
 1 and 2 processes are interleaved round by round (the machine is shared: ratios within a
 round are what compare); each line carries the 1-minute load average of its runs.
 
-    python -m benchmarks.rec_scaling                  # 2M interactions, both models, 2 rounds
-    python -m benchmarks.rec_scaling --quick          # 20k interactions, NeuMF row-sparse, 1 round
+    python -m benchmarks.rec_scaling                  # 2M interactions, both models, every variant, 2 rounds
+    python -m benchmarks.rec_scaling --quick          # 20k interactions, NeuMF a2a, 1 round
     python -m benchmarks.rec_scaling --models neumf --variants a2a --rounds 3
     python -m benchmarks.rec_scaling --ml25m --variants a2a --max-steps 300   # ML-25M size, bounded steps
 """
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     size = ML25M[0] if args.ml25m else args.interactions or (20_000 if args.quick else 2_000_000)
     models = args.models or (["neumf"] if args.quick else ["neumf", "sasrec"])
-    variants = args.variants or (["row_sparse"] if args.quick else ["row_sparse", "dense"])
+    variants = args.variants or (["a2a"] if args.quick else ["a2a", "row_sparse", "dense"])
     rounds = args.rounds or (1 if args.quick else 2)
     uri = manifest_uri(*ML25M) if args.ml25m else manifest_uri(size)
     batch = dict(zip(("neumf", "sasrec"), args.batch, strict=True)) if args.batch else BATCH
