@@ -1,13 +1,16 @@
 """Per-phase time of a recommendation training step, 1 or 2 ranks (torchrun, gloo, 1 thread):
 
     torchrun --standalone --nproc-per-node 2 -m benchmarks._rec_profile MANIFEST_URI --model neumf \\
-        --batch 4096 --steps 40 [--row-sparse]
+        --batch 4096 --steps 40 [--row-sparse | --a2a]
 
 The family's real batches (ShardLoader, negatives), the model under DDP as the loop wraps it
 (the family's ``ddp_ignored`` names left out), AdamW or RowSparseAdamW. Per step: ``data``
 (next batch), ``forward`` (+ loss), ``backward`` (DDP's all-reduce of the dense gradients
-included), ``exchange`` (RowSparseAdamW's all-gather of the touched rows) and ``update`` (the
-optimizer's arithmetic). Rank 0 prints the medians in ms (after 5 warm-up steps).
+included), ``exchange`` (RowSparseAdamW's all-gather of the touched rows; with ``--a2a``, the
+all-to-alls of :class:`~trainflow.trainers.parallel.AllToAllEmbedding`'s lookups in forward and
+backward, taken out of those two columns) and ``update`` (the optimizer's arithmetic). With
+``--a2a`` the tables are row-sharded as ``parallelism='sharded_embeddings_a2a'`` wraps them
+(2+ ranks). Rank 0 prints the medians in ms (after 5 warm-up steps).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--row-sparse", action="store_true")
+    parser.add_argument("--a2a", action="store_true")
     args = parser.parse_args()
     pin_threads()
     import torch
@@ -36,7 +40,7 @@ def main() -> None:
 
     from trainflow.tasks.manifest import load_manifest
     from trainflow.trainers.distributed import World
-    from trainflow.trainers.parallel import RowSparseAdamW
+    from trainflow.trainers.parallel import RowSparseAdamW, wrap_all_to_all_embeddings
     from trainflow.trainers.recommendation.config import RecommendationConfig
     from trainflow.trainers.recommendation.family import RecommendationFamily
     from trainflow.trainers.recommendation.pipeline import MODEL_PRESETS
@@ -49,12 +53,24 @@ def main() -> None:
     family = RecommendationFamily(config, load_manifest(args.manifest_uri), World(rank=rank, world_size=world_size))
     model = family.build_model()
     net = model
-    if world_size > 1:
+    a2a: list[float] = []
+    if args.a2a and world_size > 1:
+        net = wrap_all_to_all_embeddings(model, family.embedding_tables(model), torch.device("cpu"))
+        inner_a2a = dist.all_to_all_single
+
+        def timed_a2a(*a, **k):
+            t = time.perf_counter()
+            out = inner_a2a(*a, **k)
+            a2a.append(time.perf_counter() - t)
+            return out
+
+        dist.all_to_all_single = timed_a2a
+    elif world_size > 1:
         ignored = family.ddp_ignored(model)
         if ignored:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         net = DistributedDataParallel(model)
-    opt = RowSparseAdamW(model.parameters(), lr=1e-3) if args.row_sparse else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = RowSparseAdamW(model.parameters(), lr=1e-3) if (args.row_sparse or args.a2a) else torch.optim.AdamW(model.parameters(), lr=1e-3)
     times: dict[str, list[float]] = {k: [] for k in ("data", "forward", "backward", "exchange", "update", "step")}
     if args.row_sparse:  # time the exchange apart from the arithmetic
         inner = opt._exchange
@@ -71,17 +87,22 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = next(batches)
         t1 = time.perf_counter()
+        a2a.clear()
         loss = family.loss(net, batch)
         t2 = time.perf_counter()
+        a2a_forward = sum(a2a)
         loss.backward()
         t3 = time.perf_counter()
+        a2a_backward = sum(a2a) - a2a_forward
         opt.step()
         opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
         if step >= 5:
             times["data"].append(t1 - t0)
-            times["forward"].append(t2 - t1)
-            times["backward"].append(t3 - t2)
+            times["forward"].append(t2 - t1 - a2a_forward)
+            times["backward"].append(t3 - t2 - a2a_backward)
+            if args.a2a:
+                times["exchange"].append(a2a_forward + a2a_backward)
             times["step"].append(t4 - t0)
             exchange = times["exchange"][-1] if args.row_sparse else 0.0
             times["update"].append(t4 - t3 - exchange)
@@ -89,7 +110,7 @@ def main() -> None:
         times["exchange"] = times["exchange"][5:]
     out = {k: round(1000 * statistics.median(v), 2) for k, v in times.items() if v}
     out.update(world_size=world_size, per_rank_batch=args.batch // world_size, model=args.model,
-               row_sparse=args.row_sparse, load_avg_1m=os.getloadavg()[0])
+               row_sparse=args.row_sparse, a2a=args.a2a, load_avg_1m=os.getloadavg()[0])
     if rank == 0:
         print(json.dumps(out), flush=True)
     if world_size > 1:

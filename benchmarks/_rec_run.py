@@ -2,7 +2,7 @@
 benchmarks/rec_scaling.py and benchmarks/rec_memory.py:
 
     torchrun --standalone --nproc-per-node 2 -m benchmarks._rec_run MANIFEST_URI --model neumf \\
-        --batch 4096 [--row-sparse] [--epochs 1]
+        --batch 4096 [--row-sparse | --a2a] [--epochs 1] [--max-steps N]
 
 The real family (train split streamed by ShardLoader, negatives in its transform), the
 generic loop with DDP, the per-epoch valid evaluation, the epoch-end checkpoint, the final
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--row-sparse", action="store_true")
+    parser.add_argument("--a2a", action="store_true", help="parallelism='sharded_embeddings_a2a' (else ddp)")
+    parser.add_argument("--max-steps", type=int, help="stop after N steps (bounded runs on large data)")
     args = parser.parse_args()
     pin_threads()
     from trainflow.trainers.config import TrainConfig
@@ -69,7 +71,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trainflow-bench-rec-") as tmp:
         train = TrainConfig(manifest_uri=args.manifest_uri, run_dir=f"file://{tmp}/run", epochs=args.epochs,
                             batch_size=args.batch, learning_rate=1e-3, log_to_mlflow=False, system_metrics=False,
-                            log_every_steps=50, keep_best=False, parallelism="ddp")
+                            log_every_steps=50, keep_best=False, max_steps=args.max_steps,
+                            parallelism="sharded_embeddings_a2a" if args.a2a else "ddp")
         result = run_training(RecommendationFamily, family, train)
         wall = time.monotonic() - started
     per_rank = gather_peak_rss()
@@ -80,6 +83,7 @@ def main() -> None:
            "epoch_seconds": round(epoch_seconds, 2), "train_seconds": result["train_seconds"],
            "other_seconds": round(result["train_seconds"] - epoch_seconds, 2),
            "train_samples_per_s": round(result["samples"] / max(epoch_seconds, 1e-9), 1),
+           "steps": result["steps"], "global_batch": args.batch,
            "wall_seconds": round(wall, 2), "world_size": result["world_size"],
            "parallelism": result["parallelism"], "peak_rss_mb_per_rank": [round(x) for x in per_rank],
            "hr_at_10": result["metrics"]["eval"].get("hr_at_10"), "load_avg_1m": os.getloadavg()[0]}

@@ -8,7 +8,7 @@ from typing import Any
 
 from trainflow.tasks.storage import safe_name
 
-PARALLELISMS = ("none", "ddp", "fsdp", "sharded_embeddings")
+PARALLELISMS = ("none", "ddp", "fsdp", "sharded_embeddings", "sharded_embeddings_a2a")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("cpu", "cuda")
 OPTIMIZERS = ("adamw", "adam")
@@ -65,8 +65,12 @@ class TrainConfig:
     parallelism: str = "ddp"
     """``ddp`` (replicated), ``fsdp`` (FSDP2 ``fully_shard``: every parameter sharded, each
     embedding table on its own), ``sharded_embeddings`` (the family's embedding tables split
-    row-wise across ranks, never gathered; the rest replicated with DDP) or ``none`` (one
-    process only)."""
+    row-wise across ranks, never gathered; an all-gather and a reduce-scatter per lookup, dense
+    AdamW on each rank's rows; the rest replicated with DDP), ``sharded_embeddings_a2a`` (the
+    same split, TorchRec-style: a lookup sends the ids to the rows' owners and gets the rows
+    back with an all-to-all, the backward sends the row gradients to the owners, which update
+    only the owned rows a step touched with lazy Adam(W); bytes and optimizer work follow the
+    batch, not the table) or ``none`` (one process only)."""
 
     device: str = "cpu"
     """``cpu`` (gloo) or ``cuda`` (nccl; each rank takes ``cuda:LOCAL_RANK``)."""

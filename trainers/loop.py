@@ -60,10 +60,14 @@ from trainflow.trainers.distributed import (
 from trainflow.trainers.family import ModelFamily
 from trainflow.trainers.parallel import (
     SHARDED_EMBEDDINGS,
+    SHARDED_EMBEDDINGS_A2A,
     RowSparseAdamW,
     clip_grad_norm,
     is_row_sparse,
+    mark_row_sparse,
     memory_bytes,
+    row_sharded_table,
+    wrap_all_to_all_embeddings,
     wrap_sharded_embeddings,
 )
 
@@ -166,7 +170,7 @@ class Trainer:
             return "none"
         if self.world.world_size > 1 and wanted == "none":
             raise ValueError(f"parallelism='none' cannot train on {self.world.world_size} ranks: "
-                             "use ddp, fsdp or sharded_embeddings")
+                             f"use ddp, fsdp, sharded_embeddings or {SHARDED_EMBEDDINGS_A2A}")
         return wanted
 
     def _wrap(self, model: torch.nn.Module, family: ModelFamily, parallelism: str) -> torch.nn.Module:
@@ -190,6 +194,12 @@ class Trainer:
                 raise ValueError(f"parallelism='sharded_embeddings': the {family.name} family has no embedding "
                                  "tables to shard; use ddp or fsdp")
             return wrap_sharded_embeddings(model, tables, self.device)
+        if parallelism == SHARDED_EMBEDDINGS_A2A:
+            tables = family.embedding_tables(model)
+            if not tables:
+                raise ValueError(f"parallelism='{SHARDED_EMBEDDINGS_A2A}': the {family.name} family has no embedding "
+                                 "tables to shard; use ddp or fsdp")
+            return wrap_all_to_all_embeddings(model, tables, self.device)
         return model
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -197,7 +207,8 @@ class Trainer:
         # Row-sharded tables (DTensor) and replicated parameters in separate groups: the
         # foreach kernels do not mix DTensor and plain tensors.
         params = list(model.parameters())
-        if any(is_row_sparse(p) for p in params):  # tables whose rows the optimizer exchanges itself
+        # Tables whose rows the optimizer exchanges itself, or whose owned rows it updates.
+        if any(is_row_sparse(p) or row_sharded_table(p) is not None for p in params):
             return RowSparseAdamW(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         groups = [g for g in ([p for p in params if not _is_dtensor(p)], [p for p in params if _is_dtensor(p)]) if g]
         return cls([{"params": g} for g in groups], lr=self.config.learning_rate,
@@ -231,6 +242,10 @@ class Trainer:
         table_params = {f"{name}.{p}" for name, module in raw.named_modules()
                         if any(module is t for t in family.embedding_tables(raw))
                         for p, _ in module.named_parameters(recurse=False)}
+        if parallelism == "none" and cfg.parallelism == SHARDED_EMBEDDINGS_A2A:
+            # One rank owns every row: the same lazy Adam on the rows a step touched, without
+            # the all-to-alls (sparse gradients, RowSparseAdamW), so 1 and N ranks train alike.
+            mark_row_sparse(family.embedding_tables(raw))
         state_model = self._wrap(raw, family, parallelism)
         self._table_params = table_params
         model = torch.compile(state_model) if cfg.compile else state_model
@@ -306,7 +321,7 @@ class Trainer:
                 position += 1
                 if not last_micro:
                     continue
-                if cfg.max_grad_norm is not None and parallelism == SHARDED_EMBEDDINGS:
+                if cfg.max_grad_norm is not None and parallelism in (SHARDED_EMBEDDINGS, SHARDED_EMBEDDINGS_A2A):
                     clip_grad_norm(list(state_model.parameters()), cfg.max_grad_norm)
                 elif cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(state_model.parameters(), cfg.max_grad_norm)
@@ -576,7 +591,7 @@ def _inject_fault_after_commit(step: int, world: World) -> None:
 
 @contextlib.contextmanager
 def _grad_sync(model: torch.nn.Module, parallelism: str, sync: bool):
-    if parallelism in ("ddp", SHARDED_EMBEDDINGS) and not sync:
+    if parallelism in ("ddp", SHARDED_EMBEDDINGS, SHARDED_EMBEDDINGS_A2A) and not sync:
         with model.no_sync():
             yield
         return

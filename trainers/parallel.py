@@ -19,6 +19,11 @@ and wraps the rest of the model in DDP (the tables are excluded from DDP's gradi
 
 On one rank there is nothing to shard: the loop trains the plain model (``parallelism`` is
 reported as ``none``), like ``fsdp``.
+
+``parallelism="sharded_embeddings_a2a"`` (:class:`AllToAllEmbedding`) keeps the same row split
+and ``DTensor`` weights but looks rows up TorchRec-style: ids all-to-all to their owners, rows
+back, row gradients all-to-all to the owners, which update only the rows a step touched
+(:class:`RowSparseAdamW`): bytes and optimizer work follow the batch, not the table.
 """
 
 from __future__ import annotations
@@ -172,6 +177,165 @@ def wrap_sharded_embeddings(model: nn.Module, tables: list[nn.Module], device: t
     return DistributedDataParallel(model, device_ids=ids, process_group=group)
 
 
+# --- row-sharded tables with an all-to-all (TorchRec-style) ---------------------------------
+SHARDED_EMBEDDINGS_A2A = "sharded_embeddings_a2a"
+ROW_SHARDED_ATTR = "_trainflow_row_sharded"
+
+
+class _AllToAllLookup(torch.autograd.Function):
+    """Send the ids to their owners, get the rows back; backward sends the row gradients to
+    the owners, which keep them for :class:`RowSparseAdamW` (the weight's ``.grad`` stays
+    ``None``: only the rows a step touched ever travel or get updated)."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, table: AllToAllEmbedding, indices: torch.Tensor) -> torch.Tensor:
+        plan = table._plan(indices)
+        unique, inverse, send, recv, local_ids = plan
+        local = table.weight.to_local()
+        rows = local.index_select(0, local_ids)
+        back = rows.new_empty((len(unique), local.shape[1]))
+        dist.all_to_all_single(back, rows, output_split_sizes=send, input_split_sizes=recv, group=table.group)
+        ctx.table, ctx.plan = table, plan
+        return back.index_select(0, inverse).reshape(*indices.shape, local.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        table = ctx.table
+        unique, inverse, send, recv, local_ids = ctx.plan
+        dim = grad_out.shape[-1]
+        grad = grad_out.new_zeros((len(unique), dim)).index_add_(0, inverse, grad_out.reshape(-1, dim))
+        got = grad.new_empty((len(local_ids), dim))
+        dist.all_to_all_single(got, grad, output_split_sizes=recv, input_split_sizes=send, group=table.group)
+        table._keep_grad(local_ids, got)
+        return None, None, None
+
+
+class AllToAllEmbedding(nn.Module):
+    """An ``nn.Embedding`` whose rows are split across the ranks, looked up with an all-to-all.
+
+    Rank ``r`` owns rows ``[r*c, min((r+1)*c, N))`` (:func:`shard_rows`); ``weight`` is a
+    ``DTensor`` with ``Shard(0)`` (checkpoints and the exported full model go through the same
+    code as :class:`RowShardedEmbedding`). A lookup (collective: every rank calls it, possibly
+    with no ids) de-duplicates this rank's ids, sends each owner the ids it owns
+    (``all_to_all_single`` with splits; gloo and nccl), the owners send the rows back; the
+    backward sends each de-duplicated row's gradient to its owner, which keeps (row, gradient
+    / world) for the optimizer (:class:`RowSparseAdamW` updates only the owned rows a step
+    touched: the optimizer work, the table and its moments split across the ranks; the bytes
+    follow the batch, not the table). Gradients are scaled by ``1 / world``: the same mean
+    over ranks DDP applies to the replicated parameters. The lookups run on their own process
+    group, so they never interleave with DDP's asynchronous all-reduces.
+
+    Args:
+        table: The full table (read once, then dropped).
+        mesh: 1-D device mesh over all ranks (for the ``DTensor``).
+        group: Process group for the lookups' all-to-alls (same ranks as ``mesh``).
+    """
+
+    def __init__(self, table: nn.Embedding, mesh: Any, group: Any) -> None:
+        super().__init__()
+        from torch.distributed.tensor import DTensor, Shard
+
+        if table.max_norm is not None or table.sparse:
+            raise ValueError(f"{SHARDED_EMBEDDINGS_A2A} supports plain tables only (no max_norm, no sparse gradients)")
+        self.num_embeddings, self.embedding_dim = table.num_embeddings, table.embedding_dim
+        self.padding_idx = table.padding_idx
+        self.group = group
+        self.world, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.chunk = -(-self.num_embeddings // self.world)
+        self.row_range = shard_rows(self.num_embeddings, self.world, rank)
+        lo, hi = self.row_range
+        local = table.weight.detach()[lo:hi].clone()
+        weight = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                    shape=table.weight.shape, stride=table.weight.stride())
+        self.weight = nn.Parameter(weight)
+        setattr(self.weight, ROW_SHARDED_ATTR, self)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._coalesced = False
+
+    def _plan(self, indices: torch.Tensor):
+        """De-duplicated ids (sorted, so grouped by owner), the map back, the split sizes
+        and the local rows this rank is asked for."""
+        flat = indices.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"embedding ids out of range [0, {self.num_embeddings})")
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        counts = torch.bincount(unique // self.chunk, minlength=self.world)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        send, recv = counts.tolist(), recv_counts.tolist()
+        asked = unique.new_empty(sum(recv))
+        dist.all_to_all_single(asked, unique, output_split_sizes=recv, input_split_sizes=send, group=self.group)
+        return unique, inverse, send, recv, asked - self.row_range[0]
+
+    def _keep_grad(self, local_ids: torch.Tensor, grad: torch.Tensor) -> None:
+        if self.padding_idx is not None and self.row_range[0] <= self.padding_idx < self.row_range[1]:
+            keep = local_ids != self.padding_idx - self.row_range[0]
+            local_ids, grad = local_ids[keep], grad[keep]
+        self.pending.append((local_ids, grad / self.world))
+        self._coalesced = False
+
+    def coalesced_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The gradient of this rank's rows kept since :meth:`clear_grad`: (unique local rows,
+        their summed gradients), or ``None`` when no owned row was touched."""
+        if not self.pending:
+            return None
+        if len(self.pending) > 1 or not getattr(self, "_coalesced", False):
+            rows = torch.cat([r for r, _ in self.pending])
+            values = torch.cat([v for _, v in self.pending])
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            summed = values.new_zeros((len(unique), values.shape[1])).index_add_(0, inverse, values)
+            self.pending, self._coalesced = [(unique, summed)], True
+        rows, values = self.pending[0]
+        return (rows, values) if rows.numel() else None
+
+    def clear_grad(self) -> None:
+        self.pending, self._coalesced = [], False
+
+    @torch.compiler.disable  # collectives inside: runs eager under torch.compile (a graph break)
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        # a leaf that requires grad, so the backward runs (the weight's grad is never formed)
+        anchor = torch.empty(0, device=indices.device, requires_grad=torch.is_grad_enabled())
+        return _AllToAllLookup.apply(anchor, self, indices)
+
+    def extra_repr(self) -> str:
+        lo, hi = self.row_range
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows [{lo}, {hi}) on this rank, all-to-all lookups"
+
+
+def row_sharded_table(param: torch.Tensor) -> AllToAllEmbedding | None:
+    """The :class:`AllToAllEmbedding` ``param`` is the weight of, else ``None``."""
+    return getattr(param, ROW_SHARDED_ATTR, None)
+
+
+def wrap_all_to_all_embeddings(model: nn.Module, tables: list[nn.Module], device: torch.device) -> nn.Module:
+    """Replace each of ``tables`` in place by an :class:`AllToAllEmbedding` over all ranks and
+    wrap the rest of ``model`` in DDP (the tables left out of its all-reduce).
+
+    Raises:
+        ValueError: no tables, or a table is not an ``nn.Embedding`` sub-module of ``model``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not tables:
+        raise ValueError(f"parallelism='{SHARDED_EMBEDDINGS_A2A}' needs a model family with embedding tables")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    group = dist.new_group(list(range(dist.get_world_size())))
+    names = {id(m): name for name, m in model.named_modules()}
+    ignored = []
+    for table in tables:
+        if not isinstance(table, nn.Embedding) or id(table) not in names:
+            raise ValueError(f"{SHARDED_EMBEDDINGS_A2A}: {type(table).__name__} is not an nn.Embedding of the model")
+        name = names[id(table)]
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, AllToAllEmbedding(table, mesh, group))
+        ignored.append(f"{name}.weight")
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
 def local_tensor(value: torch.Tensor) -> torch.Tensor:
     """The part of ``value`` this rank stores (the local shard of a ``DTensor``)."""
     from torch.distributed.tensor import DTensor
@@ -183,10 +347,12 @@ def memory_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
                  table_params: set[str] | None = None) -> dict[str, int]:
     """Bytes this rank stores for parameters and optimizer state, measured on the local
     tensors (the shard of a sharded parameter), in total and for ``table_params`` (parameter
-    names of the embedding tables; default: every ``nn.Embedding``/:class:`RowShardedEmbedding`)."""
+    names of the embedding tables; default: every ``nn.Embedding``, :class:`RowShardedEmbedding` and
+    :class:`AllToAllEmbedding`)."""
     if table_params is None:
         table_params = {f"{name}.{p}" for name, m in model.named_modules()
-                        if isinstance(m, nn.Embedding | RowShardedEmbedding) for p, _ in m.named_parameters(recurse=False)}
+                        if isinstance(m, nn.Embedding | RowShardedEmbedding | AllToAllEmbedding)
+                        for p, _ in m.named_parameters(recurse=False)}
     tables = {id(p) for name, p in model.named_parameters() if name in table_params}
     out = {"param_bytes": 0, "embedding_param_bytes": 0, "optimizer_bytes": 0, "embedding_optimizer_bytes": 0}
     for param in model.parameters():
@@ -217,11 +383,13 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, group: Any =
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    owned = [g for g in (t.coalesced_grad() for t in {id(t): t for t in map(row_sharded_table, parameters)
+                                                       if t is not None}.values()) if g is not None]
+    if not grads and not owned:
         return torch.zeros(())
-    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)]
+    sharded = [g.to_local() for g in grads if isinstance(g, DTensor)] + [values for _, values in owned]
     plain = [g for g in grads if not isinstance(g, DTensor)]
-    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    device = sharded[0].device if sharded else grads[0].device
     shard_sq = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
     if dist.is_initialized():
         dist.all_reduce(shard_sq, group=group)
@@ -301,6 +469,10 @@ class RowSparseAdamW(torch.optim.Optimizer):
                 if is_row_sparse(p):
                     sparse.append((group, p))
                     continue
+                table = row_sharded_table(p)
+                if table is not None:
+                    self._owned_rows_step(group, p, table)
+                    continue
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -316,6 +488,42 @@ class RowSparseAdamW(torch.optim.Optimizer):
         if sparse:
             self._sparse_step(sparse)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 (also drops kept row gradients)
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                table = row_sharded_table(p)
+                if table is not None:
+                    table.clear_grad()
+
+    def _owned_rows_step(self, group: dict, p: torch.Tensor, table: AllToAllEmbedding) -> None:
+        """Lazy Adam(W) on the rows of ``p`` this rank owns that the step touched (their
+        gradients summed over the ranks by the all-to-all; see :class:`AllToAllEmbedding`)."""
+        state = self._state(p)
+        state["step"] += 1
+        grad = table.coalesced_grad()
+        table.clear_grad()
+        if grad is None:
+            return
+        rows, values = grad
+        self._update_rows(group, local_tensor(p), local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
+                          float(state["step"]), rows, values)
+
+    @staticmethod
+    def _update_rows(group: dict, weight_all: torch.Tensor, avg_all: torch.Tensor, sq_all: torch.Tensor, t: float,
+                     unique: torch.Tensor, grad: torch.Tensor) -> None:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        exp_avg = avg_all.index_select(0, unique).lerp_(grad, 1 - b1)
+        exp_avg_sq = sq_all.index_select(0, unique).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        avg_all.index_copy_(0, unique, exp_avg)
+        sq_all.index_copy_(0, unique, exp_avg_sq)
+        weight = weight_all.index_select(0, unique)
+        if wd:
+            weight.mul_(1 - lr * wd)
+        denom = (exp_avg_sq / (1 - b2**t)).sqrt_().add_(eps)
+        weight.addcdiv_(exp_avg, denom, value=-lr / (1 - b1**t))
+        weight_all.index_copy_(0, unique, weight)
 
     def _sparse_step(self, items: list[tuple[dict, torch.Tensor]]) -> None:
         rows, values = [], []
@@ -333,20 +541,9 @@ class RowSparseAdamW(torch.optim.Optimizer):
             state["step"] += 1
             if r.numel() == 0:
                 continue
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            t = float(state["step"])
             unique, inverse = torch.unique(r, return_inverse=True)
             grad = torch.zeros(len(unique), v.shape[1], dtype=v.dtype, device=v.device).index_add_(0, inverse, v)
-            exp_avg = state["exp_avg"].index_select(0, unique).lerp_(grad, 1 - b1)
-            exp_avg_sq = state["exp_avg_sq"].index_select(0, unique).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            state["exp_avg"].index_copy_(0, unique, exp_avg)
-            state["exp_avg_sq"].index_copy_(0, unique, exp_avg_sq)
-            weight = p.index_select(0, unique)
-            if wd:
-                weight.mul_(1 - lr * wd)
-            denom = (exp_avg_sq / (1 - b2**t)).sqrt_().add_(eps)
-            weight.addcdiv_(exp_avg, denom, value=-lr / (1 - b1**t))
-            p.index_copy_(0, unique, weight)
+            self._update_rows(group, p, state["exp_avg"], state["exp_avg_sq"], float(state["step"]), unique, grad)
 
     def _exchange(self, rows: list[torch.Tensor], values: list[torch.Tensor]):
         """Every rank's touched rows of every table, gradients averaged over the ranks."""

@@ -65,7 +65,7 @@ def test_every_param_is_typed_and_described(dagbag, dag_id):
         param = params.get_param(key)
         assert param.description, f"{key} has no description"
         assert "type" in param.schema, f"{key} has no type"
-    expected = ["ddp", "fsdp", "sharded_embeddings", "none"] if dag_id.startswith("recommendation") else [
+    expected = ["ddp", "fsdp", "sharded_embeddings", "sharded_embeddings_a2a", "none"] if dag_id.startswith("recommendation") else [
         "ddp", "fsdp", "none"]
     assert params.get_param("parallelism").schema["enum"] == expected
     assert params.get_param("precision").schema["enum"] == ["auto", "fp32", "bf16"]

@@ -123,6 +123,12 @@ def test_dag_params_are_unchanged(pipeline):
     assert re.fullmatch(name_schema.pop("pattern"), before["registered_model_name"]["default"])
     assert name_schema == before["registered_model_name"]["schema"]
     changed = {"batch_size": ("description",), "registered_model_name": ("schema", "description")}
+    if pipeline == "recommendation":
+        # parallelism gained sharded_embeddings_a2a (#17): every old value is still allowed.
+        assert set(before["parallelism"]["schema"]["enum"]) < set(now["parallelism"]["schema"]["enum"])
+        assert {k: v for k, v in now["parallelism"]["schema"].items() if k != "enum"} == {
+            k: v for k, v in before["parallelism"]["schema"].items() if k != "enum"}
+        changed["parallelism"] = ("schema", "description")
     for key, old in before.items():
         for field in ("default", "schema", "title", "description"):
             if field not in changed.get(key, ()):

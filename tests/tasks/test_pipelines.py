@@ -130,7 +130,7 @@ def test_params_come_from_the_spec():
     finally:
         unregister_pipeline("toy_params")
     rec = param_specs("recommendation")
-    assert rec["parallelism"]["schema"]["enum"] == ["ddp", "fsdp", "sharded_embeddings", "none"]
+    assert rec["parallelism"]["schema"]["enum"] == ["ddp", "fsdp", "sharded_embeddings", "sharded_embeddings_a2a", "none"]
     assert rec["promotion_metric"]["schema"]["enum"] == ["ndcg_at_10", "hr_at_10"]
     assert param_specs("driving")["promotion_metric"]["schema"]["enum"] == ["ade", "fde", "miss_rate"]
 

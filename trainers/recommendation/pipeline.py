@@ -12,7 +12,7 @@ from trainflow.tasks.pipelines import Metric, PipelineSpec
 
 MODELS = ("neumf", "gmf", "mlp", "sasrec")
 # Row-sharded embedding tables: the recommendation models have tables to shard.
-PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "none")
+PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "sharded_embeddings_a2a", "none")
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Tuned on the valid split of ML-100K (docs/quality.md); model_options override them.
@@ -123,7 +123,9 @@ PIPELINE = PipelineSpec(
                 "ddp: the model replicated on every rank; fsdp: every parameter sharded (FSDP2), each table "
                 "gathered for its forward; sharded_embeddings: the user/item embedding tables split row-wise "
                 "across ranks and never gathered (each rank holds 1/world of their rows and optimizer state; "
-                "for tables too large for one rank), the rest replicated with DDP; none: a single process."
+                "for tables too large for one rank), the rest replicated with DDP; sharded_embeddings_a2a: the same "
+                "split with all-to-all lookups (only the ids and rows a step needs travel, each rank updates only "
+                "its own touched rows: what makes 2 ranks pay off for NeuMF); none: a single process."
             ),
         },
     },
