@@ -27,7 +27,10 @@ from pathlib import Path
 from benchmarks.common import child_env, emit, machine, median, run_json
 
 
-def child(conf: dict) -> dict:
+def run_dag(conf: dict, dag_id: str = "recommendation_training") -> tuple[float, dict, dict]:
+    """One ``dag.test()`` run of ``dag_id`` with ``conf`` in this process's Airflow home: its wall
+    seconds, task instances by id and every task's returned value (XCom) by id; raises unless it
+    succeeded."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
@@ -38,17 +41,25 @@ def child(conf: dict) -> dict:
     bag = DagBag(dag_folder=str(PROJECT_DIR / "dags"))
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    dag = bag.dags["recommendation_training"]
+    dag = bag.dags[dag_id]
     started = time.perf_counter()
     run = dag.test(run_conf=conf)
     total = time.perf_counter() - started
     tis = {t.task_id: t for t in run.get_task_instances()}
     if run.state != DagRunState.SUCCESS:
         raise RuntimeError(f"DAG run {run.state}: {[(k, t.state) for k, t in tis.items()]}")
+    xcoms = {}
     with create_session() as session:
-        value = session.scalar(XComModel.get_many(run_id=run.run_id, dag_ids=run.dag_id, task_ids="train",
-                                                  key="return_value").with_only_columns(XComModel.value))
-    train = json.loads(value) if isinstance(value, str) else value
+        for task_id in tis:
+            value = session.scalar(XComModel.get_many(run_id=run.run_id, dag_ids=run.dag_id, task_ids=task_id,
+                                                      key="return_value").with_only_columns(XComModel.value))
+            xcoms[task_id] = json.loads(value) if isinstance(value, str) else value
+    return total, tis, xcoms
+
+
+def child(conf: dict) -> dict:
+    total, tis, xcoms = run_dag(conf)
+    train = xcoms["train"]
     durations = {k: round(t.duration or 0.0, 2) for k, t in tis.items()}
     compute = float(train["train_seconds"]) + durations.get("evaluate", 0.0)
     return {"total": total, "compute": compute, "orchestration": total - compute, "train_seconds": train["train_seconds"],

@@ -33,34 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import child_env, emit, machine
+from benchmarks.end_to_end import run_dag
 
 ML25M = {"interactions": 25_000_000, "users": 162_000, "items": 59_000}
 
 
 def child(conf: dict) -> dict:
-    from airflow.dag_processing.dagbag import DagBag
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-    from airflow.utils.state import DagRunState
-
-    from trainflow.tasks.settings import PROJECT_DIR
-
-    bag = DagBag(dag_folder=str(PROJECT_DIR / "dags"))
-    if bag.import_errors:
-        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
-    dag = bag.dags["recommendation_training"]
-    started = time.perf_counter()
-    run = dag.test(run_conf=conf)
-    total = time.perf_counter() - started
-    tis = {t.task_id: t for t in run.get_task_instances()}
-    if run.state != DagRunState.SUCCESS:
-        raise RuntimeError(f"DAG run {run.state}: {[(k, t.state) for k, t in tis.items()]}")
-    xcoms = {}
-    with create_session() as session:
-        for task_id in tis:
-            value = session.scalar(XComModel.get_many(run_id=run.run_id, dag_ids=run.dag_id, task_ids=task_id,
-                                                      key="return_value").with_only_columns(XComModel.value))
-            xcoms[task_id] = json.loads(value) if isinstance(value, str) else value
+    total, tis, xcoms = run_dag(conf)
     tasks = {k: {"seconds": round(t.duration or 0.0, 2), "start": t.start_date.timestamp() if t.start_date else None,
                  "end": t.end_date.timestamp() if t.end_date else None} for k, t in tis.items()}
     return {"total": total, "tasks": tasks, "xcoms": xcoms}

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+# The same NeuMF, training settings, launcher and tolerances as the all-gather sharding tests.
+from tests.trainers.test_parallel import FAMILY, LOSS_RTOL, METRIC_ATOL, TRAIN, _launch, _losses
 from trainflow.tasks.launch import LaunchConfig, run_torchrun
 from trainflow.trainers.config import TrainConfig
 from trainflow.trainers.distributed import World
@@ -24,29 +26,7 @@ from trainflow.trainers.serving import served_module
 
 WORKER = str(Path(__file__).with_name("all_to_all_worker.py"))
 A2A = "sharded_embeddings_a2a"
-FAMILY = {"model": "neumf", "gmf_factors": 8, "mlp_layers": [16, 8], "dropout": 0.0, "num_negatives": 2,
-          "eval_batch_size": 64}
-TRAIN = {"epochs": 1, "batch_size": 64, "learning_rate": 0.01, "log_every_steps": 1, "log_to_mlflow": False}
-# The same sums in another order (float32), amplified by Adam on near-zero gradients.
-LOSS_RTOL, METRIC_ATOL = 1e-3, 1e-3
-
 pytestmark = pytest.mark.usefixtures("single_process_one_thread")
-
-
-def _launch(manifest, run_dir: Path, nproc: int, lines: list[str] | None = None, family: dict | None = None,
-            **train) -> dict:
-    cfg = {"train": {"manifest_uri": manifest.uri, "run_dir": run_dir.as_uri(), **TRAIN, **train},
-           "family": family or FAMILY}
-    path = run_dir.parent / f"{run_dir.name}.json"
-    path.write_text(json.dumps(cfg))
-    sink = lines if lines is not None else []
-    run_torchrun(LaunchConfig(nproc_per_node=nproc), module="trainflow.trainers.recommendation",
-                 args=["--config", str(path)], env={"OMP_NUM_THREADS": "1"}, on_line=sink.append)
-    return json.loads((run_dir / "result.json").read_text())
-
-
-def _losses(result: dict) -> np.ndarray:
-    return np.array([loss for _, loss in result["losses"]])
 
 
 def _table_bytes(manifest, world: int, rank: int) -> int:
