@@ -66,18 +66,25 @@ def child(conf: dict) -> dict:
             "task_seconds": durations, "samples_per_s": train.get("samples_per_s"), "world_size": train.get("world_size")}
 
 
+def airflow_home(tmp: str) -> dict[str, str]:
+    """The environment of a fresh Airflow home (SQLite) and data folder under ``tmp``, migrated
+    and with the ``training`` pool, for a child process that runs a DAG with ``dag.test()``."""
+    env = child_env(AIRFLOW_HOME=f"{tmp}/airflow", AIRFLOW__CORE__DAGS_FOLDER=str(Path(__file__).parent.parent / "dags"),
+                    AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
+                    TRAINFLOW_DATA_DIR=f"{tmp}/data")
+    for var in ("TRAINFLOW_STORAGE_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(var, None)
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    for cmd in ([airflow, "db", "migrate"], [airflow, "pools", "set", "training", "1", "trainflow training"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if out.returncode:
+            raise RuntimeError(f"{' '.join(cmd[1:])} failed: {out.stderr[-2000:]}")
+    return env
+
+
 def measure(conf: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="trainflow-bench-e2e-") as tmp:
-        env = child_env(AIRFLOW_HOME=f"{tmp}/airflow", AIRFLOW__CORE__DAGS_FOLDER=str(Path(__file__).parent.parent / "dags"),
-                        AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
-                        TRAINFLOW_DATA_DIR=f"{tmp}/data")
-        for var in ("TRAINFLOW_STORAGE_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-            env.pop(var, None)
-        airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
-        for cmd in ([airflow, "db", "migrate"], [airflow, "pools", "set", "training", "1", "trainflow training"]):
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            if out.returncode:
-                raise RuntimeError(f"{' '.join(cmd[1:])} failed: {out.stderr[-2000:]}")
+        env = airflow_home(tmp)
         return run_json([sys.executable, "-m", "benchmarks.end_to_end", "--child", json.dumps(conf)], env=env, timeout=3600)
 
 

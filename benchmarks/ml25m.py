@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import child_env, emit, machine
-from benchmarks.end_to_end import run_dag
+from benchmarks.common import emit, machine
+from benchmarks.end_to_end import airflow_home, run_dag
 
 ML25M = {"interactions": 25_000_000, "users": 162_000, "items": 59_000}
 
@@ -95,16 +95,7 @@ def _du(path: str) -> dict[str, int]:
 def measure(conf: dict, data_dir: str | None = None, timeout: float = 4 * 3600) -> dict:
     tmp = tempfile.mkdtemp(prefix="trainflow-bench-ml25m-", dir=data_dir)
     try:
-        env = child_env(AIRFLOW_HOME=f"{tmp}/airflow", AIRFLOW__CORE__DAGS_FOLDER=str(Path(__file__).parent.parent / "dags"),
-                        AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
-                        TRAINFLOW_DATA_DIR=f"{tmp}/data")
-        for var in ("TRAINFLOW_STORAGE_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-            env.pop(var, None)
-        airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
-        for cmd in ([airflow, "db", "migrate"], [airflow, "pools", "set", "training", "1", "trainflow training"]):
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            if out.returncode:
-                raise RuntimeError(f"{' '.join(cmd[1:])} failed: {out.stderr[-2000:]}")
+        env = airflow_home(tmp)
         load_start = os.getloadavg()[0]
         log_path = f"{tmp}/dag-test.log"
         with open(log_path, "w") as log:
