@@ -35,6 +35,8 @@ EXTRA="${TRAINFLOW_MAIN_CONF:-}"; [ -n "$EXTRA" ] || EXTRA='{}'
 # `airflow dags test` is a manual run, which would wait for a reviewer (require_approval=auto):
 # the main job lets the gate decide unless TRAINFLOW_MAIN_CONF says otherwise.
 CONF="$("$VENV/bin/python" -c 'import json,sys; print(json.dumps({"source_url": sys.argv[1], "require_approval": "never", **json.loads(sys.argv[2])}))' "$SOURCE" "$EXTRA")"
+# The source the run uses (TRAINFLOW_MAIN_CONF may name another), for the manifest hint below.
+SOURCE="$("$VENV/bin/python" -c 'import json,sys; print(json.loads(sys.argv[1])["source_url"])' "$CONF")"
 START=$(date +%s)
 STATUS=0
 "$VENV/bin/airflow" dags test "${KIND}_training" -c "$CONF" > "$LOG" 2>&1 || STATUS=$?
