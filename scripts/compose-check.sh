@@ -48,13 +48,33 @@ apt_install() {
 }
 
 # --- 1. A Docker engine -------------------------------------------------------------------------
+# A dockerd killed without its shutdown (a machine's session ending, say) leaves its pid file, and
+# a new dockerd refuses to start while that file names a live process, even an unrelated one that
+# reused the pid. So the file is removed unless it names a running dockerd.
+DOCKER_PIDFILE="${TRAINFLOW_DOCKER_PIDFILE:-/var/run/docker.pid}"
+dockerd_running() {
+  local pid
+  pid="$(cat "$DOCKER_PIDFILE" 2>/dev/null)" || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ]
+}
+clear_stale_pidfile() {
+  [ -e "$DOCKER_PIDFILE" ] || return 0
+  log "removing the stale $DOCKER_PIDFILE (pid $(cat "$DOCKER_PIDFILE" 2>/dev/null) is not a running dockerd)"
+  rm -f "$DOCKER_PIDFILE" 2>/dev/null || $SUDO rm -f "$DOCKER_PIDFILE"
+}
+[ "${1:-}" = --clear-stale-pidfile-only ] && { dockerd_running || clear_stale_pidfile; exit 0; }
 if ! docker info >/dev/null 2>&1; then
   command -v dockerd >/dev/null 2>&1 || apt_install docker.io
   if ! docker info >/dev/null 2>&1; then
-    log "starting dockerd (log: $OUT/dockerd.log)"
-    $SUDO sh -c "nohup dockerd >'$OUT/dockerd.log' 2>&1 &"
-    for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-    docker info >/dev/null 2>&1 || { tail -20 "$OUT/dockerd.log" >&2; die "dockerd did not start"; }
+    if dockerd_running; then
+      log "dockerd (pid $(cat "$DOCKER_PIDFILE")) is running but not answering yet: waiting for it"
+    else
+      clear_stale_pidfile
+      log "starting dockerd (log: $OUT/dockerd.log)"
+      $SUDO sh -c "nohup dockerd >'$OUT/dockerd.log' 2>&1 &"
+    fi
+    for _ in $(seq 1 90); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { tail -20 "$OUT/dockerd.log" >&2 2>/dev/null; die "dockerd did not start"; }
   fi
 fi
 log "Docker Engine $(docker version --format '{{.Server.Version}}')"
@@ -193,6 +213,8 @@ for line in Path("docker/.env.example").read_text().splitlines():
             value = values[key]
         elif value.startswith("CHANGE-ME"):
             value = secrets.token_urlsafe(24)
+            if key == "AIRFLOW_ADMIN_PASSWORD":  # always the hard case: a secret that looks like an option
+                value = "-" + value
         line = f"{key}={value}"
     lines.append(line)
 Path(out).write_text("\n".join(lines) + "\n")

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 _RDZV_BACKENDS = ("c10d", "static")
 
+INTERRUPT_TAIL_LINES = 30  # lines of torchrun's output logged when the launcher is interrupted
+
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
@@ -332,7 +334,11 @@ def run_torchrun(
                         returncode = proc.returncode if proc.returncode is not None else 1
                         break
         except BaseException:
-            out_log.warning("launcher interrupted: stopping torchrun (pid %d) and all its ranks", proc.pid)
+            # What the ranks printed last says where they were (a hang, a slow step); the
+            # caller's callback may have dropped it, so it goes into the launcher's log here.
+            last = list(tail)[-INTERRUPT_TAIL_LINES:]
+            out_log.warning("launcher interrupted: stopping torchrun (pid %d) and all its ranks; its last %d "
+                            "line(s) of output:\n%s", proc.pid, len(last), "\n".join(last) or "(none)")
             stop_process_tree(proc, kill_grace_s)
             raise
         finally:

@@ -56,7 +56,7 @@ def param_specs(pipeline: Any) -> dict[str, dict[str, Any]]:
     specs = _common_specs()
     specs["registered_model_name"]["default"] = spec.registered_model_name
     specs["promotion_metric"]["default"] = spec.promotion_metric
-    for key in ("lr_schedule", "warmup_steps"):  # the pipeline's tuned training settings
+    for key in ("lr_schedule", "warmup_steps", "adam_beta2"):  # the pipeline's tuned training settings
         if key in spec.train_defaults:
             specs[key]["default"] = spec.train_defaults[key]
     specs["promotion_metric"]["schema"] = {"type": "string", "enum": list(spec.promotion_metrics)}
@@ -130,6 +130,13 @@ def _common_specs() -> dict[str, dict[str, Any]]:
             {"type": "integer", "minimum": 0, "maximum": 1_000_000},
             "Optimizer steps of linear warmup from 0 to the learning rate. The default is the pipeline's own.",
             "Warmup steps",
+        ),
+        "adam_beta2": _spec(
+            0.999,
+            {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+            "Adam's decay of the squared-gradient average (beta2); Transformers often train with 0.98. "
+            "The default is the pipeline's own.",
+            "Adam beta2",
         ),
         "nnodes": _spec(
             1,
@@ -479,6 +486,8 @@ def check_schema(key: str, value: Any, schema: dict[str, Any]) -> None:
         raise ParamError(key, f"{value} must be greater than {schema['exclusiveMinimum']}")
     if "maximum" in schema and value > schema["maximum"]:
         raise ParamError(key, f"{value} is above the maximum {schema['maximum']}")
+    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+        raise ParamError(key, f"{value} must be less than {schema['exclusiveMaximum']}")
     if "minLength" in schema and len(value) < schema["minLength"]:
         raise ParamError(key, "must not be empty")
     if "maxLength" in schema and len(value) > schema["maxLength"]:

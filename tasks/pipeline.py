@@ -312,6 +312,7 @@ def run_config(
         "learning_rate": values["learning_rate"],
         "lr_schedule": values["lr_schedule"],
         "warmup_steps": values["warmup_steps"],
+        "adam_beta2": values["adam_beta2"],
         "parallelism": values["parallelism"],
         "device": values["device"],
         "precision": values["precision"],

@@ -25,6 +25,26 @@ def pytest_configure(config):
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
     os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 
+# Wall-clock bound (pytest-timeout) of the tests that start whole stacks, DAG runs, Docker builds or
+# benchmarks; every other test has pyproject's `timeout` (900 s). Their own waits are shorter
+# (e.g. the compose check's 50 min covers an image build from nothing).
+LONG_TEST_DIRS = ("integration", "e2e", "benchmarks", "scripts")
+LONG_TEST_TIMEOUT_S = 3300
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = Path(__file__).parent
+    for item in items:
+        if item.get_closest_marker("timeout") is not None:
+            continue
+        try:
+            top = item.path.relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        if top in LONG_TEST_DIRS:
+            item.add_marker(pytest.mark.timeout(LONG_TEST_TIMEOUT_S))
+
+
 SHARED_DATA = Path(os.environ.get("TRAINFLOW_SHARED_DATA") or PROJECT_DIR.parent / "shared" / "data")
 
 

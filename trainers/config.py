@@ -50,6 +50,13 @@ class TrainConfig:
     optimizer: str = "adamw"
     """``adamw`` or ``adam``."""
 
+    adam_beta1: float = 0.9
+    """Adam(W)'s decay of the gradient's running mean."""
+
+    adam_beta2: float = 0.999
+    """Adam(W)'s decay of the squared gradient's running mean (Transformers often use 0.98: the
+    step size follows a change of gradient scale sooner)."""
+
     lr_schedule: str = "constant"
     """``constant``, ``cosine`` (to 10 % of the peak) or ``linear`` (to 0), after warmup."""
 
@@ -136,6 +143,10 @@ class TrainConfig:
                 or not math.isfinite(self.checkpoint_every_minutes):
             raise ValueError(f"checkpoint_every_minutes must be a finite number, got {self.checkpoint_every_minutes!r}")
         _non_negative(self, "checkpoint_every_steps", "checkpoint_every_minutes", "warmup_steps", "weight_decay")
+        for name in ("adam_beta1", "adam_beta2"):
+            beta = getattr(self, name)
+            if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {beta!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

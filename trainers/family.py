@@ -47,7 +47,10 @@ class ModelFamily(abc.ABC):
 
     def embedding_tables(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The ``nn.Embedding`` tables that ``parallelism='sharded_embeddings'`` splits row-wise
-        across ranks (the rest is replicated); default none (that parallelism is then refused)."""
+        across ranks (the rest is replicated); default none (that parallelism is then refused).
+        A model with several tables looks them up with
+        :func:`trainflow.trainers.parallel.lookup_embeddings`: under ``sharded_embeddings_a2a``
+        all of them then travel in one exchange (4 collectives a step, not 4 a table)."""
         return []
 
     def ddp_ignored(self, model: torch.nn.Module) -> list[str]:

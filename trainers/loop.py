@@ -207,11 +207,13 @@ class Trainer:
         # Row-sharded tables (DTensor) and replicated parameters in separate groups: the
         # foreach kernels do not mix DTensor and plain tensors.
         params = list(model.parameters())
+        betas = (self.config.adam_beta1, self.config.adam_beta2)
         # Tables whose rows the optimizer exchanges itself, or whose owned rows it updates.
         if any(is_row_sparse(p) or row_sharded_table(p) is not None for p in params):
-            return RowSparseAdamW(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+            return RowSparseAdamW(params, lr=self.config.learning_rate, betas=betas,
+                                  weight_decay=self.config.weight_decay)
         groups = [g for g in ([p for p in params if not _is_dtensor(p)], [p for p in params if _is_dtensor(p)]) if g]
-        return cls([{"params": g} for g in groups], lr=self.config.learning_rate,
+        return cls([{"params": g} for g in groups], lr=self.config.learning_rate, betas=betas,
                    weight_decay=self.config.weight_decay)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,3 +44,36 @@ def test_the_compose_stack_trains_a_model() -> None:
     assert found["manifest_uri"].startswith("s3://") and found["checkpoint_uri"].startswith("s3://")
     assert "challenger" in found["aliases"]
     print(output[-3000:])
+
+
+@pytest.mark.parametrize("holder", ["gone", "another program", "dockerd"])
+def test_a_stale_docker_pid_file_is_cleared_and_a_live_dockerd_kept(tmp_path: Path, holder: str) -> None:
+    """CI's failure of 2026-12-03: a dockerd killed with the session left /var/run/docker.pid behind,
+    its pid since taken by another process, and the new dockerd refused to start. The script now
+    removes a pid file unless it names a running dockerd (faked here by a copy of ``sleep``)."""
+    pidfile = tmp_path / "docker.pid"
+    proc = None
+    if holder == "gone":
+        pidfile.write_text("4194304")  # above the largest pid_max Linux allows: no process has it
+    else:
+        program = tmp_path / ("dockerd" if holder == "dockerd" else "sleep")
+        shutil.copy(shutil.which("sleep"), program)
+        proc = subprocess.Popen([str(program), "60"])
+        pidfile.write_text(str(proc.pid))
+    try:
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "compose-check.sh"), "--clear-stale-pidfile-only"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "TRAINFLOW_DOCKER_PIDFILE": str(pidfile),
+                 "TRAINFLOW_COMPOSE_CHECK_DIR": str(tmp_path / "out")},
+        )
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+    assert result.returncode == 0, result.stderr
+    if holder == "dockerd":
+        assert pidfile.exists() and "stale" not in result.stdout
+    else:
+        assert not pidfile.exists()
+        assert "removing the stale" in result.stdout

@@ -11,6 +11,7 @@ pins. What this does not prove: that the images build and the stack starts (see 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import stat
@@ -459,6 +460,31 @@ def test_airflow_init_migrates_creates_admin_and_pool(services: dict[str, dict[s
     assert 'airflow pools set training "${TRAINFLOW_TRAINING_POOL_SLOTS}"' in script
     env = environment(init)
     assert env["AIRFLOW_ADMIN_PASSWORD"].startswith("CHANGE-ME")
+
+
+def test_admin_credentials_that_look_like_options_reach_users_create(services: dict[str, dict[str, Any]]) -> None:
+    """A generated password starts with "-" one time in 32 (``token_urlsafe``): the init script
+    must hand it to ``airflow users create`` as the value (``--password=VALUE``), not as an
+    option (the compose check once failed so). The script's ``users create`` line runs in bash
+    with a stand-in ``airflow`` that parses its arguments with argparse, as Airflow's CLI does."""
+    import argparse
+    import subprocess
+
+    script = "\n".join(command_args(services["airflow-init"]))
+    start = script.index("airflow users create")
+    end = script.index("\n", script.index("--lastname", start))
+    line = script[start:end]
+    env = {"PATH": os.environ["PATH"], "AIRFLOW_ADMIN_USERNAME": "-admin", "AIRFLOW_ADMIN_PASSWORD": "-p4ss-W0rd",
+           "AIRFLOW_ADMIN_EMAIL": "--admin@example.org"}
+    out = subprocess.run(["bash", "-c", f'airflow() {{ printf "%s\\0" "$@"; }}\n{line}'], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    argv = out.split("\0")[:-1]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("command", nargs=2)
+    for name in ("role", "username", "password", "email", "firstname", "lastname"):
+        parser.add_argument(f"--{name}")
+    args = parser.parse_args(argv)
+    assert (args.username, args.password, args.email) == ("-admin", "-p4ss-W0rd", "--admin@example.org")
 
 
 def test_aws_connection_points_at_minio(compose: dict[str, Any], env_example: dict[str, str]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -134,6 +136,45 @@ def test_killing_the_launcher_leaves_no_orphans(tmp_path, how):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+class _Interrupted(Exception):
+    """What a wall-clock limit raises in the waiting thread (pytest-timeout, Airflow's execution_timeout)."""
+
+
+def test_an_interrupted_launch_stops_the_ranks_and_logs_what_they_printed_last(tmp_path, caplog):
+    """A hang ended by a time limit must say where the ranks were, even when the caller's
+    callback dropped their output (the tests' ``on_line=lambda line: None``)."""
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+
+    def interrupt_once_ranks_sleep() -> None:
+        deadline = time.monotonic() + 90
+        while len(list(pid_dir.glob("rank-?"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    def on_signal(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGUSR2, on_signal)
+    trigger = threading.Thread(target=interrupt_once_ranks_sleep, daemon=True)
+    try:
+        trigger.start()
+        with caplog.at_level(logging.WARNING, logger="trainflow.tasks.launch"), pytest.raises(_Interrupted):
+            run_torchrun(LaunchConfig(nproc_per_node=2), script=WORKER, args=["sleep", str(pid_dir)],
+                         on_line=lambda line: None, kill_grace_s=3)
+    finally:
+        trigger.join(timeout=100)
+        signal.signal(signal.SIGUSR2, previous)
+    pids = {int(x) for path in pid_dir.glob("rank-?") for x in path.read_text().split()}
+    assert len(pids) == 4  # 2 ranks and their children
+    deadline = time.monotonic() + 30
+    while {pid for pid in pids if _alive(pid)} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not {pid for pid in pids if _alive(pid)}
+    [message] = [r.getMessage() for r in caplog.records if "launcher interrupted" in r.getMessage()]
+    assert "hello from rank 0 of 2" in message and "hello from rank 1 of 2" in message
 
 
 def _alive(pid: int) -> bool:

@@ -190,8 +190,13 @@ def test_the_learning_rate_schedule_is_a_param_whose_default_is_the_pipelines_ow
     assert train({}, "recommendation") == ("constant", 0)
     assert train({"lr_schedule": "cosine", "warmup_steps": 100}, "recommendation") == ("cosine", 100)
     assert train({"lr_schedule": "linear", "warmup_steps": 0}, "driving") == ("linear", 0)
+    assert param_specs("recommendation")["adam_beta2"]["default"] == 0.999
+    config = run_config("recommendation", validate_params({"adam_beta2": 0.98}, "recommendation", cpu_count=2),
+                        dataset, run_dir="file:///runs/x", dag_id="d", run_id="r", settings=None, mlflow_run_id="m")
+    assert TrainConfig.from_dict(config["train"]).adam_beta2 == 0.98
     for bad, field in [({"lr_schedule": "step"}, "lr_schedule"), ({"warmup_steps": -1}, "warmup_steps"),
-                       ({"warmup_steps": 1.5}, "warmup_steps")]:
+                       ({"warmup_steps": 1.5}, "warmup_steps"), ({"adam_beta2": 1}, "adam_beta2"),
+                       ({"adam_beta2": -0.5}, "adam_beta2")]:
         with pytest.raises(ParamError) as err:
             validate_params(bad, "recommendation", cpu_count=2)
         assert err.value.field == field

@@ -22,6 +22,7 @@ from trainflow.trainers.parallel import (
     AllToAllEmbedding,
     RowSparseAdamW,
     clip_grad_norm,
+    lookup_embeddings,
     wrap_all_to_all_embeddings,
 )
 
@@ -47,7 +48,9 @@ def _union_mean_grad(full: nn.Embedding, ids: torch.Tensor, world: int) -> torch
 
 
 def main(out_dir: str) -> None:
-    dist.init_process_group("gloo")
+    from worker_group import init_group  # a sibling file: these workers run as scripts
+
+    init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict = {"rank": rank, "world": world, "cases": []}
     for rows, dim, padding_idx in ((11, 4, None), (7, 3, 0), (world - 1 if world > 1 else 1, 2, None)):
@@ -116,9 +119,125 @@ def main(out_dir: str) -> None:
     dist.all_reduce(after)
     after = after + sum(p.grad.pow(2).sum() for p in holder.dense.parameters())
     report["clip"] = {"norm": float(norm), "expected": float(full_sq.sqrt()), "after": float(after.sqrt())}
+    report["shared_plan"] = _shared_plan(rank)
+    report["grouped"] = _grouped(rank, world)
     with open(f"{out_dir}/rank-{rank}.json", "w") as handle:
         json.dump(report, handle)
     dist.destroy_process_group()
+
+
+def _shared_plan(rank: int) -> dict:
+    """Two tables of one wrap looked up with the same ids tensor (NeuMF's user tables): the
+    second reuses the first's plan, so 6 all-to-alls instead of 8 for both lookups and their
+    backward, with the same rows and gradients as the full tables; an ids tensor modified in
+    place, or an equal but other tensor, is planned again."""
+    torch.manual_seed(1)
+    fulls = [nn.Embedding(9, 3), nn.Embedding(9, 3)]
+    holder = nn.Module()
+    holder.a, holder.b = nn.Embedding(9, 3), nn.Embedding(9, 3)
+    holder.a.load_state_dict(fulls[0].state_dict())
+    holder.b.load_state_dict(fulls[1].state_dict())
+    holder.head = nn.Linear(3, 1)  # DDP needs a replicated parameter
+    wrap_all_to_all_embeddings(holder, [holder.a, holder.b], torch.device("cpu"))
+    calls = []
+    original = dist.all_to_all_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_to_all_single = counting
+    try:
+        ids = torch.tensor([[rank, 8 - rank, 4]])
+        out = holder.a(ids) * 2 + holder.b(ids)
+        out.sum().backward()
+        both = len(calls)
+        expected = fulls[0](ids) * 2 + fulls[1](ids)
+        expected.sum().backward()
+        forward_diff = float((out - expected).abs().max())
+        calls.clear()
+        ids.add_(0)  # an in-place change: the ids may differ now, plan again (3 all-to-alls a lookup)
+        holder.a(ids)
+        ids.add_(0)
+        holder.b(ids)
+        after_inplace = len(calls)
+        calls.clear()
+        holder.a(ids.clone())
+        holder.b(ids.clone())
+        other_tensor = len(calls)
+    finally:
+        dist.all_to_all_single = original
+    grads = {}
+    for name, table, full in (("a", holder.a, fulls[0]), ("b", holder.b, fulls[1])):
+        lo, hi = table.row_range
+        kept = table.coalesced_grad()
+        local = torch.zeros(hi - lo, 3)
+        if kept is not None:
+            local[kept[0]] = kept[1]
+        # one rank's own gradient, before the mean over ranks: compare the sum over ranks
+        dist.all_reduce(full.weight.grad)
+        grads[name] = float((local - full.weight.grad[lo:hi] / dist.get_world_size()).abs().max())
+    return {"calls_both": both, "forward_diff": forward_diff, "grad_diff": max(grads.values()),
+            "calls_after_inplace": after_inplace, "calls_other_tensor": other_tensor}
+
+
+def _grouped(rank: int, world: int) -> dict:
+    """Four tables (two sizes, three widths, a padding row) looked up together, two by one ids
+    tensor and two by another (NeuMF's user and item tables), one rank with no item ids: one
+    exchange (2 all-to-alls for the plan, 1 for the rows, 1 for the gradients), the same rows
+    and row gradients as the full tables; without grad, 3 all-to-alls and the same rows."""
+    torch.manual_seed(2)
+    specs = {"a": (9, 3, None), "b": (9, 2, None), "c": (5, 4, 0), "d": (5, 3, None)}
+    fulls = {name: nn.Embedding(rows, dim, padding_idx=pad) for name, (rows, dim, pad) in specs.items()}
+    holder = nn.Module()
+    for name, (rows, dim, pad) in specs.items():
+        setattr(holder, name, nn.Embedding(rows, dim, padding_idx=pad))
+        getattr(holder, name).load_state_dict(fulls[name].state_dict())
+    holder.head = nn.Linear(3, 1)
+    wrap_all_to_all_embeddings(holder, [holder.a, holder.b, holder.c, holder.d], torch.device("cpu"))
+    users = torch.tensor([rank, 8 - rank, 4, rank])
+    items = torch.zeros((0, 2), dtype=torch.int64) if rank == world - 1 else torch.tensor([[0, 4], [rank % 5, 3]])
+    lookups = [(holder.a, users), (holder.c, items), (holder.b, users), (holder.d, items)]
+    calls = []
+    original = dist.all_to_all_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    gen = torch.Generator().manual_seed(11 + rank)
+    weights = {name: torch.randn(*ids.shape, specs[name][1], generator=gen)
+               for name, ids in (("a", users), ("c", items), ("b", users), ("d", items))}
+    dist.all_to_all_single = counting
+    try:
+        outs = lookup_embeddings(lookups)
+        sum((out * weights[name]).sum() for name, out in zip("acbd", outs, strict=True)).backward()
+        with_grad = len(calls)
+        calls.clear()
+        with torch.no_grad():
+            again = lookup_embeddings(lookups)
+        no_grad = len(calls)
+    finally:
+        dist.all_to_all_single = original
+    expected = [fulls[name](ids) for name, ids in (("a", users), ("c", items), ("b", users), ("d", items))]
+    sum((out * weights[name]).sum() for name, out in zip("acbd", expected, strict=True)).backward()
+    forward_diff = max(float((o - e).abs().max()) if o.numel() else 0.0 for o, e in zip(outs, expected, strict=True))
+    no_grad_diff = max(float((o - e).abs().max()) if o.numel() else 0.0 for o, e in zip(again, expected, strict=True))
+    shapes_ok = all(o.shape == e.shape for o, e in zip(outs, expected, strict=True))
+    grad_diff, padding_grad = 0.0, None
+    for name in "abcd":
+        table, full = getattr(holder, name), fulls[name]
+        lo, hi = table.row_range
+        kept = table.coalesced_grad()
+        local = torch.zeros(hi - lo, specs[name][1])
+        if kept is not None:
+            local[kept[0]] = kept[1]
+        dist.all_reduce(full.weight.grad)
+        grad_diff = max(grad_diff, float((local - full.weight.grad[lo:hi] / world).abs().max()) if hi > lo else 0.0)
+        if name == "c" and lo <= 0 < hi:
+            padding_grad = float(local[0].abs().max())
+    return {"calls": with_grad, "calls_no_grad": no_grad, "forward_diff": forward_diff, "no_grad_diff": no_grad_diff,
+            "grad_diff": grad_diff, "padding_grad": padding_grad, "shapes_ok": shapes_ok}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from trainflow.trainers.parallel import RowShardedEmbedding, clip_grad_norm, sha
 
 
 def main(out_dir: str) -> None:
-    dist.init_process_group("gloo")
+    from worker_group import init_group  # a sibling file: these workers run as scripts
+
+    init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict = {"rank": rank, "world": world, "cases": []}
     for rows, dim, padding_idx in ((11, 4, None), (7, 3, 0), (world - 1 if world > 1 else 1, 2, None)):

@@ -27,9 +27,11 @@ class Tiny(torch.nn.Module):
 
 
 def main(out: str) -> None:
+    from worker_group import init_group  # a sibling file: these workers run as scripts
+
     from trainflow.trainers.parallel import RowSparseAdamW, mark_row_sparse
 
-    dist.init_process_group("gloo")
+    init_group()
     rank = dist.get_rank()
     model = Tiny()
     mark_row_sparse([model.table])

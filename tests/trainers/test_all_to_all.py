@@ -42,7 +42,8 @@ def _table_bytes(manifest, world: int, rank: int) -> int:
 def test_lookups_row_gradients_and_updates_match_the_full_table_on_three_ranks(tmp_path):
     """Uneven shards (11 rows on 3 ranks), a rank owning no rows, a padding row, different
     numbers of lookups per rank (none on one), no_grad lookups, 3 optimizer steps against
-    torch's SparseAdam on the full table, and global-norm clipping of the kept rows."""
+    torch's SparseAdam on the full table, global-norm clipping of the kept rows, a plan shared
+    by two tables, and four tables of mixed sizes and widths looked up in one exchange."""
     run_torchrun(LaunchConfig(nproc_per_node=3), script=WORKER, args=[str(tmp_path)], env={"OMP_NUM_THREADS": "1"},
                  on_line=lambda line: None)
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(3)]
@@ -59,6 +60,20 @@ def test_lookups_row_gradients_and_updates_match_the_full_table_on_three_ranks(t
         assert clip["after"] == pytest.approx(0.5, rel=1e-4)
     # the padding row's owner saw it looked up and kept no gradient for it
     assert reports[0]["cases"][1]["padding_grad"] == 0.0
+    # Two tables looked up with one ids tensor share the plan: 6 all-to-alls, not 8, same values.
+    for report in reports:
+        shared = report["shared_plan"]
+        assert shared["calls_both"] == 6, shared
+        assert shared["forward_diff"] < 1e-5 and shared["grad_diff"] < 1e-6, shared
+        assert shared["calls_after_inplace"] == 6 and shared["calls_other_tensor"] == 6, shared  # 3 + 3 forward
+    # Four tables looked up together (lookup_embeddings): one exchange, 4 all-to-alls instead of 12.
+    for report in reports:
+        grouped = report["grouped"]
+        assert grouped["calls"] == 4 and grouped["calls_no_grad"] == 3, grouped
+        assert grouped["shapes_ok"], grouped
+        assert grouped["forward_diff"] < 1e-5 and grouped["no_grad_diff"] < 1e-5, grouped
+        assert grouped["grad_diff"] < 1e-6, grouped
+    assert reports[0]["grouped"]["padding_grad"] == 0.0  # looked up, owned by rank 0, no gradient kept
 
 
 @pytest.fixture(scope="module")

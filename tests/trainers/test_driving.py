@@ -277,6 +277,40 @@ def test_modes_are_k_forecasts_in_the_input_frame_with_logits():
         ForecastModel(hidden_dim=8, num_layers=1, context_dim=0)(history, with_modes=True)
 
 
+def test_mode_blend_mixes_the_single_forecast_with_the_modes_expected_position():
+    """Outside training the single forecast is (1 - b) x the ensemble's + b x the
+    probability-weighted mean of the K forecasts; training (and per-member) forecasts are not
+    blended; the blend travels in the exported model's config."""
+    torch.manual_seed(0)
+    model = ForecastModel(hidden_dim=32, num_layers=2, context_dim=8, num_modes=4).eval()
+    history = torch.from_numpy(moving_histories(5, seed=4)).float()
+    history = history - history[:, -1:]
+    neighbours = history[:, None] + torch.randn(5, 3, 1, 2) * 10
+    with torch.no_grad():
+        ensemble, modes, logits = model(history, neighbours, with_modes=True)
+        expected = (logits.softmax(-1)[:, :, None, None] * modes).sum(1)
+        assert not torch.allclose(ensemble, expected)
+        for blend in (0.3, 1.0):
+            model.mode_blend = blend
+            single, modes_b, _ = model(history, neighbours, with_modes=True)
+            torch.testing.assert_close(single, (1 - blend) * ensemble + blend * expected)
+            torch.testing.assert_close(model(history, neighbours), single)  # without with_modes too
+            torch.testing.assert_close(modes_b, modes)  # the K forecasts are not changed
+        model.train()
+        model.mode_blend = 0.5
+        for member in model.modules():  # dropout off, so training and eval forwards compare
+            if isinstance(member, torch.nn.Dropout):
+                member.p = 0.0
+        torch.testing.assert_close(model(history, neighbours), ensemble)
+    with pytest.raises(ValueError, match="mode_blend"):
+        DrivingConfig(mode_blend=1.5)
+    with pytest.raises(ValueError, match="mode_blend"):
+        DrivingConfig(mode_blend=0.5, num_modes=0)
+    config = DrivingFamily.__new__(DrivingFamily)
+    config.config = DrivingConfig(mode_blend=0.4)
+    assert build_forecaster(DrivingFamily.export_config(config)).mode_blend == 0.4
+
+
 def test_multimodal_metrics_score_the_forecast_closest_at_the_end():
     from trainflow.trainers.driving.evaluation import multimodal_metrics
 
@@ -451,6 +485,15 @@ def test_short_training_reduces_the_loss_and_beats_constant_velocity(synthetic_m
     errors = np.linalg.norm(served - samples.future, axis=-1)
     assert served.shape == samples.future.shape and np.isfinite(served).all()
     assert errors.mean() == pytest.approx(metrics["history_only_ade"], rel=1e-3)
+    # The blend tool scores the exported run: blend 0 is the run's own evaluation.
+    from benchmarks._driving_blend import main as score_blends
+
+    rows = score_blends(["--run-dir", run_dir, "--split", "eval", "--blends", "0", "1"])
+    assert [r["mode_blend"] for r in rows] == [0.0, 1.0] and {r["split"] for r in rows} == {"eval"}
+    assert rows[0]["ade"] == pytest.approx(metrics["ade"], rel=1e-3)
+    assert rows[0]["fde"] == pytest.approx(metrics["fde"], rel=1e-3)
+    assert rows[1]["ade"] != pytest.approx(rows[0]["ade"], rel=1e-6)
+    assert rows[0]["ade_vs_cv"] == pytest.approx(1 - metrics["ade"] / metrics["baseline_ade"], abs=1e-3)
 
 
 # --- real data -------------------------------------------------------------------------------
@@ -567,3 +610,36 @@ def test_a_model_registered_before_the_scene_contract_is_scored_on_histories(syn
     assert np.isfinite(metrics["ade"]) and metrics["baseline_ade"] > 0
     assert not any(key.startswith(("min_", "history_only_")) for key in metrics)
     assert report["examples"]["forecasts"] is None
+
+
+def test_time_reversal_plays_the_scene_backwards(synthetic_manifest):
+    from trainflow.trainers.driving.data import loader_batch_samples
+
+    # One scenario, two complete tracks moving at different constant speeds; frame t at x = speed * t.
+    t = np.arange(50, dtype=np.float32)
+    tracks = np.stack([np.stack([2.0 * t, 0 * t], -1), np.stack([1.0 * t, 3.0 + 0 * t], -1)])
+    batch = {"num_tracks": np.array([2]), "tracks_xy": tracks.reshape(1, -1), "track_types": np.array([[0, 2]]),
+             "row_index": np.array([7])}
+    forward, _ = loader_batch_samples(batch, focal_only=False, max_neighbours=1)
+    backward, _ = loader_batch_samples(batch, focal_only=False, max_neighbours=1, time_reversed=np.array([True]))
+    # Forwards the AGENT's history ends at frame 19 (x = 38); backwards it is frames 49..30, ending at
+    # frame 30 (x = 60), and its future runs back to frame 0 (x = 0): 60 m behind the origin.
+    np.testing.assert_allclose(forward.future[0, -1], [2.0 * 49 - 38, 0])
+    np.testing.assert_allclose(backward.history[0, 0], [2.0 * 49 - 60, 0])
+    np.testing.assert_allclose(backward.future[0, -1], [-60, 0])
+    assert bool(backward.is_agent[0]) and not bool(backward.is_agent[1])
+    # The neighbour's context is its own reversed frames 49..30, in the AGENT's frame.
+    np.testing.assert_allclose(backward.neighbours[0, 0, -1], [30 - 60, 3])
+    # Through the family: every scenario reversed; the futures are the plain runs' pasts, so the
+    # batches differ, and the draw is the same on a second pass (seeded per scenario and epoch).
+    # (complete tracks only: reversed, a complete track stays complete, so both give the same samples)
+    plain = DrivingFamily(DrivingConfig(**SMALL, mirror_probability=0.0, min_future_frames=30), synthetic_manifest,
+                          World())
+    family = DrivingFamily(DrivingConfig(**SMALL, mirror_probability=0.0, min_future_frames=30,
+                                         time_reverse_probability=1.0), synthetic_manifest, World())
+    reversed_rows = _rows(list(family.train_batches(epoch=0, batch_size=64)), "future")
+    np.testing.assert_array_equal(reversed_rows, _rows(list(family.train_batches(epoch=0, batch_size=64)), "future"))
+    assert reversed_rows.shape == _rows(list(plain.train_batches(epoch=0, batch_size=64)), "future").shape
+    assert not np.array_equal(reversed_rows, _rows(list(plain.train_batches(epoch=0, batch_size=64)), "future"))
+    with pytest.raises(ValueError, match="time_reverse_probability"):
+        DrivingConfig(time_reverse_probability=1.5)

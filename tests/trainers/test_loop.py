@@ -51,7 +51,8 @@ def _losses(result: dict) -> np.ndarray:
 def test_config_validation_names_the_field(toy_manifest):
     for kwargs, field in [({"epochs": 0}, "epochs"), ({"parallelism": "tp"}, "parallelism"),
                           ({"learning_rate": 0}, "learning_rate"), ({"device": "tpu"}, "device"),
-                          ({"run_id": "../x"}, "run_id"), ({"warmup_steps": -1}, "warmup_steps")]:
+                          ({"run_id": "../x"}, "run_id"), ({"warmup_steps": -1}, "warmup_steps"),
+                          ({"adam_beta2": 1.0}, "adam_beta2"), ({"adam_beta1": -0.1}, "adam_beta1")]:
         with pytest.raises(ValueError, match=field):
             TrainConfig(manifest_uri="file:///m", **kwargs)
     with pytest.raises(ValueError, match="multiple of world_size"):
@@ -132,6 +133,16 @@ def test_keep_best_exports_the_best_epoch_not_the_last(toy_manifest, tmp_path, m
         family = ToyFamily(ToyConfig(), toy_manifest, None)
         assert family.evaluate(model, "valid")["mse"] == pytest.approx(valid[best_epoch], rel=1e-6)
         assert family.evaluate(model, "eval")["mse"] == pytest.approx(result["metrics"]["eval"]["mse"], rel=1e-6)
+
+
+def test_adam_betas_reach_the_optimizer(toy_manifest, tmp_path):
+    """Adam's first step is lr x sign(g) whatever the betas (bias correction), so the first two
+    losses agree; from the second update on, beta2 = 0.98 must train differently from 0.999."""
+    default = _losses(run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "a", max_steps=6)))
+    fast = _losses(run_training(ToyFamily, ToyConfig(), _config(toy_manifest, tmp_path / "b", max_steps=6,
+                                                                  adam_beta2=0.98)))
+    np.testing.assert_allclose(fast[:2], default[:2], rtol=1e-6)
+    assert not np.allclose(fast[2:], default[2:], rtol=1e-6, atol=0)
 
 
 def test_gradient_accumulation_matches_one_big_batch(toy_manifest, tmp_path):

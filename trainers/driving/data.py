@@ -154,6 +154,7 @@ def loader_batch_samples(
     min_other_displacement: float = 0.0,
     min_future_frames: int = FUTURE_FRAMES,
     time_shifts: np.ndarray | None = None,
+    time_reversed: np.ndarray | None = None,
 ) -> tuple[ForecastSamples, np.ndarray]:
     """The samples of a :class:`trainflow.trainers.loader.ShardLoader` batch of scenario rows.
 
@@ -166,6 +167,9 @@ def loader_batch_samples(
         time_shifts: Per scenario row, frames to move the scene's clock forward before
             cutting it (augmentation: the 20 history frames start that much later and the
             future's last frames are unobserved; pairs with ``min_future_frames`` < 30).
+        time_reversed: Per scenario row, True to play the scene backwards (augmentation: every
+            track's 50 frames in reverse order, so a track's last 20 frames, reversed, are its
+            history and its first 30 its future; applied before ``time_shifts``).
 
     Returns:
         The samples (``scenario`` is the scenario's row index in the split) and a bool array,
@@ -180,6 +184,8 @@ def loader_batch_samples(
     parts: list[dict[str, np.ndarray]] = []
     for i in range(len(counts)):
         tracks = values[offsets[i] : offsets[i + 1]].reshape(int(counts[i]), frames, 2)
+        if time_reversed is not None and time_reversed[i]:
+            tracks = tracks[:, ::-1]
         if time_shifts is not None and time_shifts[i] > 0:
             shift = int(time_shifts[i])
             tracks = np.concatenate([tracks[:, shift:], np.full((len(tracks), shift, 2), np.nan, tracks.dtype)], axis=1)

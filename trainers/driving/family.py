@@ -1,7 +1,8 @@
 """The driving model family: focal-vehicle motion forecasting (2 s of history → 3 s).
 
-Training samples are every track observed at all 50 frames of a training scenario (AGENT, AV,
-OTHERS), the AGENT weighted up in the loss; each carries the first 20 frames of its nearest
+Training samples are every track of a training scenario (AGENT, AV, OTHERS) observed at all 20
+history frames and at least ``min_future_frames`` of the 30 future ones (the loss masked to the
+observed frames), the AGENT weighted up in the loss; each carries the first 20 frames of its nearest
 surrounding tracks as context. The train split is streamed: :class:`trainflow.trainers.loader.ShardLoader`
 deals the scenario rows to the ranks (each scenario once per epoch across the world, the
 padded tail flagged by ``sample_mask``) and each batch of scenarios is cut into its samples
@@ -117,6 +118,12 @@ class DrivingFamily(ModelFamily):
                 np.random.default_rng([c.seed, epoch, 2, int(row)]).integers(0, c.max_time_shift + 1)
                 for row in np.asarray(batch["row_index"])
             ])
+        reversed_ = None
+        if c.time_reverse_probability > 0:
+            reversed_ = np.array([
+                np.random.default_rng([c.seed, epoch, 3, int(row)]).random() < c.time_reverse_probability
+                for row in np.asarray(batch["row_index"])
+            ])
         samples, valid = loader_batch_samples(
             batch,
             focal_only=not c.train_on_all_tracks,
@@ -124,6 +131,7 @@ class DrivingFamily(ModelFamily):
             min_other_displacement=c.min_other_displacement,
             min_future_frames=c.min_future_frames,
             time_shifts=shifts,
+            time_reversed=reversed_,
         )
         mirror = np.zeros(len(samples), dtype=bool)
         drop_context = np.zeros(len(samples), dtype=bool)
@@ -260,6 +268,7 @@ class DrivingFamily(ModelFamily):
                 "mirror_average": c.mirror_average,
                 "num_modes": c.num_modes,
                 "context_pooling": c.context_pooling,
+                "mode_blend": c.mode_blend,
             },
             "max_neighbours": c.max_neighbours,
             "frame_rate_hz": FRAME_RATE_HZ,

@@ -199,6 +199,10 @@ class ForecastModel(nn.Module):
         num_modes: Forecasts of the multimodal head (0: none); see :meth:`modes`.
         context_pooling: How the context encoder pools the surrounding tracks: ``"max"`` or
             ``"attention"`` (max + attention from the focal agent; see :class:`ContextEncoder`).
+        mode_blend: Outside training, the single forecast is ``(1 - mode_blend)`` x the
+            ensemble's + ``mode_blend`` x the probability-weighted mean of the multimodal head's
+            K forecasts (two estimators of the same future, trained on different losses); 0
+            (the ensemble alone) without a multimodal head.
     """
 
     def __init__(
@@ -213,9 +217,13 @@ class ForecastModel(nn.Module):
         mirror_average: bool = False,
         num_modes: int = 0,
         context_pooling: str = "max",
+        mode_blend: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= mode_blend <= 1.0:
+            raise ValueError(f"mode_blend must be in [0, 1], got {mode_blend}")
         self.num_modes = num_modes
+        self.mode_blend = float(mode_blend) if num_modes > 0 else 0.0
         self.mirror_average = mirror_average
         self.history_frames = history_frames
         self.future_frames = future_frames
@@ -278,13 +286,19 @@ class ForecastModel(nn.Module):
             single = from_agent_frame(flat, rep(origin), rep(cos), rep(sin)).reshape(-1, n, self.future_frames, 2)
         else:
             single = from_agent_frame(constant_velocity + corrections.mean(dim=0), origin, cos, sin)
-        if not with_modes:
+        blend = self.mode_blend if not self.training and not per_member else 0.0
+        if not with_modes and not blend:
             return single
         if self.mode_head is None:
             raise ValueError("this model has no multimodal head (num_modes=0)")
         mode_corrections, logits = self.mode_head(features, context)
         local_modes = constant_velocity[:, None] + mode_corrections  # (n, K, F, 2)
         modes = from_agent_frame(local_modes, origin, cos, sin)
+        if blend:
+            expected = (logits.softmax(dim=-1)[:, :, None, None] * modes).sum(dim=1)
+            single = (1.0 - blend) * single + blend * expected
+        if not with_modes:
+            return single
         return single, modes, logits
 
 

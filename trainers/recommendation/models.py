@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainflow.trainers.parallel import lookup_embeddings
+
 
 class GMF(nn.Module):
     """Generalized matrix factorisation: ``h^T (p_u * q_i)``."""
@@ -33,8 +35,15 @@ class GMF(nn.Module):
             nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
             nn.init.zeros_(self.output.bias)
 
+    def lookups(self, users: torch.Tensor, items: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+        return [(self.user_embedding, users), (self.item_embedding, items)]
+
+    def combine(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """The features from the looked-up rows: ``user`` (B, d), ``item`` (B, C, d)."""
+        return user.unsqueeze(1) * item
+
     def features(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.user_embedding(users).unsqueeze(1) * self.item_embedding(items)
+        return self.combine(*lookup_embeddings(self.lookups(users, items)))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.output(self.features(users, items)).squeeze(-1)
@@ -70,10 +79,16 @@ class MLP(nn.Module):
             nn.init.kaiming_uniform_(self.output.weight, a=1, nonlinearity="sigmoid")
             nn.init.zeros_(self.output.bias)
 
-    def features(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        item = self.item_embedding(items)
-        user = self.user_embedding(users).unsqueeze(1).expand(-1, item.shape[1], -1)
+    def lookups(self, users: torch.Tensor, items: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+        return [(self.user_embedding, users), (self.item_embedding, items)]
+
+    def combine(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """The tower's features from the looked-up rows: ``user`` (B, d), ``item`` (B, C, d)."""
+        user = user.unsqueeze(1).expand(-1, item.shape[1], -1)
         return self.tower(torch.cat([user, item], dim=-1))
+
+    def features(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.combine(*lookup_embeddings(self.lookups(users, items)))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.output(self.features(users, items)).squeeze(-1)
@@ -95,7 +110,10 @@ class NeuMF(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        fused = torch.cat([self.gmf.features(users, items), self.mlp.features(users, items)], dim=-1)
+        # all four tables in one lookup: one exchange when they are row-sharded (lookup_embeddings)
+        gmf_user, gmf_item, mlp_user, mlp_item = lookup_embeddings(
+            self.gmf.lookups(users, items) + self.mlp.lookups(users, items))
+        fused = torch.cat([self.gmf.combine(gmf_user, gmf_item), self.mlp.combine(mlp_user, mlp_item)], dim=-1)
         return self.output(fused).squeeze(-1)
 
     def load_pretrained(self, gmf_state: dict, mlp_state: dict, alpha: float = 0.5) -> None:

@@ -114,7 +114,7 @@ PIPELINE = PipelineSpec(
         },
         "model_size": {"default": 64, "description": MODEL_SIZE_HELP},
         "model_options": {"description": MODEL_OPTIONS_HELP},
-        "epochs": {"default": 60},
+        "epochs": {"default": 100},
         "batch_size": {"default": 256},
         "learning_rate": {"default": 0.002},
         "parallelism": {
