@@ -9,15 +9,17 @@ trainflow 2 processes, peer, trainflow 1 process, ``--rounds`` times:
 - trainflow: ``torchrun -m trainflow.trainers.recommendation`` on the sharded dataset (sharded once
   before the clocks start; the time is reported), SASRec with dropout 0.5 (the paper's for sparse
   data), ``--max-seq-len`` (default 20, chosen on ``valid``: docs/quality.md) and trainflow's
-  ML-100K settings (hidden 64, 1 negative, batch 256, lr 0.002), ``--epochs`` epochs, one torch
-  thread a process. Its clock: from the launch to each epoch's ``valid`` line (its per-epoch
+  ML-100K settings (hidden 64, 1 negative, batch 256, lr 0.002) or, with ``--settings games``, the
+  Amazon Games settings chosen on ``valid`` (batch 128, 4 negatives, cosine lr, Adam beta2 0.98),
+  ``--epochs`` epochs, one torch thread a process. Its clock: from the launch to each epoch's ``valid`` line (its per-epoch
   ``valid`` evaluation over every user and the checkpoints are inside the clock); ``eval`` is
   measured once at the end on the best ``valid`` epoch.
 - peer: ``benchmarks/_sasrec_peer.py`` (the peer's own model, sampler, loss and evaluation
   functions; batch 128, lr 0.001, hidden 50, maxlen 50, dropout 0.5: the paper's settings),
   ``--peer-threads`` torch threads (default 1: with 2, each of its one-user ``predict`` calls
   took ~170 ms instead of ~8 ms on the loaded 2-core machine) plus its own 3 sampler
-  processes, trained for as many seconds as the trainflow 2-process run took to finish,
+  processes, trained for as many seconds as the trainflow 2-process run took to finish (or
+  ``--peer-budget`` seconds),
   evaluated every ``--peer-eval-every`` epochs; its evaluation time is *not* on its clock.
 
 Lines: the seconds each contestant needs to reach ``valid`` HR@10 >= ``--target`` (0.70),
@@ -49,9 +51,17 @@ SHARED = Path(os.environ.get("TRAINFLOW_SHARED_DIR") or ROOT.parent / "shared")
 DATA = SHARED / "data" / "sasrec_amazon_games" / "Video.txt"
 PEER = SHARED / "peers" / "sasrec-pytorch"
 VALID_LINE = re.compile(r"epoch (\d+)/(\d+) done: valid (.*)$")
-TRAINFLOW_SETTINGS = ["--model", "sasrec", "--family.hidden_size=64",
-                      "--family.dropout=0.5", "--family.num_negatives=1", "--batch-size", "256",
-                      "--learning-rate", "0.002", "--train.log_to_mlflow=false", "--train.log_every_steps=100"]
+_COMMON = ["--model", "sasrec", "--family.hidden_size=64", "--family.dropout=0.5", "--learning-rate", "0.002",
+           "--train.log_to_mlflow=false", "--train.log_every_steps=100"]
+SETTINGS = {
+    # trainflow's ML-100K SASRec settings with the paper's dropout for sparse data (the first race)
+    "ml100k": [*_COMMON, "--family.num_negatives=1", "--batch-size", "256"],
+    # the Amazon Games settings chosen on `valid` (docs/quality.md, runs 4-8): batch 128, 4 negatives
+    # a position, a cosine learning rate over the run's epochs, Adam beta2 0.98
+    "games": [*_COMMON, "--family.num_negatives=4", "--batch-size", "128", "--train.lr_schedule=cosine",
+              "--train.adam_beta2=0.98"],
+}
+TRAINFLOW_SETTINGS = SETTINGS["ml100k"]
 
 
 def _metrics(text: str) -> dict[str, float]:
@@ -77,12 +87,13 @@ def shard(data: Path, work: Path) -> tuple[str, float]:
     return uri, time.monotonic() - started
 
 
-def run_trainflow(uri: str, nproc: int, epochs: int, run_dir: Path, max_seq_len: int) -> dict:
+def run_trainflow(uri: str, nproc: int, epochs: int, run_dir: Path, max_seq_len: int,
+                  settings: list[str] = TRAINFLOW_SETTINGS) -> dict:
     """One torchrun launch; the valid curve with the seconds since the launch, and the result."""
     threads = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "trainflow.trainers.recommendation", "--manifest-uri", uri, "--run-dir", run_dir.as_uri(),
-           "--epochs", str(epochs), f"--family.max_seq_len={max_seq_len}", *TRAINFLOW_SETTINGS]
+           "--epochs", str(epochs), f"--family.max_seq_len={max_seq_len}", *settings]
     env = child_env(OMP_NUM_THREADS=threads)
     env["OMP_NUM_THREADS"] = threads
     started = time.monotonic()
@@ -150,7 +161,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "loaded 2-core machine: OpenMP barriers)")
     parser.add_argument("--max-seq-len", type=int, default=20, help="trainflow's SASRec max_seq_len")
     parser.add_argument("--skip-one-process", action="store_true")
+    parser.add_argument("--settings", choices=sorted(SETTINGS), default="ml100k",
+                        help="trainflow's settings: ml100k (batch 256, 1 negative, constant lr) or games (the "
+                             "Amazon Games settings chosen on valid: batch 128, 4 negatives, cosine lr, beta2 0.98)")
+    parser.add_argument("--peer-budget", type=float,
+                        help="seconds of training for the peer (default: the trainflow 2-process run's wall time)")
     args = parser.parse_args(argv)
+    settings = SETTINGS[args.settings]
     names = ("sasrec_amazon_seconds_to_hr70", "sasrec_amazon_valid_hr_at_equal_time",
              "sasrec_amazon_valid_ndcg_at_equal_time")
     if not DATA.exists():
@@ -166,16 +183,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not peers:
         peer_missing = "peers disabled (TRAINFLOW_BENCH_PEERS=0)"
     common = {"data": str(data), "epochs": epochs, "target_valid_hr_at_10": args.target, "shard_s": round(shard_s, 2),
-              "trainflow_settings": " ".join(TRAINFLOW_SETTINGS) + f" --family.max_seq_len={args.max_seq_len}",
+              "settings": args.settings,
+              "trainflow_settings": " ".join(settings) + f" --family.max_seq_len={args.max_seq_len}",
               "torch_threads": {"trainflow": "1 per process", "peer": args.peer_threads}}
     lines = []
     for rnd in range(args.rounds):
         load_before = os.getloadavg()
-        two = _progress("trainflow_2proc", run_trainflow(uri, 2, epochs, work / f"tf2-{rnd}", args.max_seq_len))
+        two = _progress("trainflow_2proc", run_trainflow(uri, 2, epochs, work / f"tf2-{rnd}", args.max_seq_len, settings))
         peer = None if peer_missing else _progress(
-            "peer", run_peer(data, two["wall_s"], args.peer_eval_every, args.peer_threads))
+            "peer", run_peer(data, args.peer_budget or two["wall_s"], args.peer_eval_every, args.peer_threads))
         one = None if args.skip_one_process else _progress(
-            "trainflow_1proc", run_trainflow(uri, 1, epochs, work / f"tf1-{rnd}", args.max_seq_len))
+            "trainflow_1proc", run_trainflow(uri, 1, epochs, work / f"tf1-{rnd}", args.max_seq_len, settings))
         load_after = os.getloadavg()
         params = {**common, "round": rnd, "machine": machine(), "load_1m_5m_15m_before": [round(x, 2) for x in load_before],
                   "load_1m_5m_15m_after": [round(x, 2) for x in load_after],

@@ -33,7 +33,8 @@ A batch is a dict of tensors, one per column: numbers and booleans as 1-D tensor
 one length and fixed-size binaries (images) as 2-D tensors (``uint8`` for binaries), lists of
 varying length as a flat ``name`` tensor plus
 ``name_offsets`` (int64, ``len+1``), strings as a Python list of ``str``. ``with_row_index``
-adds ``row_index`` (int64, the row's position in the split in manifest order).
+adds ``row_index`` (int64, the row's position in the split in manifest order; over several
+splits, its position in their concatenation, in the order given).
 
 A family hook ``transform(batch, info)`` runs where the batch is made (inside the worker) and
 gets a :class:`BatchInfo` with a ``torch.Generator`` seeded by (seed, epoch, rank, batch), so
@@ -129,7 +130,8 @@ class ShardLoader(IterableDataset):
 
     Args:
         manifest: The committed dataset version.
-        split: ``train``, ``valid`` or ``eval``.
+        split: ``train``, ``valid`` or ``eval``, or several of them read as one (e.g.
+            ``("train", "valid")`` to refit on both once the epochs are chosen on ``valid``).
         batch_size: Rows per batch on this rank (the per-rank micro batch).
         world: Rank and world size (default: a world of one).
         columns: Columns to read (default: all).
@@ -155,7 +157,7 @@ class ShardLoader(IterableDataset):
     def __init__(
         self,
         manifest: Manifest,
-        split: str,
+        split: str | tuple[str, ...] | list[str],
         batch_size: int,
         *,
         world: World | None = None,
@@ -202,7 +204,10 @@ class ShardLoader(IterableDataset):
         self.transform = transform
         self.with_row_index = with_row_index
         self.checksum = checksum
-        self._shards = manifest.shards(split)
+        self.splits = (split,) if isinstance(split, str) else tuple(split)
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"split must name one split or several distinct ones, got {split!r}")
+        self._shards = [shard for name in self.splits for shard in manifest.shards(name)]
         units = []
         first = 0
         for s, shard in enumerate(self._shards):
@@ -214,10 +219,11 @@ class ShardLoader(IterableDataset):
         self._units = units
         self.num_rows = first
         if self.columns is not None:
-            known = {f["name"] for f in manifest.schema(split)}
-            unknown = [c for c in self.columns if c not in known]
-            if unknown:
-                raise ValueError(f"columns {unknown} are not in split {split!r} (have: {sorted(known)})")
+            for name in self.splits:
+                known = {f["name"] for f in manifest.schema(name)}
+                unknown = [c for c in self.columns if c not in known]
+                if unknown:
+                    raise ValueError(f"columns {unknown} are not in split {name!r} (have: {sorted(known)})")
         self.epoch = 0
         self.position = 0  # batches of this epoch already handed out
 

@@ -425,6 +425,24 @@ def test_a_rank_streams_only_its_share_of_the_train_split(synthetic_manifest, mo
     assert not hasattr(family, "train_samples")  # no split-wide array of samples
 
 
+def test_a_refit_trains_on_the_valid_scenarios_too_and_never_on_eval(synthetic_manifest):
+    """``train_on_valid``: every train and valid scenario once an epoch across the ranks (the
+    valid ones numbered after the train ones), no eval scenario."""
+    config = DrivingConfig(**SMALL, train_on_valid=True)
+    ranks = [DrivingFamily(config, synthetic_manifest, World(rank=r, world_size=2)) for r in range(2)]
+    n_train, n_valid = synthetic_manifest.num_rows("train"), synthetic_manifest.num_rows("valid")
+    assert n_valid > 0
+    seen = [row for f in ranks for row in _scenarios(list(f.train_batches(epoch=0, batch_size=16)))]
+    assert sorted(seen) == list(range(n_train + n_valid))
+    assert ranks[0].num_train_samples(0) == round((n_train + n_valid) * config.samples_per_scenario)
+    # each valid scenario gives at least its AGENT's sample, with the weight of an AGENT
+    refit = [b for f in ranks for b in f.train_batches(epoch=0, batch_size=16)]
+    from_valid = np.concatenate([(b["scenario"].numpy() >= n_train) & (b["weight"].numpy() > 0) for b in refit])
+    weights = np.concatenate([b["weight"].numpy() for b in refit])[from_valid]
+    assert from_valid.sum() >= n_valid and (weights == config.focal_weight).sum() == n_valid
+    assert DrivingFamily(DrivingConfig(**SMALL), synthetic_manifest, World()).train_splits == ("train",)
+
+
 def test_batch_size_in_samples_becomes_scenarios_per_batch(synthetic_manifest):
     family = DrivingFamily(DrivingConfig(**SMALL, samples_per_scenario=4.0), synthetic_manifest, World())
     assert family.scenarios_per_batch(64) == 16 and family.scenarios_per_batch(1) == 1

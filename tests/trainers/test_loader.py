@@ -297,3 +297,29 @@ def test_boolean_columns_match_the_shards_in_order(toy_manifest):
     assert flags.tolist() == expected.column("is_valid").to_pylist()
     users = torch.cat([b["user_idx"] for b in batches])[mask]
     assert users.tolist() == expected.column("user_idx").to_pylist()
+
+
+def test_several_splits_read_as_one_cover_each_row_once(toy_manifest):
+    """A refit on train + valid reads both splits as one: every row of each once per epoch,
+    across ranks, ``row_index`` counting through the splits in the order given."""
+    cols = ["user_idx", "item_idx"]
+    tables = [toy_manifest.read_table(split, columns=cols) for split in ("train", "eval")]
+    n = sum(t.num_rows for t in tables)
+    seen, values = [], {}
+    for r in range(2):
+        loader = ShardLoader(toy_manifest, ("train", "eval"), 32, world=World(rank=r, world_size=2), columns=cols,
+                             with_row_index=True, seed=3, window_row_groups=2, remainder="pad")
+        assert loader.num_rows == n
+        for b in loader:
+            rows = b["row_index"][b["sample_mask"]].tolist()
+            seen.extend(rows)
+            values.update(zip(rows, zip(b["user_idx"][b["sample_mask"]].tolist(),
+                                        b["item_idx"][b["sample_mask"]].tolist(), strict=True), strict=True))
+    assert sorted(seen) == list(range(n))
+    users = np.concatenate([t.column("user_idx").to_numpy() for t in tables])
+    items = np.concatenate([t.column("item_idx").to_numpy() for t in tables])
+    assert all(values[i] == (users[i], items[i]) for i in range(n))
+    with pytest.raises(ValueError, match="distinct"):
+        ShardLoader(toy_manifest, ("train", "train"), 32)
+    with pytest.raises(ValueError, match="not in split 'eval'"):
+        ShardLoader(toy_manifest, ("train", "eval"), 32, columns=["rating"])

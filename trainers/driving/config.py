@@ -53,6 +53,9 @@ class DrivingConfig:
         mode_blend: The single (K = 1) forecast outside training: ``(1 - mode_blend)`` x the
             ensemble's + ``mode_blend`` x the probability-weighted mean of the K forecasts (see
             :class:`trainflow.trainers.driving.model.ForecastModel`); 0 is the ensemble alone.
+        train_on_valid: Train on the ``valid`` scenarios too (a refit on train + valid with
+            settings and epochs already chosen on ``valid``; its ``valid`` metrics then leak, so
+            run it with the loop's ``keep_best=False``). ``eval`` is never trained on.
         samples_per_scenario: Training samples a training scenario gives on average (11,998 /
             1,329 = 9.0 complete tracks on the Argoverse subset; with the default
             ``min_future_frames`` 10 it is 14,743 / 1,329 = 11.1, but 9.0 is kept: it sets the 14
@@ -83,6 +86,7 @@ class DrivingConfig:
     max_time_shift: int = 0
     time_reverse_probability: float = 0.0
     mode_blend: float = 0.0
+    train_on_valid: bool = False
     samples_per_scenario: float = 9.0
 
     def __post_init__(self) -> None:

@@ -57,6 +57,8 @@ class DrivingFamily(ModelFamily):
             raise ValueError(f"manifest {manifest.uri} holds a {manifest.kind!r} dataset, expected 'driving'")
         super().__init__(config, manifest, world)
         self._focal: dict[str, ForecastSamples] = {}
+        if config.train_on_valid:
+            log.warning("train_on_valid=True: the valid scenarios are trained on, so 'valid' metrics leak")
 
     # data -------------------------------------------------------------------------------------
     def focal_samples(self, split: str) -> ForecastSamples:
@@ -78,7 +80,13 @@ class DrivingFamily(ModelFamily):
     def num_train_samples(self, epoch: int) -> int:
         """An estimate (``samples_per_scenario`` × training scenarios): the exact count is known
         only once the scenarios are read, and they are streamed."""
-        return max(1, round(self.manifest.num_rows("train") * self.config.samples_per_scenario))
+        scenarios = sum(self.manifest.num_rows(split) for split in self.train_splits)
+        return max(1, round(scenarios * self.config.samples_per_scenario))
+
+    @property
+    def train_splits(self) -> tuple[str, ...]:
+        """The splits trained on: ``train``, and ``valid`` too for a refit (``train_on_valid``)."""
+        return ("train", "valid") if self.config.train_on_valid else ("train",)
 
     def scenarios_per_batch(self, batch_size: int) -> int:
         """Scenarios in a batch of about ``batch_size`` training samples (at least 1)."""
@@ -86,11 +94,13 @@ class DrivingFamily(ModelFamily):
 
     def train_loader(self, batch_size: int):
         """This rank's :class:`~trainflow.trainers.loader.ShardLoader` over the train split's scenarios
-        (shuffled by ``seed``; the padded tail of an epoch carries ``sample_mask`` False)."""
+        (with ``train_on_valid``, the valid split's too; shuffled by ``seed``; the padded tail of an
+        epoch carries ``sample_mask`` False)."""
         from trainflow.trainers.loader import ShardLoader
 
         return ShardLoader(
-            self.manifest, "train", self.scenarios_per_batch(batch_size), world=self.world, columns=TRAIN_COLUMNS,
+            self.manifest, self.train_splits, self.scenarios_per_batch(batch_size), world=self.world,
+            columns=TRAIN_COLUMNS,
             seed=self.config.seed, remainder="pad", with_row_index=True,
         )
 
