@@ -257,12 +257,17 @@ def test_model_forecasts_in_the_input_frame(context_dim):
         forecast(model, np.zeros((3, 19, 2), np.float32))
 
 
-def test_modes_are_k_forecasts_in_the_input_frame_with_logits():
+def _small_multimodal_scene(n: int, seed: int):
+    """A small 4-mode model (eval mode) and ``n`` agent-frame histories with 3 neighbours each."""
     torch.manual_seed(0)
     model = ForecastModel(hidden_dim=32, num_layers=2, context_dim=8, num_modes=4).eval()
-    history = torch.from_numpy(moving_histories(6, seed=3)).float()
+    history = torch.from_numpy(moving_histories(n, seed=seed)).float()
     history = history - history[:, -1:]
-    neighbours = history[:, None] + torch.randn(6, 3, 1, 2) * 10
+    return model, history, history[:, None] + torch.randn(n, 3, 1, 2) * 10
+
+
+def test_modes_are_k_forecasts_in_the_input_frame_with_logits():
+    model, history, neighbours = _small_multimodal_scene(6, seed=3)
     with torch.no_grad():
         single, modes, logits = model(history, neighbours, with_modes=True)
         angle = 1.1
@@ -281,11 +286,7 @@ def test_mode_blend_mixes_the_single_forecast_with_the_modes_expected_position()
     """Outside training the single forecast is (1 - b) x the ensemble's + b x the
     probability-weighted mean of the K forecasts; training (and per-member) forecasts are not
     blended; the blend travels in the exported model's config."""
-    torch.manual_seed(0)
-    model = ForecastModel(hidden_dim=32, num_layers=2, context_dim=8, num_modes=4).eval()
-    history = torch.from_numpy(moving_histories(5, seed=4)).float()
-    history = history - history[:, -1:]
-    neighbours = history[:, None] + torch.randn(5, 3, 1, 2) * 10
+    model, history, neighbours = _small_multimodal_scene(5, seed=4)
     with torch.no_grad():
         ensemble, modes, logits = model(history, neighbours, with_modes=True)
         expected = (logits.softmax(-1)[:, :, None, None] * modes).sum(1)
