@@ -11,9 +11,9 @@ trainflow 2 processes, peer, trainflow 1 process, ``--rounds`` times:
   data), ``--max-seq-len`` (default 20, chosen on ``valid``: docs/quality.md) and trainflow's
   ML-100K settings (hidden 64, 1 negative, batch 256, lr 0.002) or, with ``--settings games``, the
   Amazon Games settings chosen on ``valid`` (batch 128, 4 negatives, cosine lr, Adam beta2 0.98),
-  ``--epochs`` epochs, one torch thread a process. Its clock: from the launch to each epoch's ``valid`` line (its per-epoch
-  ``valid`` evaluation over every user and the checkpoints are inside the clock); ``eval`` is
-  measured once at the end on the best ``valid`` epoch.
+  ``--epochs`` epochs, one torch thread a process. Its clock: from the launch to each epoch's
+  ``valid`` line (its per-epoch ``valid`` evaluation over every user and the checkpoints are
+  inside the clock); ``eval`` is measured once at the end on the best ``valid`` epoch.
 - peer: ``benchmarks/_sasrec_peer.py`` (the peer's own model, sampler, loss and evaluation
   functions; batch 128, lr 0.001, hidden 50, maxlen 50, dropout 0.5: the paper's settings),
   ``--peer-threads`` torch threads (default 1: with 2, each of its one-user ``predict`` calls
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines = []
     for rnd in range(args.rounds):
         load_before = os.getloadavg()
-        two = _progress("trainflow_2proc", run_trainflow(uri, 2, epochs, work / f"tf2-{rnd}", args.max_seq_len, settings))
+        two = _progress("trainflow_2proc",
+                        run_trainflow(uri, 2, epochs, work / f"tf2-{rnd}", args.max_seq_len, settings))
         peer = None if peer_missing else _progress(
             "peer", run_peer(data, args.peer_budget or two["wall_s"], args.peer_eval_every, args.peer_threads))
         one = None if args.skip_one_process else _progress(
