@@ -114,6 +114,7 @@ def main() -> None:
     if rank == 0:
         print(json.dumps(out), flush=True)
     if world_size > 1:
+        del net  # a DDP freed after its process group can hang the rank at exit
         dist.destroy_process_group()
 
 

@@ -48,9 +48,6 @@ def _union_mean_grad(full: nn.Embedding, ids: torch.Tensor, world: int) -> torch
 
 
 def main(out_dir: str) -> None:
-    from worker_group import init_group  # a sibling file: these workers run as scripts
-
-    init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict = {"rank": rank, "world": world, "cases": []}
     for rows, dim, padding_idx in ((11, 4, None), (7, 3, 0), (world - 1 if world > 1 else 1, 2, None)):
@@ -123,7 +120,6 @@ def main(out_dir: str) -> None:
     report["grouped"] = _grouped(rank, world)
     with open(f"{out_dir}/rank-{rank}.json", "w") as handle:
         json.dump(report, handle)
-    dist.destroy_process_group()
 
 
 def _shared_plan(rank: int) -> dict:
@@ -241,4 +237,6 @@ def _grouped(rank: int, world: int) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from worker_group import run_in_group  # a sibling file: these workers run as scripts
+
+    run_in_group(main, sys.argv[1])

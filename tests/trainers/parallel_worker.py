@@ -20,9 +20,6 @@ from trainflow.trainers.parallel import RowShardedEmbedding, clip_grad_norm, sha
 
 
 def main(out_dir: str) -> None:
-    from worker_group import init_group  # a sibling file: these workers run as scripts
-
-    init_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     report: dict = {"rank": rank, "world": world, "cases": []}
     for rows, dim, padding_idx in ((11, 4, None), (7, 3, 0), (world - 1 if world > 1 else 1, 2, None)):
@@ -77,8 +74,9 @@ def main(out_dir: str) -> None:
     report["clip"] = {"norm": float(norm), "expected": float(full_sq.sqrt()), "after": float(after.sqrt())}
     with open(f"{out_dir}/rank-{rank}.json", "w") as handle:
         json.dump(report, handle)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from worker_group import run_in_group  # a sibling file: these workers run as scripts
+
+    run_in_group(main, sys.argv[1])

@@ -27,11 +27,8 @@ class Tiny(torch.nn.Module):
 
 
 def main(out: str) -> None:
-    from worker_group import init_group  # a sibling file: these workers run as scripts
-
     from trainflow.trainers.parallel import RowSparseAdamW, mark_row_sparse
 
-    init_group()
     rank = dist.get_rank()
     model = Tiny()
     mark_row_sparse([model.table])
@@ -44,9 +41,9 @@ def main(out: str) -> None:
         opt.zero_grad(set_to_none=True)
     if rank == 0:
         torch.save(model.state_dict(), out)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from worker_group import run_in_group  # a sibling file: these workers run as scripts
+
+    run_in_group(main, sys.argv[1])

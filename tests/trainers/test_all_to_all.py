@@ -16,7 +16,7 @@ import torch
 
 # The same NeuMF, training settings, launcher and tolerances as the all-gather sharding tests.
 from tests.trainers.test_parallel import FAMILY, LOSS_RTOL, METRIC_ATOL, TRAIN, _launch, _losses
-from trainflow.tasks.launch import LaunchConfig, run_torchrun
+from tests.trainers.worker_group import launch_worker
 from trainflow.trainers.config import TrainConfig
 from trainflow.trainers.distributed import World
 from trainflow.trainers.loop import load_exported_model, run_training
@@ -44,8 +44,7 @@ def test_lookups_row_gradients_and_updates_match_the_full_table_on_three_ranks(t
     numbers of lookups per rank (none on one), no_grad lookups, 3 optimizer steps against
     torch's SparseAdam on the full table, global-norm clipping of the kept rows, a plan shared
     by two tables, and four tables of mixed sizes and widths looked up in one exchange."""
-    run_torchrun(LaunchConfig(nproc_per_node=3), script=WORKER, args=[str(tmp_path)], env={"OMP_NUM_THREADS": "1"},
-                 on_line=lambda line: None)
+    launch_worker(WORKER, 3, str(tmp_path))
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(3)]
     assert [r["cases"][0]["row_range"] for r in reports] == [[0, 4], [4, 8], [8, 11]]
     assert [r["cases"][2]["local_rows"] for r in reports] == [1, 1, 0]  # 2 rows, 3 ranks

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.trainers.worker_group import launch_worker
 from trainflow.tasks.launch import LaunchConfig, run_torchrun
 from trainflow.trainers.config import TrainConfig
 from trainflow.trainers.distributed import World
@@ -67,8 +68,7 @@ def _table_bytes(manifest, world: int, rank: int) -> int:
 def test_lookups_and_gradients_match_the_full_table_on_three_ranks(tmp_path):
     """Uneven shards (11 rows on 3 ranks), a rank with no rows, padding rows, different
     numbers of lookups per rank, no_grad lookups and global-norm clipping."""
-    run_torchrun(LaunchConfig(nproc_per_node=3), script=WORKER, args=[str(tmp_path)], env={"OMP_NUM_THREADS": "1"},
-                 on_line=lambda line: None)
+    launch_worker(WORKER, 3, str(tmp_path))
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(3)]
     ranges = [r["cases"][0]["row_range"] for r in reports]
     assert ranges == [[0, 4], [4, 8], [8, 11]]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.trainers.worker_group import launch_worker
 from trainflow.tasks.launch import LaunchConfig, run_torchrun
 from trainflow.trainers.parallel import RowSparseAdamW, is_row_sparse, mark_row_sparse
 
@@ -54,8 +55,7 @@ def test_two_ranks_exchange_rows_exactly_like_one_process_with_both_batches(tmp_
     from tests.trainers.row_sparse_worker import STEPS, Tiny
 
     out = tmp_path / "rank0.pt"
-    run_torchrun(LaunchConfig(nproc_per_node=2), script=WORKER, args=[str(out)], env={"OMP_NUM_THREADS": "1"},
-                 on_line=lambda line: None)
+    launch_worker(WORKER, 2, str(out))
     ref = Tiny()
     mark_row_sparse([ref.table])
     opt = RowSparseAdamW(ref.parameters(), lr=0.05)
