@@ -82,6 +82,13 @@ class ModelFamily(abc.ABC):
         """(metric key, ``max``/``min``) used to pick the best epoch on ``valid``."""
         return "loss", "min"
 
+    @property
+    def trains_on_valid(self) -> bool:
+        """Whether this run trains on the ``valid`` split too (a refit with settings chosen
+        before). The loop then keeps the last epoch whatever ``keep_best`` says: an epoch chosen
+        on data the model was trained on is a leaked choice."""
+        return False
+
     def export_config(self) -> dict[str, Any]:
         """What, besides the state dict, rebuilds the model without training code."""
         return {}

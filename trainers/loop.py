@@ -274,6 +274,10 @@ class Trainer:
         state = {"epoch": 0, "position": 0, "step": 0, "samples": 0, "best": None, "history": [],
                  "losses": [], "train_seconds": 0.0}
         resumed_from = None
+        keep_best = cfg.keep_best and not family.trains_on_valid
+        if cfg.keep_best and not keep_best and world.is_main:
+            log.warning("the family trains on 'valid' too: keeping the last epoch, not the best on valid "
+                        "(a choice on trained-on data would leak)")
         latest = ckpt.latest_committed()
         if latest is not None:
             log.info("resuming from step %d (epoch %d) of %s", latest.step, latest.epoch, redact_url(latest.url))
@@ -386,7 +390,7 @@ class Trainer:
             clock.reset()
         train_seconds += time.monotonic() - run_start
         last_epoch = epoch - 1
-        if cfg.keep_best and state["best"] is not None and state["best"]["epoch"] != last_epoch:
+        if keep_best and state["best"] is not None and state["best"]["epoch"] != last_epoch:
             log.info("restoring the weights of the best epoch %d (%s %s)", state["best"]["epoch"], metric_key,
                      state["best"]["value"])
             self._load_best(state_model)
@@ -402,6 +406,8 @@ class Trainer:
             "family": family.name,
             "metrics": {"eval": eval_metrics, "valid_best": (state["best"] or {}).get("valid", {})},
             "best_epoch": (state["best"] or {}).get("epoch"),
+            # the epoch whose weights are exported: the best on valid, or the last one
+            "kept_epoch": (state["best"] or {}).get("epoch") if keep_best and state["best"] else last_epoch,
             "selection_metric": {"key": metric_key, "mode": mode},
             "history": state["history"],
             "losses": state["losses"][-1000:],

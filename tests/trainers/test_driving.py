@@ -441,7 +441,9 @@ def test_a_refit_trains_on_the_valid_scenarios_too_and_never_on_eval(synthetic_m
     from_valid = np.concatenate([(b["scenario"].numpy() >= n_train) & (b["weight"].numpy() > 0) for b in refit])
     weights = np.concatenate([b["weight"].numpy() for b in refit])[from_valid]
     assert from_valid.sum() >= n_valid and (weights == config.focal_weight).sum() == n_valid
-    assert DrivingFamily(DrivingConfig(**SMALL), synthetic_manifest, World()).train_splits == ("train",)
+    plain = DrivingFamily(DrivingConfig(**SMALL), synthetic_manifest, World())
+    assert plain.train_splits == ("train",)
+    assert ranks[0].trains_on_valid and not plain.trains_on_valid  # the loop then keeps the last epoch
 
 
 def test_batch_size_in_samples_becomes_scenarios_per_batch(synthetic_manifest):

@@ -120,7 +120,7 @@ def test_keep_best_exports_the_best_epoch_not_the_last(toy_manifest, tmp_path, m
     assert len(set(valid)) == 3
     pick = min if mode == "min" else max
     best_epoch = valid.index(pick(valid))
-    assert result["best_epoch"] == best_epoch
+    assert result["best_epoch"] == result["kept_epoch"] == best_epoch
     # The last epoch cannot be both the lowest and the highest: in one mode at least the best
     # epoch is an earlier one, and the export must be that epoch's weights.
     best = torch.load(io.BytesIO((run_dir / "best" / "model.pt").read_bytes()), weights_only=True)
@@ -133,6 +133,26 @@ def test_keep_best_exports_the_best_epoch_not_the_last(toy_manifest, tmp_path, m
         family = ToyFamily(ToyConfig(), toy_manifest, None)
         assert family.evaluate(model, "valid")["mse"] == pytest.approx(valid[best_epoch], rel=1e-6)
         assert family.evaluate(model, "eval")["mse"] == pytest.approx(result["metrics"]["eval"]["mse"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_a_family_that_trains_on_valid_keeps_the_last_epoch(toy_manifest, tmp_path, mode, caplog):
+    """A refit on train + valid: an epoch chosen on valid would be a leaked choice, so the loop
+    exports the last epoch although keep_best is on (its default)."""
+    run_dir = tmp_path / "run"
+    caplog.set_level(logging.WARNING, logger="trainflow.trainers.loop")
+    config = ToyConfig(selection_mode=mode, declare_trains_on_valid=True)
+    result = run_training(ToyFamily, config, _config(toy_manifest, run_dir, epochs=3))
+    valid = [h["valid"]["mse"] for h in result["history"]]
+    assert len(set(valid)) == 3
+    assert result["kept_epoch"] == 2
+    assert result["best_epoch"] == valid.index((min if mode == "min" else max)(valid))
+    assert any("keeping the last epoch" in r.getMessage() for r in caplog.records)
+    exported, _ = load_exported_model(run_dir.as_uri())
+    model = ToyModel(toy_manifest.stats["num_users"], toy_manifest.stats["num_items"], 4)
+    model.load_state_dict(exported)
+    with torch.no_grad():
+        assert ToyFamily(ToyConfig(), toy_manifest, None).evaluate(model, "valid")["mse"] == pytest.approx(valid[2], rel=1e-6)
 
 
 def test_adam_betas_reach_the_optimizer(toy_manifest, tmp_path):

@@ -235,6 +235,7 @@ def test_valid_rows_are_left_out_unless_asked(toy_manifest):
     assert fam.num_train_samples(0) == n - valid == sum(len(b["users"]) for b in fam.train_batches(0, 16))
     refit = make_family(toy_manifest, "gmf", train_on_valid=True)
     assert refit.num_train_samples(0) == n == sum(len(b["users"]) for b in refit.train_batches(0, 16))
+    assert refit.trains_on_valid and not fam.trains_on_valid  # the loop then keeps the last epoch
 
 
 # --- models -----------------------------------------------------------------------------

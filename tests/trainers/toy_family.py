@@ -36,6 +36,7 @@ class ToyConfig:
         selection_mode: ``min`` picks the lowest valid MSE; ``max`` (a test hook) the highest.
         record_dir: Test hook: when set, each rank appends every train batch it hands out
             (restart count, epoch, position, row indices) to ``rank<N>.jsonl`` there.
+        declare_trains_on_valid: Test hook: the family says it trains on ``valid`` (a refit).
     """
 
     embedding_dim: int = 4
@@ -46,6 +47,7 @@ class ToyConfig:
     die_marker_dir: str = ""
     selection_mode: str = "min"
     record_dir: str = ""
+    declare_trains_on_valid: bool = False
 
 
 class ToyModel(torch.nn.Module):
@@ -115,6 +117,10 @@ class ToyFamily(ModelFamily):
 
     def selection_metric(self) -> tuple[str, str]:
         return "mse", self.config.selection_mode
+
+    @property
+    def trains_on_valid(self) -> bool:
+        return self.config.declare_trains_on_valid
 
     def export_config(self) -> dict:
         return {"num_users": int(self.manifest.stats["num_users"]), "num_items": int(self.manifest.stats["num_items"]),

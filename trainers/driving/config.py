@@ -55,7 +55,7 @@ class DrivingConfig:
             :class:`trainflow.trainers.driving.model.ForecastModel`); 0 is the ensemble alone.
         train_on_valid: Train on the ``valid`` scenarios too (a refit on train + valid with
             settings and epochs already chosen on ``valid``; its ``valid`` metrics then leak, so
-            run it with the loop's ``keep_best=False``). ``eval`` is never trained on.
+            the loop keeps the last epoch, never the best on ``valid``). ``eval`` is never trained on.
         samples_per_scenario: Training samples a training scenario gives on average (11,998 /
             1,329 = 9.0 complete tracks on the Argoverse subset; with the default
             ``min_future_frames`` 10 it is 14,743 / 1,329 = 11.1, but 9.0 is kept: it sets the 14

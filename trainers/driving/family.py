@@ -260,6 +260,10 @@ class DrivingFamily(ModelFamily):
         metrics.pop("baseline_num_samples", None)
         return metrics
 
+    @property
+    def trains_on_valid(self) -> bool:
+        return self.config.train_on_valid
+
     def selection_metric(self) -> tuple[str, str]:
         return "ade", "min"
 

@@ -32,8 +32,8 @@ history up to the target: for ``valid`` the train rows without the ``is_valid`` 
 
 Valid rows and model selection: by default (``train_on_valid=False``) the ``is_valid`` rows are
 not training positives, so epochs and hyper-parameters can be chosen on ``valid``. The model we
-ship is then refit with ``train_on_valid=True`` for the epoch count chosen on ``valid``, keeping
-the last epoch (the loop's ``keep_best=False``): ``valid`` metrics of such a run are leaked.
+ship is then refit with ``train_on_valid=True`` for the epoch count chosen on ``valid``; the loop
+keeps its last epoch (``trains_on_valid``: no choice on ``valid``, whose metrics then leak).
 See ``docs/quality.md`` ("Recommendation") for the commands and measured numbers.
 """
 
@@ -330,6 +330,10 @@ class RecommendationFamily(ModelFamily):
         metrics["loss"] = float(bce.mean()) if n else float("nan")
         metrics["num_users"] = float(n)
         return metrics
+
+    @property
+    def trains_on_valid(self) -> bool:
+        return self.config.train_on_valid
 
     def selection_metric(self) -> tuple[str, str]:
         return f"ndcg_at_{self.config.eval_k}", "max"
