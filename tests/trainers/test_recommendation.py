@@ -273,6 +273,35 @@ def test_neumf_initialises_from_pretrained_gmf_and_mlp(toy_manifest, tmp_path):
     torch.testing.assert_close(net(users, items), 0.5 * (gmf(users, items) + mlp(users, items)))
 
 
+@pytest.mark.parametrize("model", ["neumf", "sasrec"])
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_loss_is_the_chosen_one_over_real_positions_only(toy_manifest, model, loss):
+    fam = make_family(toy_manifest, model, loss=loss, num_negatives=6)
+    net = fam.build_model()
+    net.eval()
+    batch = next(iter(fam.train_batches(0, 8)))
+    with torch.no_grad():
+        if model == "sasrec":
+            items = torch.cat([batch["pos"].unsqueeze(-1), batch["neg"]], dim=-1)
+            real = batch["pos"] > 0
+            assert bool(real.any()) and not bool(real.all())  # the windows are left-padded
+            logits = net(seq=batch["seq"], items=items)[real].double()
+        else:
+            logits = net(batch["users"], batch["items"]).double()
+        assert logits.shape[1] == 7
+        if loss == "bce":  # every candidate on its own: the positive's label 1, the negatives' 0
+            by_hand = -(torch.log(torch.sigmoid(logits[:, 0])).sum() + torch.log(1 - torch.sigmoid(logits[:, 1:])).sum())
+            by_hand = by_hand / logits.numel()
+        else:  # the positive against its negatives
+            by_hand = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+        got = fam.loss(net, batch).double()
+    torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-6)
+    # a softmax and a BCE over the same logits differ: the option is not ignored
+    other = make_family(toy_manifest, model, loss="bce" if loss == "softmax" else "softmax", num_negatives=6)
+    with torch.no_grad():
+        assert abs(other.loss(net, batch).item() - got.item()) > 1e-3
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="model"):
         RecommendationConfig(model="bpr")
@@ -280,6 +309,8 @@ def test_config_validation_names_the_field():
         RecommendationConfig(num_negatives=0)
     with pytest.raises(ValueError, match="num_heads"):
         RecommendationConfig(hidden_size=10, num_heads=3)
+    with pytest.raises(ValueError, match="loss must be one of bce, softmax"):
+        RecommendationConfig(loss="bpr")
     with pytest.raises(ValueError, match="pretrained"):
         RecommendationConfig(model="gmf", pretrained_gmf="a", pretrained_mlp="b")
 

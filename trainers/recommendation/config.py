@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 MODELS = ("gmf", "mlp", "neumf", "sasrec")
+LOSSES = ("bce", "softmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,12 @@ class RecommendationConfig:
     num_negatives: int = 4
     """Negatives sampled per positive (NCF: per interaction; SASRec: per sequence position),
     uniformly among the items the user has no training positive with, resampled every epoch."""
+
+    loss: str = "bce"
+    """Training loss over each positive and its ``num_negatives`` sampled items: ``bce`` (binary
+    cross-entropy, each candidate scored on its own; NCF and the SASRec paper) or ``softmax``
+    (cross-entropy of the positive against its negatives: a sampled softmax, which ranks the
+    positive above the negatives jointly; use it with tens of negatives or more)."""
 
     max_seq_len: int = 200
     """SASRec: longest history the model attends to; longer histories are cut into windows
@@ -89,6 +96,8 @@ class RecommendationConfig:
         for name in ("gmf_factors", "max_seq_len", "history_windows", "hidden_size", "num_blocks", "num_heads", "eval_k", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives must be at least 1, got {self.num_negatives}")
         if len(self.mlp_layers) < 1 or any(v < 1 for v in self.mlp_layers):

@@ -9,13 +9,15 @@ split: what the models need beyond a batch is kept in memory bounded by the numb
   resumable position); the loader's transform drops the padding and, unless
   ``train_on_valid``, the ``is_valid`` rows, and adds ``num_negatives`` items sampled among
   those the user has no positive with (a fixed-size Bloom filter of the training pairs):
-  ``items[:, 0]`` is the positive, BCE over all.
+  ``items[:, 0]`` is the positive; the loss is BCE over all, or (``loss="softmax"``) the
+  cross-entropy of the positive against its negatives.
 * SASRec: a sample is a window of up to ``max_seq_len`` consecutive interactions of one user
   in time order, cut from the end of the user's latest ``history_windows * max_seq_len + 1``
   train items (a table of ``num_users`` rows): each of those interactions but the first,
   which has no history, is a target exactly once per epoch; older ones of very long
   histories are not trained on. At each position the next item is the positive, with
-  ``num_negatives`` sampled items, BCE over the real (non-padding) positions. The windows are
+  ``num_negatives`` sampled items, the loss (``config.loss``: BCE, or a softmax over the
+  positive and its negatives) over the real (non-padding) positions. The windows are
   shuffled by (seed, epoch) and dealt by the loader's rule
   (:func:`~trainflow.trainers.loader.rank_rows`, the tail padded: smaller last batches).
 
@@ -226,22 +228,30 @@ class RecommendationFamily(ModelFamily):
         return {"seq": seq, "pos": pos, "neg": neg}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean binary cross-entropy over the positives and their sampled negatives."""
+        """Mean loss over the positives and their sampled negatives (``config.loss``): binary
+        cross-entropy over every candidate, or the cross-entropy of the positive (candidate 0)
+        against its negatives."""
         import torch
-        import torch.nn.functional as F
 
         if self.is_sequential:
             items = torch.cat([batch["pos"].unsqueeze(-1), batch["neg"]], dim=-1)
             logits = model(seq=batch["seq"], items=items)
-            mask = (batch["pos"] > 0).unsqueeze(-1).expand_as(logits)
-            labels = torch.zeros_like(logits)
-            labels[..., 0] = 1.0
-            if not bool(mask.any()):
+            real = batch["pos"] > 0
+            if not bool(real.any()):
                 return logits.sum() * 0.0
-            return F.binary_cross_entropy_with_logits(logits[mask], labels[mask])
+            return self._candidate_loss(logits[real])
         logits = model(batch["users"], batch["items"])
         if logits.numel() == 0:
             return logits.sum() * 0.0
+        return self._candidate_loss(logits)
+
+    def _candidate_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (n, 1 + negatives), the positive first."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.config.loss == "softmax":
+            return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
         labels = torch.zeros_like(logits)
         labels[:, 0] = 1.0
         return F.binary_cross_entropy_with_logits(logits, labels)
