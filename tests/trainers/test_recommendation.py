@@ -282,10 +282,21 @@ def test_loss_is_the_chosen_one_over_real_positions_only(toy_manifest, model, lo
     batch = next(iter(fam.train_batches(0, 8)))
     with torch.no_grad():
         if model == "sasrec":
-            items = torch.cat([batch["pos"].unsqueeze(-1), batch["neg"]], dim=-1)
             real = batch["pos"] > 0
             assert bool(real.any()) and not bool(real.all())  # the windows are left-padded
-            logits = net(seq=batch["seq"], items=items)[real].double()
+            hidden = net.encode(batch["seq"])  # (B, L, d), by hand from here
+            table = net.item_embedding.weight
+            if loss == "softmax":  # 6 negatives a window, the same at each of its positions
+                assert batch["neg"].shape == (8, 6)
+                negs = batch["neg"].unsqueeze(1).expand(-1, batch["pos"].shape[1], -1)
+            else:
+                assert batch["neg"].shape == (8, 8, 6)
+                negs = batch["neg"]
+            items = torch.cat([batch["pos"].unsqueeze(-1), negs], dim=-1)
+            logits = torch.einsum("bld,blkd->blk", hidden, table[items])[real].double()
+            # a negative is never one of the user's positives (the window's items among them)
+            targets = batch["pos"].masked_fill(~real, -1)[:, None, None, :]  # (B, 1, 1, L)
+            assert not (negs.unsqueeze(-1) == targets).any()
         else:
             logits = net(batch["users"], batch["items"]).double()
         assert logits.shape[1] == 7

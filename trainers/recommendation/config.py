@@ -35,7 +35,9 @@ class RecommendationConfig:
     """Training loss over each positive and its ``num_negatives`` sampled items: ``bce`` (binary
     cross-entropy, each candidate scored on its own; NCF and the SASRec paper) or ``softmax``
     (cross-entropy of the positive against its negatives: a sampled softmax, which ranks the
-    positive above the negatives jointly; use it with tens of negatives or more)."""
+    positive above the negatives jointly; use it with tens of negatives or more). SASRec with
+    ``softmax`` draws its negatives once a window (among the user's non-positives, as always) and
+    scores them at every position of the window: one matrix product, so hundreds are cheap."""
 
     max_seq_len: int = 200
     """SASRec: longest history the model attends to; longer histories are cut into windows

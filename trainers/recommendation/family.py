@@ -16,8 +16,9 @@ split: what the models need beyond a batch is kept in memory bounded by the numb
   train items (a table of ``num_users`` rows): each of those interactions but the first,
   which has no history, is a target exactly once per epoch; older ones of very long
   histories are not trained on. At each position the next item is the positive, with
-  ``num_negatives`` sampled items, the loss (``config.loss``: BCE, or a softmax over the
-  positive and its negatives) over the real (non-padding) positions. The windows are
+  ``num_negatives`` sampled items (with ``loss="softmax"``: drawn once a window and shared by
+  its positions, so many negatives cost one matrix product), the loss (``config.loss``: BCE,
+  or a softmax over the positive and its negatives) over the real (non-padding) positions. The windows are
   shuffled by (seed, epoch) and dealt by the loader's rule
   (:func:`~trainflow.trainers.loader.rank_rows`, the tail padded: smaller last batches).
 
@@ -177,8 +178,9 @@ class RecommendationFamily(ModelFamily):
         """This rank's batches of ``epoch`` (see the module docstring for the layout).
 
         NCF batches: ``users`` (B,) and ``items`` (B, 1 + num_negatives), positive first.
-        SASRec batches: ``seq`` (B, L), ``pos`` (B, L) and ``neg`` (B, L, num_negatives),
-        item ids shifted by one, 0 for padding.
+        SASRec batches: ``seq`` (B, L), ``pos`` (B, L) and ``neg`` (B, L, num_negatives), or
+        with ``loss="softmax"`` ``neg`` (B, num_negatives), a window's negatives shared by its
+        positions; item ids shifted by one, 0 for padding.
         """
         import torch
 
@@ -222,6 +224,9 @@ class RecommendationFamily(ModelFamily):
         pos_cols = (width - n + end - length)[:, None] + cols  # output column c <- sequence position end-L+c
         pos = np.where(real, table[users[:, None], np.clip(pos_cols, 0, width - 1)], 0).astype(np.int64)
         seq = np.where(real, table[users[:, None], np.clip(pos_cols - 1, 0, width - 1)], 0).astype(np.int64)
+        if self.config.loss == "softmax":  # k negatives a window, scored at each of its positions
+            neg = sample_negatives(rng, users, k, self.positives, self.num_items) + 1
+            return {"seq": seq, "pos": pos, "neg": neg}
         flat_users = np.repeat(users, length)
         neg = sample_negatives(rng, flat_users, k, self.positives, self.num_items).reshape(len(idx), length, k) + 1
         neg[pos == 0] = 0
@@ -234,8 +239,10 @@ class RecommendationFamily(ModelFamily):
         import torch
 
         if self.is_sequential:
-            items = torch.cat([batch["pos"].unsqueeze(-1), batch["neg"]], dim=-1)
-            logits = model(seq=batch["seq"], items=items)
+            if batch["neg"].dim() == 2:  # softmax: the window's negatives, shared by its positions
+                logits = model(seq=batch["seq"], items=batch["pos"], shared=batch["neg"])
+            else:
+                logits = model(seq=batch["seq"], items=torch.cat([batch["pos"].unsqueeze(-1), batch["neg"]], dim=-1))
             real = batch["pos"] > 0
             if not bool(real.any()):
                 return logits.sum() * 0.0

@@ -202,8 +202,19 @@ class SASRec(nn.Module):
         return self.final_norm(x)
 
     def forward(
-        self, seq: torch.Tensor | None = None, items: torch.Tensor | None = None, users: torch.Tensor | None = None
+        self,
+        seq: torch.Tensor | None = None,
+        items: torch.Tensor | None = None,
+        users: torch.Tensor | None = None,
+        shared: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Scores of ``items`` after the history ``seq`` (or the stored history of ``users``).
+
+        ``items`` (B, C): C candidates scored at the last position (serving, evaluation);
+        (B, L, C): C candidates at each position (training). With ``shared`` (B, K), ``items``
+        (B, L) is one candidate a position and the K items of ``shared`` are scored at every
+        position of their row too: (B, L, 1 + K), one embedding lookup for both.
+        """
         if items is None:
             raise ValueError("SASRec.forward needs items")
         if seq is None:
@@ -211,6 +222,10 @@ class SASRec(nn.Module):
                 raise ValueError("SASRec.forward needs seq or users")
             seq = self.histories[users].long()
         hidden = self.encode(seq)
+        if shared is not None:
+            rows = self.item_embedding(torch.cat([items.reshape(-1), shared.reshape(-1)]))
+            own, others = rows[: items.numel()].view(*items.shape, -1), rows[items.numel():].view(*shared.shape, -1)
+            return torch.cat([(hidden * own).sum(-1, keepdim=True), torch.bmm(hidden, others.transpose(1, 2))], dim=-1)
         if items.dim() == 2:
             hidden = hidden[:, -1:, :]
             return (hidden * self.item_embedding(items)).sum(-1)
