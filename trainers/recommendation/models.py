@@ -224,7 +224,8 @@ class SASRec(nn.Module):
         hidden = self.encode(seq)
         if shared is not None:
             rows = self.item_embedding(torch.cat([items.reshape(-1), shared.reshape(-1)]))
-            own, others = rows[: items.numel()].view(*items.shape, -1), rows[items.numel():].view(*shared.shape, -1)
+            width = rows.shape[-1]
+            own, others = rows[: items.numel()].view(*items.shape, width), rows[items.numel():].view(*shared.shape, width)
             return torch.cat([(hidden * own).sum(-1, keepdim=True), torch.bmm(hidden, others.transpose(1, 2))], dim=-1)
         if items.dim() == 2:
             hidden = hidden[:, -1:, :]
