@@ -60,6 +60,10 @@ SETTINGS = {
     # a position, a cosine learning rate over the run's epochs, Adam beta2 0.98
     "games": [*_COMMON, "--family.num_negatives=4", "--batch-size", "128", "--train.lr_schedule=cosine",
               "--train.adam_beta2=0.98"],
+    # the same with the sampled softmax chosen on `valid` later (docs/quality.md, run 12): 256
+    # negatives a window instead of BCE with 4 a position
+    "games-softmax": [*_COMMON, "--family.num_negatives=256", "--family.loss=softmax", "--batch-size", "128",
+                      "--train.lr_schedule=cosine", "--train.adam_beta2=0.98"],
 }
 TRAINFLOW_SETTINGS = SETTINGS["ml100k"]
 
@@ -162,8 +166,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-seq-len", type=int, default=20, help="trainflow's SASRec max_seq_len")
     parser.add_argument("--skip-one-process", action="store_true")
     parser.add_argument("--settings", choices=sorted(SETTINGS), default="ml100k",
-                        help="trainflow's settings: ml100k (batch 256, 1 negative, constant lr) or games (the "
-                             "Amazon Games settings chosen on valid: batch 128, 4 negatives, cosine lr, beta2 0.98)")
+                        help="trainflow's settings: ml100k (batch 256, 1 negative, constant lr), games (the "
+                             "Amazon Games settings chosen on valid: batch 128, 4 negatives, cosine lr, beta2 0.98) "
+                             "or games-softmax (the same with a sampled softmax over 256 negatives, chosen later)")
     parser.add_argument("--peer-budget", type=float,
                         help="seconds of training for the peer (default: the trainflow 2-process run's wall time)")
     args = parser.parse_args(argv)

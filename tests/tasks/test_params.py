@@ -86,6 +86,9 @@ def test_family_args_presets_sizes_and_options():
     args = family_args("recommendation", values)
     assert "--family.model=\"sasrec\"" in args and "--family.hidden_size=64" in args
     assert args.count("--family.max_seq_len=100") == 1 and "--family.max_seq_len=50" not in args
+    values = validate_params({"model_options": {"loss": "softmax", "num_negatives": 256}}, "recommendation", cpu_count=2)
+    args = family_args("recommendation", values)
+    assert '--family.loss="softmax"' in args and args.count("--family.num_negatives=256") == 1
     values = validate_params({"model": "mlp"}, "driving", cpu_count=2)
     assert "--family.max_neighbours=0" in family_args("driving", values)
     assert "--family.context_dim=0" in family_args("driving", values)
@@ -96,6 +99,7 @@ def test_family_args_presets_sizes_and_options():
     [
         ({"model_options": {"dropuot": 0.1}}, "model_options", r"'dropuot' is no setting of RecommendationConfig \(did you mean 'dropout'"),
         ({"model_options": {"dropout": 1.5}}, "model_options", "dropout"),
+        ({"model_options": {"loss": "bpr"}}, "model_options", "loss must be one of bce, softmax"),
         ({"batch_size": 255, "nproc_per_node": 2}, "batch_size", "not a multiple of the world size 2"),
     ],
 )
