@@ -28,8 +28,9 @@ class RecommendationConfig:
     user+item embedding, so each embedding has ``mlp_layers[0] // 2`` factors (as in NCF)."""
 
     num_negatives: int = 4
-    """Negatives sampled per positive (NCF: per interaction; SASRec: per sequence position),
-    uniformly among the items the user has no training positive with, resampled every epoch."""
+    """Negatives sampled per positive (NCF: per interaction; SASRec: per sequence position, or
+    with ``loss="softmax"`` per window, shared by its positions), uniformly among the items the
+    user has no training positive with, resampled every epoch."""
 
     loss: str = "bce"
     """Training loss over each positive and its ``num_negatives`` sampled items: ``bce`` (binary
