@@ -139,13 +139,17 @@ def test_a2a_trains_like_row_exchange_resumes_and_serves(toy_manifest, tmp_path,
                               plain(torch.arange(3), torch.arange(3).unsqueeze(1)).squeeze(1), atol=1e-6)
 
 
-def test_sasrec_item_table_with_padding_row(toy_manifest, tmp_path):
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_sasrec_item_table_with_padding_row(toy_manifest, tmp_path, loss):
+    """Both losses: the softmax looks up a window's positives and its shared negatives (ids of
+    two shapes) in one call to the sharded table."""
     hidden = 16
     family = {"model": "sasrec", "hidden_size": hidden, "max_seq_len": 8, "num_blocks": 1, "dropout": 0.0,
-              "eval_batch_size": 64}
+              "eval_batch_size": 64, "loss": loss, "num_negatives": 4 if loss == "softmax" else 1}
     result = _launch(toy_manifest, tmp_path / "sasrec", 2, family=family, parallelism=A2A, max_steps=4,
                      batch_size=32)
     assert result["parallelism"] == A2A and result["world_size"] == 2
+    assert len(result["losses"]) == 4 and all(np.isfinite(v) for _, v in result["losses"])
     assert all(np.isfinite(v) for v in result["metrics"]["eval"].values())
     rows = toy_manifest.stats["num_items"] + 1  # item 0 is padding
     expected = [(shard_rows(rows, 2, r)[1] - shard_rows(rows, 2, r)[0]) * hidden * 4 for r in range(2)]

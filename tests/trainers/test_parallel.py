@@ -145,14 +145,16 @@ def test_sharded_matches_replicated_resumes_and_serves(toy_manifest, tmp_path, r
 
 @pytest.mark.slow  # ~60 s: one 4-rank launch on 2 shared cores
 def test_four_ranks_hold_a_quarter_of_the_sasrec_item_table(toy_manifest, tmp_path):
-    """SASRec (item table with a padding row; the small position table stays replicated)."""
+    """SASRec (item table with a padding row; the small position table stays replicated), with the
+    sampled softmax: a window's positives and its shared negatives looked up in one call."""
     hidden = 16
     family = {"model": "sasrec", "hidden_size": hidden, "max_seq_len": 8, "num_blocks": 1, "dropout": 0.0,
-              "eval_batch_size": 64}
+              "eval_batch_size": 64, "loss": "softmax", "num_negatives": 4}
     result = _launch(toy_manifest, tmp_path / "four", 4, family=family, parallelism="sharded_embeddings",
                      max_steps=3, batch_size=32)
     assert result["parallelism"] == "sharded_embeddings" and result["world_size"] == 4
     assert all(np.isfinite(v) for v in result["metrics"]["eval"].values())
+    assert len(result["losses"]) == 3 and all(np.isfinite(v) for _, v in result["losses"])
     rows = toy_manifest.stats["num_items"] + 1  # item 0 is padding
     mem = result["memory"]
     expected = [(shard_rows(rows, 4, r)[1] - shard_rows(rows, 4, r)[0]) * hidden * 4 for r in range(4)]
