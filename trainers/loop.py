@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from typing import Any
 
 import numpy as np
@@ -92,8 +94,26 @@ def run_training(
     init_distributed(world)
     try:
         return Trainer(family_cls, family_config, train_config, world, settings).run()
+    except BaseException as exc:
+        # The failed run's traceback holds its frames and they its model: a DDP (or a device
+        # mesh) still alive when the group is destroyed holds it, and freeing it later (at exit)
+        # can hang the rank, and with it torchrun and the task. The traceback keeps its lines.
+        _clear_traceback_frames(exc)
+        raise
     finally:
+        gc.collect()
         shutdown_distributed()
+
+
+def _clear_traceback_frames(exc: BaseException) -> None:
+    """Drop the local variables of the finished frames in ``exc``'s traceback and in those of the
+    exceptions it was raised from (the frame still running is left alone)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 class MlflowLogger:

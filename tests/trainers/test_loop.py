@@ -251,6 +251,27 @@ def test_killed_rank_restarts_and_resumes_from_last_commit(toy_manifest, tmp_pat
     np.testing.assert_allclose(_losses(result), _losses(ddp_reference), rtol=1e-4, atol=1e-5)
 
 
+def test_a_failed_run_frees_its_model_before_leaving_the_group(toy_manifest, tmp_path):
+    """Every rank raises mid-epoch: the error reaches the launcher, and no DDP model is alive when
+    the ranks leave the process group (the failed run's traceback held it; a DDP freed after the
+    group is gone can hang its rank at exit, so torchrun, and the Airflow task, would wait)."""
+    from trainflow.tasks.launch import LaunchError
+
+    run_dir, reports = tmp_path / "failed", tmp_path / "reports"
+    reports.mkdir()
+    cfg = {"train": {"manifest_uri": toy_manifest.uri, "run_dir": run_dir.as_uri(), **BASE, "parallelism": "ddp"},
+           "family": {"raise_at_batch": 3}}
+    path = tmp_path / "failed.json"
+    path.write_text(json.dumps(cfg))
+    lines: list[str] = []
+    with pytest.raises(LaunchError):
+        run_torchrun(LaunchConfig(nproc_per_node=2), script=TOY_SCRIPT, args=["--config", str(path)],
+                     env={"OMP_NUM_THREADS": "1", "TOY_DESTROY_REPORT_DIR": str(reports)}, on_line=lines.append)
+    assert any("toy failure at batch 3" in line for line in lines)  # the traceback still says where
+    assert [json.loads((reports / f"rank{r}-destroy.json").read_text()) for r in range(2)] == [{"ddp_alive": 0}] * 2
+    assert not (run_dir / "result.json").exists()
+
+
 def test_checkpoint_clock_alone_and_its_config():
     from trainflow.trainers.distributed import World
     from trainflow.trainers.loop import CheckpointClock

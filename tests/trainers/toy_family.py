@@ -37,6 +37,7 @@ class ToyConfig:
         record_dir: Test hook: when set, each rank appends every train batch it hands out
             (restart count, epoch, position, row indices) to ``rank<N>.jsonl`` there.
         declare_trains_on_valid: Test hook: the family says it trains on ``valid`` (a refit).
+        raise_at_batch: Test hook: every rank raises a RuntimeError at this batch of epoch 0.
     """
 
     embedding_dim: int = 4
@@ -48,6 +49,7 @@ class ToyConfig:
     selection_mode: str = "min"
     record_dir: str = ""
     declare_trains_on_valid: bool = False
+    raise_at_batch: int = -1
 
 
 class ToyModel(torch.nn.Module):
@@ -83,6 +85,7 @@ class ToyFamily(ModelFamily):
         loader.load_state_dict({"epoch": epoch, "position": skip_batches})
         for batch in loader:
             self._maybe_die(epoch, loader.position - 1)
+            self._maybe_raise(epoch, loader.position - 1)
             if record:
                 entry = {"restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), "epoch": epoch,
                          "position": loader.position - 1, "rows": batch.pop("row_index").tolist()}
@@ -99,6 +102,10 @@ class ToyFamily(ModelFamily):
             return
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def _maybe_raise(self, epoch: int, batch_index: int) -> None:
+        if epoch == 0 and batch_index == self.config.raise_at_batch:
+            raise RuntimeError(f"toy failure at batch {batch_index} on rank {self.world.rank}")
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pred = model(batch["user_idx"], batch["item_idx"])
@@ -127,6 +134,27 @@ class ToyFamily(ModelFamily):
                 "embedding_dim": self.config.embedding_dim}
 
 
+def _report_models_alive_at_destroy(folder: str) -> None:
+    """Test hook: when the rank leaves its process group, write how many DDP models are still
+    alive (a DDP freed after that can hang the rank at exit) to ``rank<N>-destroy.json``."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    destroy = dist.destroy_process_group
+
+    def recording_destroy(*args, **kwargs):
+        alive = sum(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects())
+        with open(os.path.join(folder, f"rank{dist.get_rank()}-destroy.json"), "w") as handle:
+            json.dump({"ddp_alive": alive}, handle)
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = recording_destroy
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if os.environ.get("TOY_DESTROY_REPORT_DIR"):
+        _report_models_alive_at_destroy(os.environ["TOY_DESTROY_REPORT_DIR"])
     main(ToyFamily, ToyConfig)
