@@ -38,18 +38,18 @@ def main() -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from benchmarks._recdata import benchmark_preset
     from trainflow.tasks.manifest import load_manifest
     from trainflow.trainers.distributed import World
     from trainflow.trainers.parallel import RowSparseAdamW, wrap_all_to_all_embeddings
     from trainflow.trainers.recommendation.config import RecommendationConfig
     from trainflow.trainers.recommendation.family import RecommendationFamily
-    from trainflow.trainers.recommendation.pipeline import MODEL_PRESETS
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1:
         dist.init_process_group("gloo")
-    config = RecommendationConfig(model=args.model, row_sparse_updates=args.row_sparse, **MODEL_PRESETS[args.model])
+    config = RecommendationConfig(model=args.model, row_sparse_updates=args.row_sparse, **benchmark_preset(args.model))
     family = RecommendationFamily(config, load_manifest(args.manifest_uri), World(rank=rank, world_size=world_size))
     model = family.build_model()
     net = model

@@ -59,14 +59,14 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="stop after N steps (bounded runs on large data)")
     args = parser.parse_args()
     pin_threads()
+    from benchmarks._recdata import benchmark_preset
     from trainflow.trainers.config import TrainConfig
     from trainflow.trainers.loop import run_training
     from trainflow.trainers.recommendation.config import RecommendationConfig
     from trainflow.trainers.recommendation.family import RecommendationFamily
-    from trainflow.trainers.recommendation.pipeline import MODEL_PRESETS
 
     family = RecommendationConfig(model=args.model, row_sparse_updates=args.row_sparse,
-                                  **MODEL_PRESETS[args.model])
+                                  **benchmark_preset(args.model))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="trainflow-bench-rec-") as tmp:
         train = TrainConfig(manifest_uri=args.manifest_uri, run_dir=f"file://{tmp}/run", epochs=args.epochs,

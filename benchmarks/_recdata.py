@@ -13,6 +13,16 @@ from benchmarks._data import cache_dir
 
 # MovieLens 25M's sizes (ratings, users, items): the "ML-25M size" of issue 17.
 ML25M = (25_000_095, 162_541, 59_047)
+# The SASRec settings docs/benchmarks.md §8 measured: the pipeline preset before its loss became
+# the sampled softmax (2026-12-03). Pinned so that its commands reproduce those rows.
+MEASURED_OVERRIDES = {"sasrec": {"loss": "bce", "num_negatives": 1}}
+
+
+def benchmark_preset(model: str) -> dict:
+    """The recommendation pipeline's preset of ``model`` as the scaling and memory benchmarks ran it."""
+    from trainflow.trainers.recommendation.pipeline import MODEL_PRESETS
+
+    return {**MODEL_PRESETS[model], **MEASURED_OVERRIDES.get(model, {})}
 
 
 def manifest_uri(num_interactions: int, num_users: int | None = None, num_items: int | None = None) -> str:

@@ -86,9 +86,11 @@ def test_family_args_presets_sizes_and_options():
     args = family_args("recommendation", values)
     assert "--family.model=\"sasrec\"" in args and "--family.hidden_size=64" in args
     assert args.count("--family.max_seq_len=100") == 1 and "--family.max_seq_len=50" not in args
-    values = validate_params({"model_options": {"loss": "softmax", "num_negatives": 256}}, "recommendation", cpu_count=2)
+    assert '--family.loss="softmax"' in args and args.count("--family.num_negatives=256") == 1  # SASRec's preset
+    values = validate_params({"model_options": {"loss": "bce", "num_negatives": 1}}, "recommendation", cpu_count=2)
     args = family_args("recommendation", values)
-    assert '--family.loss="softmax"' in args and args.count("--family.num_negatives=256") == 1
+    assert '--family.loss="bce"' in args and args.count("--family.num_negatives=1") == 1
+    assert '--family.loss="softmax"' not in args and "--family.num_negatives=256" not in args
     values = validate_params({"model": "mlp"}, "driving", cpu_count=2)
     assert "--family.max_neighbours=0" in family_args("driving", values)
     assert "--family.context_dim=0" in family_args("driving", values)

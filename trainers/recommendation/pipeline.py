@@ -15,8 +15,10 @@ MODELS = ("neumf", "gmf", "mlp", "sasrec")
 PARALLELISM = ("ddp", "fsdp", "sharded_embeddings", "sharded_embeddings_a2a", "none")
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # Tuned on the valid split of ML-100K (docs/quality.md); model_options override them.
-    "sasrec": {"max_seq_len": 50, "dropout": 0.2, "num_negatives": 1},
+    # Tuned on the valid split of ML-100K (docs/quality.md); model_options override them. SASRec:
+    # the sampled softmax over 256 negatives a window (valid NDCG@10 0.514 against 0.481 with BCE
+    # and 1 negative a position).
+    "sasrec": {"max_seq_len": 50, "dropout": 0.2, "num_negatives": 256, "loss": "softmax"},
     "neumf": {"num_negatives": 4},
     "gmf": {"num_negatives": 4},
     "mlp": {"num_negatives": 4},
