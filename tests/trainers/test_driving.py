@@ -145,6 +145,64 @@ def test_scenario_samples_take_complete_tracks_and_only_the_context_history():
     assert {tuple(np.round(agent["neighbours"][0, k, -1], 3)) for k in (0, 1)} == expected
 
 
+def test_context_can_take_tracks_seen_at_any_history_frame():
+    """``neighbours_seen="history"``: a track that left the view before the last history frame
+    is context too, ranked by its last position seen; the served model picks the same ones."""
+    import importlib.util
+    import os
+
+    from trainflow.trainers.driving.serving import _nearest
+
+    rng = np.random.default_rng(2)
+    tracks = rng.normal(0, 20, (5, 50, 2)).astype(np.float32)
+    tracks[0, :20] = 0.0  # the AGENT stands at the origin
+    tracks[1, :20] = [30.0, 0.0]
+    tracks[2, :20] = [5.0, 0.0]
+    tracks[2, 12:] = np.nan  # seen at frames 0-11, then gone: 5 m away when last seen
+    tracks[3, :20] = [10.0, 0.0]
+    tracks[3, :5] = np.nan  # seen from frame 5 on
+    tracks[4, :] = np.nan  # never seen in the history
+    tracks[4, 30:] = [1.0, 1.0]
+    types = np.array([0, 1, 2, 2, 2])
+    last = scenario_samples(tracks, types, focal_only=True, max_neighbours=3)
+    assert np.isnan(last["neighbours"][0, 2]).all()  # only tracks 3 and 1 are seen at frame 19
+    np.testing.assert_allclose(last["neighbours"][0, :2, -1], [[10.0, 0.0], [30.0, 0.0]])
+    history = scenario_samples(tracks, types, focal_only=True, max_neighbours=3, neighbours_seen="history")
+    picked = history["neighbours"][0]
+    # Nearest first: track 2 (5 m where last seen, frame 11), track 3, track 1; never track 4.
+    np.testing.assert_allclose(picked[0, 11], [5.0, 0.0])
+    assert np.isnan(picked[0, 12:]).all() and np.isfinite(picked[0, :12]).all()
+    np.testing.assert_allclose(picked[1, -1], [10.0, 0.0])
+    np.testing.assert_allclose(picked[2, -1], [30.0, 0.0])
+    with pytest.raises(ValueError, match="neighbours_seen"):
+        scenario_samples(tracks, types, focal_only=True, max_neighbours=3, neighbours_seen="future")
+    with pytest.raises(ValueError, match="neighbours_seen"):
+        DrivingConfig(neighbours_seen="any")
+
+    # The served side: the export's example builder and the logged pyfunc apply the same rule.
+    others = tracks[1:, :20].astype(np.float64)
+    for rule, expected in (("last", last["neighbours"][0, :2]), ("history", picked)):
+        np.testing.assert_allclose(_nearest(others, tracks[0, 19], 3, rule), expected)
+    spec = importlib.util.spec_from_file_location("served_driving_pyfunc", os.path.join(
+        os.path.dirname(__file__), "..", "..", "trainers", "driving", "pyfunc.py"))
+    pyfunc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pyfunc)
+    served = pyfunc.TrainflowForecaster()
+    served.max_neighbours = 3
+    for rule, expected in (("last", last["neighbours"]), ("history", history["neighbours"])):
+        served.neighbours_seen = rule
+        chosen = served._nearest(tracks[None, 0, :20].astype(np.float64), others[None])
+        np.testing.assert_allclose(chosen, expected, equal_nan=True)
+
+    # The model counts a neighbour seen at any history frame (not only at the last one).
+    model = ForecastModel(context_dim=16, context_pooling="attention", **{k: SMALL[k] for k in ("hidden_dim", "num_layers")}).eval()
+    with torch.no_grad():
+        alone = model(torch.from_numpy(history["history"]), torch.full((1, 3, 20, 2), float("nan")))
+        gone = torch.full((1, 3, 20, 2), float("nan"))
+        gone[0, 0] = torch.from_numpy(picked[0])
+        assert not torch.allclose(model(torch.from_numpy(history["history"]), gone), alone)
+
+
 def test_scenario_samples_take_tracks_with_a_partial_future_when_asked():
     rng = np.random.default_rng(1)
     tracks = rng.normal(0, 20, (4, 50, 2)).astype(np.float32)

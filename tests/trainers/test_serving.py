@@ -107,7 +107,10 @@ def test_recommender_serves_without_trainflow(tf_env):
 
 
 def _driving_model(tf_env):
-    manifest_uri, run_dir, run_id = _train("driving", "synthetic://driving?num_sequences=80", ["--family.num_modes=4"])
+    # neighbours_seen="history": the served model must apply the rule it was trained with (the
+    # default rule, the last frame, is what the DAG tests and the old-model fixture serve).
+    manifest_uri, run_dir, run_id = _train("driving", "synthetic://driving?num_sequences=80",
+                                           ["--family.num_modes=4", "--family.neighbours_seen=history"])
     logged = log_serving_model(run_dir, run_id)
     state, config = load_exported_model(run_dir)
     return load_manifest(manifest_uri), run_dir, logged, state, config
@@ -124,7 +127,8 @@ def _expected_scene(state, config, tracks, others):
     singles, modes, probs = [], [], []
     for focal, rest in zip(tracks, others, strict=True):
         sample = scenario_samples(np.concatenate([focal[None], rest]), np.array([0] + [2] * len(rest)),
-                                  focal_only=True, max_neighbours=config["export_config"]["max_neighbours"])
+                                  focal_only=True, max_neighbours=config["export_config"]["max_neighbours"],
+                                  neighbours_seen=config["export_config"].get("neighbours_seen", "last"))
         with torch.no_grad():
             single, forecasts, logits = model(torch.from_numpy(sample["history"]),
                                               torch.from_numpy(sample["neighbours"]), with_modes=True)
@@ -146,6 +150,10 @@ def test_forecaster_serves_without_trainflow(tf_env):
     manifest, run_dir, logged, state, config = _driving_model(tf_env)
     _, tracks, others = scenes(manifest, "eval", limit=4)
     history = tracks[:, :20]
+    # These scenes have neighbours that left the view before the last history frame, so the
+    # trained rule (any history frame) and the default one (the last frame) give other context.
+    assert config["export_config"]["neighbours_seen"] == "history"
+    assert any(np.isfinite(o[:, :19]).all(-1).any(1).sum() > np.isfinite(o[:, 19]).all(-1).sum() for o in others)
     model = build_forecaster(config["export_config"])
     model.load_state_dict(state)
     expected = forecast(model, history)

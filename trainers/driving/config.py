@@ -11,7 +11,8 @@ class DrivingConfig:
 
     Attributes:
         seed: Seed of the model's initialisation, the epoch shuffles and the augmentations.
-        hidden_dim: Width of the decoder MLP.
+        hidden_dim: Width of the decoder MLPs (the members' and the multimodal head's); 512
+            was chosen on ``valid`` over 256 and 128 (docs/quality.md, "The width of the MLPs").
         num_layers: Hidden layers of the decoder MLP.
         context_dim: Width of the encoder of surrounding tracks; 0 trains a history-only model.
         max_neighbours: Surrounding tracks per sample (the nearest ones seen at the last
@@ -56,6 +57,9 @@ class DrivingConfig:
         train_on_valid: Train on the ``valid`` scenarios too (a refit on train + valid with
             settings and epochs already chosen on ``valid``; its ``valid`` metrics then leak, so
             the loop keeps the last epoch, never the best on ``valid``). ``eval`` is never trained on.
+        neighbours_seen: Which surrounding tracks can be context: ``"last"``, those seen at the
+            last history frame; ``"history"``, those seen at any of the 20 history frames (nearest
+            by their last position seen), e.g. vehicles that have just left the sensor's view.
         samples_per_scenario: Training samples a training scenario gives on average (11,998 /
             1,329 = 9.0 complete tracks on the Argoverse subset; with the default
             ``min_future_frames`` 10 it is 14,743 / 1,329 = 11.1, but 9.0 is kept: it sets the 14
@@ -65,7 +69,7 @@ class DrivingConfig:
     """
 
     seed: int = 0
-    hidden_dim: int = 256
+    hidden_dim: int = 512
     num_layers: int = 3
     context_dim: int = 128
     max_neighbours: int = 32
@@ -87,6 +91,7 @@ class DrivingConfig:
     time_reverse_probability: float = 0.0
     mode_blend: float = 0.0
     train_on_valid: bool = False
+    neighbours_seen: str = "last"
     samples_per_scenario: float = 9.0
 
     def __post_init__(self) -> None:
@@ -113,6 +118,8 @@ class DrivingConfig:
         if self.context_pooling == "attention" and self.context_dim % 4:
             raise ValueError(f"context_dim must be a multiple of 4 (attention heads) with context_pooling='attention', "
                              f"got {self.context_dim}")
+        if self.neighbours_seen not in ("last", "history"):
+            raise ValueError(f"neighbours_seen must be 'last' or 'history', got {self.neighbours_seen!r}")
         if not 1 <= self.min_future_frames <= 30:
             raise ValueError(f"min_future_frames must be in [1, 30], got {self.min_future_frames}")
         if not 0 <= self.max_time_shift <= 30 - self.min_future_frames:

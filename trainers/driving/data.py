@@ -61,6 +61,7 @@ def scenario_samples(
     focal_only: bool,
     max_neighbours: int,
     min_future_frames: int = FUTURE_FRAMES,
+    neighbours_seen: str = "last",
 ) -> dict[str, np.ndarray]:
     """The samples of one scenario.
 
@@ -73,6 +74,10 @@ def scenario_samples(
         min_future_frames: Training targets are the tracks observed at all 20 history frames
             and at least this many of the 30 future frames (their ``future`` is NaN where not
             observed; the loss masks it); 30 keeps complete tracks only.
+        neighbours_seen: Which other tracks can be context: ``"last"``, those seen at the last
+            history frame (nearest by that position); ``"history"``, those seen at any history
+            frame (nearest by their last position seen in the history), so that vehicles that
+            have just left the sensor's view still show where the traffic went.
 
     Returns:
         Arrays ``history``, ``future``, ``neighbours``, ``is_agent`` (see :class:`ForecastSamples`).
@@ -90,9 +95,18 @@ def scenario_samples(
     last = HISTORY_FRAMES - 1
     origin = tracks[targets, last]  # (m, 2)
     shifted = tracks[targets] - origin[:, None, :]
-    # Context: other tracks seen at the last observed frame, nearest first.
-    seen = np.isfinite(tracks[:, last]).all(axis=-1)
-    distance = np.linalg.norm(tracks[None, :, last] - origin[:, None, :], axis=-1)  # (m, T)
+    # Context: other tracks seen at the last observed frame (or at any history frame), nearest first.
+    if neighbours_seen not in ("last", "history"):
+        raise ValueError(f"neighbours_seen must be 'last' or 'history', got {neighbours_seen!r}")
+    seen_at = np.isfinite(tracks[:, :HISTORY_FRAMES]).all(axis=-1)  # (T, 20)
+    if neighbours_seen == "last":
+        seen = seen_at[:, last]
+        where = tracks[:, last]
+    else:
+        seen = seen_at.any(axis=1)
+        latest = HISTORY_FRAMES - 1 - np.argmax(seen_at[:, ::-1], axis=1)
+        where = tracks[np.arange(len(tracks)), latest]
+    distance = np.linalg.norm(where[None, :] - origin[:, None, :], axis=-1)  # (m, T)
     distance[:, ~seen] = np.inf
     distance[np.arange(len(targets)), targets] = np.inf
     order = np.argsort(distance, axis=1, kind="stable")[:, :max_neighbours]
@@ -110,7 +124,8 @@ def scenario_samples(
     }
 
 
-def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighbours: int) -> ForecastSamples:
+def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighbours: int,
+                 neighbours_seen: str = "last") -> ForecastSamples:
     """Every sample of ``split`` (verified shard reads, in manifest row order).
 
     Raises:
@@ -123,7 +138,8 @@ def load_samples(manifest: Manifest, split: str, *, focal_only: bool, max_neighb
     for batch in manifest.iter_batches(split, columns=_COLUMNS, batch_size=256):
         types = batch.column("track_types").to_pylist()
         for tracks, track_types in zip(batch_tracks(batch), types, strict=True):
-            part = scenario_samples(tracks, np.asarray(track_types), focal_only=focal_only, max_neighbours=max_neighbours)
+            part = scenario_samples(tracks, np.asarray(track_types), focal_only=focal_only,
+                                    max_neighbours=max_neighbours, neighbours_seen=neighbours_seen)
             part["scenario"] = np.full(len(part["history"]), scenario, dtype=np.int64)
             parts.append(part)
             scenario += 1
@@ -155,13 +171,14 @@ def loader_batch_samples(
     min_future_frames: int = FUTURE_FRAMES,
     time_shifts: np.ndarray | None = None,
     time_reversed: np.ndarray | None = None,
+    neighbours_seen: str = "last",
 ) -> tuple[ForecastSamples, np.ndarray]:
     """The samples of a :class:`trainflow.trainers.loader.ShardLoader` batch of scenario rows.
 
     Args:
         batch: Columns ``num_tracks``, ``tracks_xy`` + ``tracks_xy_offsets``, ``track_types`` +
             ``track_types_offsets``, ``row_index`` and optionally ``sample_mask``.
-        focal_only, max_neighbours, min_future_frames: As :func:`scenario_samples`.
+        focal_only, max_neighbours, min_future_frames, neighbours_seen: As :func:`scenario_samples`.
         min_other_displacement: Leave out tracks other than the AGENT that move less than this
             (m, first to last frame).
         time_shifts: Per scenario row, frames to move the scene's clock forward before
@@ -190,7 +207,8 @@ def loader_batch_samples(
             shift = int(time_shifts[i])
             tracks = np.concatenate([tracks[:, shift:], np.full((len(tracks), shift, 2), np.nan, tracks.dtype)], axis=1)
         part = scenario_samples(tracks, types[type_offsets[i] : type_offsets[i + 1]], focal_only=focal_only,
-                                max_neighbours=max_neighbours, min_future_frames=min_future_frames)
+                                max_neighbours=max_neighbours, min_future_frames=min_future_frames,
+                                neighbours_seen=neighbours_seen)
         if min_other_displacement > 0:
             # Parked cars teach little about forecasting the (moving) focal vehicles; a track
             # with a partial future is measured to its last observed position.

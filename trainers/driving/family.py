@@ -65,7 +65,8 @@ class DrivingFamily(ModelFamily):
         """The AGENT sample of every scenario of ``split``."""
         if split not in self._focal:
             self._focal[split] = load_samples(
-                self.manifest, split, focal_only=True, max_neighbours=self.config.max_neighbours
+                self.manifest, split, focal_only=True, max_neighbours=self.config.max_neighbours,
+                neighbours_seen=self.config.neighbours_seen,
             )
         return self._focal[split]
 
@@ -142,6 +143,7 @@ class DrivingFamily(ModelFamily):
             min_future_frames=c.min_future_frames,
             time_shifts=shifts,
             time_reversed=reversed_,
+            neighbours_seen=c.neighbours_seen,
         )
         mirror = np.zeros(len(samples), dtype=bool)
         drop_context = np.zeros(len(samples), dtype=bool)
@@ -285,6 +287,7 @@ class DrivingFamily(ModelFamily):
                 "mode_blend": c.mode_blend,
             },
             "max_neighbours": c.max_neighbours,
+            "neighbours_seen": c.neighbours_seen,
             "frame_rate_hz": FRAME_RATE_HZ,
             "input": {"name": "history", "dtype": "float32", "shape": [-1, HISTORY_FRAMES, 2]},
             "output": {"name": "forecast", "dtype": "float32", "shape": [-1, FUTURE_FRAMES, 2]},

@@ -109,7 +109,7 @@ class ContextEncoder(nn.Module):
             dim=-1,
         )
         encoded = self.mlp(features)  # (n, K, D)
-        present = observed[..., -1]  # neighbours are chosen among tracks seen at the last frame
+        present = observed.any(dim=-1)  # a neighbour is a track seen at some history frame
         masked = encoded.masked_fill(~present[..., None], float("-inf"))
         pooled = masked.max(dim=1).values
         pooled = torch.where(torch.isfinite(pooled), pooled, torch.zeros_like(pooled))

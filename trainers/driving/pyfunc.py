@@ -7,7 +7,9 @@ Two calls, told apart by the last axis of the float32 input array:
   20 rows ``[x, y, observed]`` (the last 2 s at 10 Hz, metres, any fixed frame; ``observed`` 1
   where the position was seen, 0 where not, e.g. padding when scenes have fewer agents). The
   first agent is the focal vehicle (all 20 positions observed); the others are its neighbours
-  (the ``max_neighbours`` nearest seen at the last frame are used). Returns a dict:
+  (the ``max_neighbours`` nearest seen at the last frame are used, or, for a model trained
+  with ``neighbours_seen="history"``, the nearest seen at any of the 20 frames, by their
+  last position seen). Returns a dict:
   ``forecast`` (n, 30, 2), the single forecast (K = 1); ``forecasts`` (n, K, 30, 2), most likely
   first, and ``probabilities`` (n, K) (summing to 1), with K = ``params["num_forecasts"]``
   (default: every forecast the model has; 1 gives the single forecast with probability 1).
@@ -34,6 +36,8 @@ class TrainflowForecaster(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["scene"]) as handle:
             scene = json.load(handle)
         self.max_neighbours = int(scene["max_neighbours"])
+        # Models logged before the option existed chose among the tracks seen at the last frame.
+        self.neighbours_seen = scene.get("neighbours_seen", "last")
         self.num_modes = int(scene["num_modes"])
 
     def predict(self, context, model_input, params=None):
@@ -78,10 +82,18 @@ class TrainflowForecaster(mlflow.pyfunc.PythonModel):
         }
 
     def _nearest(self, history, others):
-        """Per scene, the neighbours seen at the last frame, nearest first, at most max_neighbours."""
+        """Per scene, the neighbours seen at the last frame (or at any frame, by their last
+        position seen: ``neighbours_seen="history"``), nearest first, at most max_neighbours."""
         n = len(history)
-        seen = np.isfinite(others[:, :, -1]).all(axis=-1)
-        distance = np.linalg.norm(others[:, :, -1] - history[:, None, -1], axis=-1)
+        seen_at = np.isfinite(others).all(axis=-1)  # (n, m, 20)
+        if self.neighbours_seen == "last":
+            seen = seen_at[:, :, -1]
+            where = others[:, :, -1]
+        else:
+            seen = seen_at.any(axis=-1)
+            latest = FRAMES - 1 - np.argmax(seen_at[:, :, ::-1], axis=-1)
+            where = np.take_along_axis(others, latest[:, :, None, None], axis=2)[:, :, 0]
+        distance = np.linalg.norm(where - history[:, None, -1], axis=-1)
         distance = np.where(seen, distance, np.inf)
         order = np.argsort(distance, axis=1, kind="stable")[:, : self.max_neighbours]
         count = max(2, order.shape[1])  # the program takes at least 2 neighbour rows (NaN: absent)

@@ -79,7 +79,7 @@ def scene_array(history: np.ndarray, neighbours: list[np.ndarray]) -> np.ndarray
     return scene.reshape(len(history), -1, 3).astype(np.float32)
 
 
-def _driving_example(manifest, max_neighbours: int):
+def _driving_example(manifest, max_neighbours: int, neighbours_seen: str = "last"):
     """The example scenes (first ``eval`` scenarios), the program's inputs for them and the
     focal origins (what turns its outputs into what ``predict`` returns)."""
     from trainflow.trainers.driving.evaluation import scenes
@@ -94,7 +94,8 @@ def _driving_example(manifest, max_neighbours: int):
     local_neighbours = np.full((len(history), max(2, max_neighbours), FRAMES, 2), np.nan)
     for i in range(len(history)):
         seen = agents[i, 1:, :, 2] > 0.5
-        chosen = _nearest(np.where(seen[..., None], agents[i, 1:, :, :2], np.nan), history[i, -1], max_neighbours)
+        chosen = _nearest(np.where(seen[..., None], agents[i, 1:, :, :2], np.nan), history[i, -1], max_neighbours,
+                          neighbours_seen)
         local_neighbours[i, : len(chosen)] = chosen - origin[i]
     inputs = (
         torch.from_numpy((history - origin).astype(np.float32)),
@@ -103,11 +104,16 @@ def _driving_example(manifest, max_neighbours: int):
     return inputs, example, origin
 
 
-def _nearest(others: np.ndarray, last: np.ndarray, limit: int) -> np.ndarray:
-    """The ``limit`` tracks seen at the last frame nearest to ``last`` (the training rule)."""
-    seen = np.isfinite(others[:, -1]).all(axis=-1)
-    candidates = others[seen]
-    order = np.argsort(np.linalg.norm(candidates[:, -1] - last, axis=-1), kind="stable")
+def _nearest(others: np.ndarray, last: np.ndarray, limit: int, neighbours_seen: str = "last") -> np.ndarray:
+    """The ``limit`` tracks nearest to ``last`` among those seen at the last frame
+    (``neighbours_seen="last"``) or at any frame (``"history"``, by their last position seen):
+    the training rule (:func:`trainflow.trainers.driving.data.scenario_samples`)."""
+    seen_at = np.isfinite(others).all(axis=-1)  # (m, 20)
+    seen = seen_at[:, -1] if neighbours_seen == "last" else seen_at.any(axis=1)
+    latest = others.shape[1] - 1 - np.argmax(seen_at[:, ::-1], axis=1)
+    candidates, latest = others[seen], latest[seen]
+    where = candidates[np.arange(len(candidates)), latest]
+    order = np.argsort(np.linalg.norm(where - last, axis=-1), kind="stable")
     return candidates[order[:limit]]
 
 
@@ -149,11 +155,12 @@ def served_forecaster(state: dict[str, torch.Tensor], config: dict[str, Any], ma
     model.load_state_dict(state)
     num_modes = int(export["model"].get("num_modes", 0))
     max_neighbours = int(export.get("max_neighbours", config.get("family_config", {}).get("max_neighbours", 32)))
-    inputs, example, origin = _driving_example(manifest, max_neighbours)
+    neighbours_seen = str(export.get("neighbours_seen", "last"))
+    inputs, example, origin = _driving_example(manifest, max_neighbours, neighbours_seen)
     settings = os.path.join(tmp_dir, "scene.json")
     with open(settings, "w") as handle:
-        json.dump({"max_neighbours": max_neighbours, "num_modes": num_modes, "history_frames": 20,
-                   "future_frames": 30}, handle)
+        json.dump({"max_neighbours": max_neighbours, "neighbours_seen": neighbours_seen, "num_modes": num_modes,
+                   "history_frames": 20, "future_frames": 30}, handle)
     slots = 1 + num_modes
     batch = torch.export.Dim("batch", min=1)
     offset = np.zeros((len(origin), slots, 61))
