@@ -111,3 +111,30 @@ def test_quick_ml25m_runs_the_dag_and_reports_each_phase(tmp_path):
     assert lines["ml25m_disk"]["params"]["by_folder_mib"]["store"] > 0
     assert 0 < lines["ml25m_eval_hr_at_10"]["value"] <= 1
     assert lines["ml25m_eval_hr_at_10"]["params"]["register"]["version"] == 1
+
+
+def test_driving_subset_keeps_valid_and_eval_and_a_share_of_train(tmp_path):
+    """The learning curve's folders (docs/quality.md): the splits are the whole folder's, only
+    ``train`` shrinks, and the files are links to the source's."""
+    from benchmarks._driving_subset import subset_folder
+    from trainflow.tasks.sharding import ShardingConfig, hash_split
+
+    source = tmp_path / "source" / "data"
+    source.mkdir(parents=True)
+    for i in range(400):
+        (source / f"{i}.csv").write_text(f"{i}\n")
+    whole = {}
+    for i in range(400):
+        split = hash_split(str(i), ShardingConfig())
+        whole[split] = whole.get(split, 0) + 1
+    half = subset_folder(str(tmp_path / "source"), str(tmp_path / "half"), 0.5)
+    assert half["valid"] == whole["valid"] and half["eval"] == whole["eval"]
+    assert 0.4 * whole["train"] < half["train"] < 0.6 * whole["train"]
+    quarter = subset_folder(str(tmp_path / "source"), str(tmp_path / "quarter"), 0.25)
+    kept = {p.name for p in (tmp_path / "quarter" / "data").iterdir()}
+    assert kept < {p.name for p in (tmp_path / "half" / "data").iterdir()}  # nested: the same draw
+    assert quarter["train"] < half["train"] and sum(quarter.values()) == len(kept)
+    link = next((tmp_path / "quarter" / "data").iterdir())
+    assert link.is_symlink() and link.read_text() == (source / link.name).read_text()
+    with pytest.raises(ValueError, match="fraction"):
+        subset_folder(str(tmp_path / "source"), str(tmp_path / "none"), 0.0)
