@@ -12,11 +12,12 @@ class DrivingConfig:
     Attributes:
         seed: Seed of the model's initialisation, the epoch shuffles and the augmentations.
         hidden_dim: Width of the decoder MLPs (the members' and the multimodal head's); 512
-            was chosen on ``valid`` over 256 and 128 (docs/quality.md, "The width of the MLPs").
+            was chosen on ``valid`` over 256 (two seeds) and 128 (docs/quality.md, "The width of
+            the MLPs" and "Context from tracks seen earlier, the width on two seeds").
         num_layers: Hidden layers of the decoder MLP.
         context_dim: Width of the encoder of surrounding tracks; 0 trains a history-only model.
         max_neighbours: Surrounding tracks per sample (the nearest ones seen at the last
-            observed frame; their first 20 frames only).
+            observed frame, or at any history frame: ``neighbours_seen``; their first 20 frames only).
         dropout: Dropout in the MLPs while training.
         num_members: Forecasters in the ensemble (averaged; each trained on its own loss).
         train_on_all_tracks: Train on every track of a training scenario (AGENT, AV and OTHERS)
