@@ -297,6 +297,36 @@ def test_time_shift_moves_the_scene_clock_and_leaves_the_future_tail_unobserved(
     assert DrivingConfig(context_dim=10, context_pooling="max").context_dim == 10
 
 
+def test_scale_augmentation_scales_each_scenario_by_one_factor(synthetic_manifest):
+    """``scale_augmentation``: every position of a scenario's samples (history, future, context)
+    times one factor in [1 - x, 1 + x], drawn per (seed, epoch, scenario); the rest unchanged."""
+    # No mirroring or context dropout, so that only the scale differs from the plain batches.
+    fixed = dict(SMALL, mirror_probability=0.0, context_dropout=0.0)
+    plain = list(DrivingFamily(DrivingConfig(**fixed), synthetic_manifest, World()).train_batches(0, 64))
+    family = DrivingFamily(DrivingConfig(**fixed, scale_augmentation=0.2), synthetic_manifest, World())
+    scaled = list(family.train_batches(0, 64))
+    np.testing.assert_array_equal(_rows(scaled, "future"), _rows(list(family.train_batches(0, 64)), "future"))
+    scenario = np.concatenate([b["scenario"].numpy() for b in scaled])
+    assert np.array_equal(scenario, np.concatenate([b["scenario"].numpy() for b in plain]))
+    factors = []
+    for key in ("history", "future", "neighbours"):
+        a, b = _rows(plain, key), _rows(scaled, key)
+        assert np.array_equal(np.isnan(a), np.isnan(b))
+        moved = np.abs(a) > 1.0
+        ratio = np.where(moved, b / np.where(moved, a, 1.0), np.nan)
+        factors.append(np.nanmean(ratio, axis=1))
+        # One factor per sample, the same for all its positions.
+        assert np.nanmax(np.abs(ratio - factors[-1][:, None])) < 1e-4
+    per_sample = np.nanmean(np.stack(factors), axis=0)
+    assert 0.8 - 1e-5 <= np.nanmin(per_sample) and np.nanmax(per_sample) <= 1.2 + 1e-5
+    assert np.nanstd(per_sample) > 0.05  # factors vary between scenarios...
+    for row in np.unique(scenario):  # ...and not within one
+        same = per_sample[scenario == row]
+        assert np.nanmax(same) - np.nanmin(same) < 1e-4
+    with pytest.raises(ValueError, match="scale_augmentation"):
+        DrivingConfig(scale_augmentation=1.0)
+
+
 @pytest.mark.parametrize("context_dim", [0, 16])
 def test_model_forecasts_in_the_input_frame(context_dim):
     torch.manual_seed(0)

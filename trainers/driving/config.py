@@ -61,6 +61,10 @@ class DrivingConfig:
         neighbours_seen: Which surrounding tracks can be context: ``"last"``, those seen at the
             last history frame; ``"history"``, those seen at any of the 20 history frames (nearest
             by their last position seen), e.g. vehicles that have just left the sensor's view.
+        scale_augmentation: Augmentation: each training scenario's positions (every sample's
+            history, future and context, about the sample's last observed position) are
+            multiplied by a factor drawn uniformly from ``[1 - x, 1 + x]`` per scenario and
+            epoch: the same paths, larger or smaller, at proportionally other speeds; 0 is off.
         samples_per_scenario: Training samples a training scenario gives on average (11,998 /
             1,329 = 9.0 complete tracks on the Argoverse subset; with the default
             ``min_future_frames`` 10 it is 14,743 / 1,329 = 11.1, but 9.0 is kept: it sets the 14
@@ -93,6 +97,7 @@ class DrivingConfig:
     mode_blend: float = 0.0
     train_on_valid: bool = False
     neighbours_seen: str = "last"
+    scale_augmentation: float = 0.0
     samples_per_scenario: float = 9.0
 
     def __post_init__(self) -> None:
@@ -119,6 +124,8 @@ class DrivingConfig:
         if self.context_pooling == "attention" and self.context_dim % 4:
             raise ValueError(f"context_dim must be a multiple of 4 (attention heads) with context_pooling='attention', "
                              f"got {self.context_dim}")
+        if not 0.0 <= self.scale_augmentation < 1.0:
+            raise ValueError(f"scale_augmentation must be in [0, 1), got {self.scale_augmentation}")
         if self.neighbours_seen not in ("last", "history"):
             raise ValueError(f"neighbours_seen must be 'last' or 'history', got {self.neighbours_seen!r}")
         if not 1 <= self.min_future_frames <= 30:

@@ -157,6 +157,15 @@ class DrivingFamily(ModelFamily):
         future[mirror, :, 1] *= -1
         neighbours[mirror, ..., 1] *= -1
         neighbours[drop_context] = np.nan
+        if c.scale_augmentation > 0:
+            scale = np.ones(len(samples), dtype=np.float32)
+            for row in np.unique(samples.scenario):
+                rng = np.random.default_rng([c.seed, epoch, 4, int(row)])
+                scale[samples.scenario == row] = 1.0 + rng.uniform(-c.scale_augmentation, c.scale_augmentation)
+            # Samples are centred on their last observed position, so this scales about it.
+            history *= scale[:, None, None]
+            future *= scale[:, None, None]
+            neighbours *= scale[:, None, None, None]
         weight = np.where(samples.is_agent, c.focal_weight, 1.0).astype(np.float32) * valid
         return {
             "history": torch.from_numpy(history),
