@@ -147,21 +147,21 @@ class DrivingFamily(ModelFamily):
         )
         mirror = np.zeros(len(samples), dtype=bool)
         drop_context = np.zeros(len(samples), dtype=bool)
+        scale = np.ones(len(samples), dtype=np.float32)
         for row in np.unique(samples.scenario):
             at = np.flatnonzero(samples.scenario == row)
             rng = np.random.default_rng([c.seed, epoch, 1, int(row)])
             mirror[at] = rng.random(len(at)) < c.mirror_probability
             drop_context[at] = rng.random(len(at)) < c.context_dropout
+            if c.scale_augmentation > 0:
+                scale_rng = np.random.default_rng([c.seed, epoch, 4, int(row)])
+                scale[at] = 1.0 + scale_rng.uniform(-c.scale_augmentation, c.scale_augmentation)
         history, future, neighbours = samples.history, samples.future, samples.neighbours
         history[mirror, :, 1] *= -1
         future[mirror, :, 1] *= -1
         neighbours[mirror, ..., 1] *= -1
         neighbours[drop_context] = np.nan
         if c.scale_augmentation > 0:
-            scale = np.ones(len(samples), dtype=np.float32)
-            for row in np.unique(samples.scenario):
-                rng = np.random.default_rng([c.seed, epoch, 4, int(row)])
-                scale[samples.scenario == row] = 1.0 + rng.uniform(-c.scale_augmentation, c.scale_augmentation)
             # Samples are centred on their last observed position, so this scales about it.
             history *= scale[:, None, None]
             future *= scale[:, None, None]
